@@ -1,0 +1,1 @@
+"""edgevisor: self-hosted edge compute."""
