@@ -1,0 +1,150 @@
+"""The agent: joins the controller once, then heartbeats for as long as it runs.
+
+Theory of operation: the first start presents a one-time join token and receives a
+per-host credential, stored with mode 0600 under the agent's data dir. Every later start
+(and every reconnect) uses that credential, so an agent that loses the controller keeps
+running and comes back without a new join token. Only if the controller no longer knows
+the credential (the host was removed) does the agent need a join token again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from edgevisor.agent.capacity import capacity, route_source_address
+from edgevisor.errors import ConfigError, EdgevisorError, Unauthorized, from_payload
+from edgevisor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Credential:
+    host: str
+    controller_url: str
+    secret: str
+
+
+class Agent:
+    def __init__(self, settings: Settings, *, join_token: str | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.agent
+        self.host = self.cfg.host_name
+        self.dir = settings.data_dir / "agent" / self.host
+        self.cred_path = self.dir / "credential.json"
+        self.join_token = join_token or self.cfg.join_token
+        self.state = "starting"  # starting | joined | connected | disconnected
+        self.heartbeats = 0
+        self._client = httpx.AsyncClient(
+            base_url=self.cfg.controller_url, timeout=self.cfg.request_timeout_s
+        )
+
+    # -- credential --------------------------------------------------------------------
+
+    def load_credential(self) -> Credential | None:
+        try:
+            raw = json.loads(self.cred_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if raw.get("host") != self.host:
+            return None
+        return Credential(raw["host"], raw.get("controller_url", ""), raw["secret"])
+
+    def _save_credential(self, cred: Credential) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cred_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(cred.__dict__, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.cred_path)
+
+    # -- protocol ----------------------------------------------------------------------
+
+    def _physical(self) -> str | None:
+        return self.cfg.physical_address or route_source_address(self.cfg.controller_url)
+
+    def _capacity(self) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return capacity(self.dir)
+
+    async def _post(self, path: str, body: dict[str, Any], secret: str | None = None) -> Any:
+        headers = {"authorization": f"Bearer {secret}"} if secret else {}
+        resp = await self._client.post(path, json=body, headers=headers)
+        if resp.status_code >= 400:
+            try:
+                payload = resp.json()
+            except ValueError:
+                payload = resp.text
+            raise from_payload(resp.status_code, payload)
+        return resp.json()
+
+    async def join(self) -> Credential:
+        if not self.join_token:
+            raise ConfigError(
+                f"host {self.host!r} has no credential in {self.dir} and no join token: "
+                "create one with `edgevisor host join-token` and pass --join-token"
+            )
+        body = {
+            "name": self.host,
+            "join_token": self.join_token,
+            "capacity": self._capacity(),
+            "physical_address": self._physical(),
+        }
+        out = await self._post("/v1/hosts/join", body)
+        cred = Credential(self.host, self.cfg.controller_url, out["credential"])
+        self._save_credential(cred)
+        self.join_token = None  # spent
+        log.info("host %s joined %s", self.host, self.cfg.controller_url)
+        return cred
+
+    async def heartbeat(self, cred: Credential) -> None:
+        body = {"capacity": self._capacity(), "physical_address": self._physical()}
+        await self._post(f"/v1/hosts/{self.host}/heartbeat", body, cred.secret)
+        self.heartbeats += 1
+
+    async def run(self) -> None:
+        """Join if needed, then heartbeat forever; survives an unreachable controller."""
+        cred = self.load_credential()
+        backoff = self.cfg.heartbeat_interval_s
+        try:
+            while True:
+                try:
+                    if cred is None:
+                        cred = await self.join()
+                        self.state = "joined"
+                    await self.heartbeat(cred)
+                    if self.state != "connected":
+                        log.info("host %s connected to the controller", self.host)
+                    self.state = "connected"
+                    backoff = self.cfg.heartbeat_interval_s
+                except Unauthorized as exc:
+                    if cred is not None and self.join_token:
+                        log.warning("credential refused (%s); joining again", exc.message)
+                        cred = None
+                        continue
+                    log.error("controller refused host %s: %s", self.host, exc.message)
+                    self.state = "disconnected"
+                except (httpx.TransportError, EdgevisorError) as exc:
+                    if isinstance(exc, ConfigError):
+                        raise
+                    if self.state != "disconnected":
+                        log.warning(
+                            "controller unreachable (%s); host %s keeps running and retries",
+                            exc, self.host,
+                        )
+                    self.state = "disconnected"
+                    backoff = min(backoff * 2, max(10.0, self.cfg.heartbeat_interval_s))
+                    await asyncio.sleep(backoff)
+                    continue
+                await asyncio.sleep(self.cfg.heartbeat_interval_s)
+        finally:
+            await self._client.aclose()

@@ -1,0 +1,62 @@
+"""Process entry points: ``up`` (controller + one agent), ``controller``, ``agent``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from edgevisor.agent.daemon import Agent
+from edgevisor.control.server import DataDirLock, serve
+from edgevisor.control.state import ControllerState
+from edgevisor.settings import Settings
+from edgevisor.store import repos
+
+log = logging.getLogger(__name__)
+
+
+async def run_controller(settings: Settings) -> None:
+    lock = DataDirLock(settings.data_dir)
+    lock.acquire()
+    try:
+        await serve(settings)
+    finally:
+        lock.release()
+
+
+async def run_agent(settings: Settings) -> None:
+    agent_dir = settings.data_dir / "agent" / settings.agent.host_name
+    lock = DataDirLock(agent_dir)
+    lock.acquire()
+    try:
+        await Agent(settings).run()
+    finally:
+        lock.release()
+
+
+async def run_up(settings: Settings) -> None:
+    """Controller and an agent in one process; the agent joins over the local API."""
+    lock = DataDirLock(settings.data_dir)
+    lock.acquire()
+
+    async def start_agent(st: ControllerState) -> None:
+        c = settings.controller
+        host = "127.0.0.1" if c.listen_host in ("0.0.0.0", "::", "") else c.listen_host
+        url = f"http://{host}:{c.listen_port}"
+        agent_settings = settings.model_copy(
+            update={"agent": settings.agent.model_copy(update={"controller_url": url})}
+        )
+        agent = Agent(agent_settings)
+        if agent.load_credential() is None:
+            with st.store.session() as s:
+                _jt, secret = repos.create_join_token(
+                    s, st.clock(), 300.0, settings.agent.host_name
+                )
+            agent.join_token = secret
+        log.info("local agent %s joining %s", settings.agent.host_name, url)
+        await agent.run()
+
+    try:
+        await serve(settings, on_ready=start_agent)
+    finally:
+        lock.release()
+        await asyncio.sleep(0)

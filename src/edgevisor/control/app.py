@@ -1,0 +1,51 @@
+"""The controller's HTTP application: routers, error mapping, body limit, background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from edgevisor import __version__
+from edgevisor.control import api_accounts, api_events, api_hosts, http_errors
+from edgevisor.control.reconciler import run_liveness
+from edgevisor.control.state import ControllerState
+from edgevisor.sdk import models as m
+
+
+def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(run_liveness(st))] if background else []
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    app = FastAPI(
+        title="edgevisor",
+        version=__version__,
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+        responses={"default": {"model": m.ErrorResponse, "description": "Error"}},
+    )
+    app.state.controller = st
+    http_errors.install(app)
+    app.add_middleware(http_errors.BodyLimit, limit=st.settings.controller.body_limit_bytes)
+
+    @app.get("/healthz", response_model=m.Health, tags=["health"])
+    def healthz() -> m.Health:
+        return m.Health(version=__version__)
+
+    app.include_router(api_accounts.router, tags=["accounts"])
+    app.include_router(api_hosts.router, tags=["hosts"])
+    app.include_router(api_events.router, tags=["events"])
+    return app

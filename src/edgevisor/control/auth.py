@@ -1,0 +1,76 @@
+"""Bearer-token authentication and account scoping.
+
+Every endpoint but ``/healthz`` depends on :func:`require_principal`. A principal is the
+admin (sees every account) or one account (sees only its own objects; another account's
+object is reported as not found, so names do not leak). Hosts authenticate separately with
+their per-host credential (:func:`require_host`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from edgevisor.control.state import ControllerState
+from edgevisor.errors import Forbidden, NotFound, Unauthorized
+from edgevisor.store import repos
+from edgevisor.store.models import Account, Host
+
+
+@dataclass(frozen=True)
+class Principal:
+    token_id: int
+    admin: bool
+    account_id: int | None
+    account_name: str | None
+
+    def require_admin(self) -> None:
+        if not self.admin:
+            raise Forbidden("this operation needs the admin token")
+
+    def scope(self, account: Account) -> Account:
+        """Return the account if the principal may see it; else NotFound (no leak)."""
+        if self.admin or account.id == self.account_id:
+            return account
+        raise NotFound(f"account {account.name!r} not found")
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    return secret.strip()
+
+
+def state_of(request: Request) -> ControllerState:
+    st: ControllerState = request.app.state.controller
+    return st
+
+
+def require_principal(request: Request) -> Principal:
+    secret = _bearer(request)
+    st = state_of(request)
+    with st.store.session() as s:
+        tok = repos.token_by_secret(s, secret)
+        if tok is None:
+            raise Unauthorized("token is not valid or was revoked")
+        name = None
+        if tok.account_id is not None:
+            acct = s.get(Account, tok.account_id)
+            name = acct.name if acct else None
+        return Principal(
+            token_id=tok.id, admin=tok.admin, account_id=tok.account_id, account_name=name
+        )
+
+
+def require_host(request: Request) -> str:
+    """Authenticate an agent by its per-host credential; returns the host name."""
+    secret = _bearer(request)
+    st = state_of(request)
+    with st.store.session() as s:
+        host: Host | None = repos.host_by_credential(s, secret)
+        if host is None:
+            raise Unauthorized("host credential is not valid; the host must join again")
+        return host.name

@@ -1,0 +1,126 @@
+"""Every error leaves the API as ``{"error": {"code", "message"}}`` with the right status.
+
+Third-party exceptions are converted at this boundary: Starlette's HTTP errors (unknown
+route, wrong method), FastAPI's validation errors (malformed JSON gets 400 with the
+position), and an oversize body (413, enforced while streaming, not only by the header).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgevisor.errors import EdgevisorError, PayloadTooLarge, TooManyRequests
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def error_response(status: int, code: str, message: str, **details: Any) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, dict[str, Any]]:
+    errors = exc.errors()
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            loc = err.get("loc", ())
+            pos = loc[1] if len(loc) > 1 else None
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            return f"malformed JSON at position {pos}: {reason}", {"position": pos}
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts), {"fields": [p.split(":")[0] for p in parts]}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(EdgevisorError)
+    async def _ours(_req: Request, exc: EdgevisorError) -> JSONResponse:
+        resp = JSONResponse(exc.to_payload(), status_code=exc.status)
+        if isinstance(exc, TooManyRequests):
+            resp.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        return resp
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = str(exc.detail) if exc.detail else code
+        if exc.status_code == 404:
+            message = "no such route"
+        return error_response(exc.status_code, code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        message, details = _describe_validation(exc)
+        return error_response(400, "invalid_request", message, **details)
+
+    @app.exception_handler(Exception)
+    async def _bug(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in request")
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, header or stream."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+        seen = 0
+        limit = self.limit
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exc = PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
+        body = json.dumps(exc.to_payload()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,5 @@
+"""Imports every module that defines tables, so ``Base.metadata`` is complete."""
+
+from edgevisor.store import models
+
+__all__ = ["models"]
