@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from edgevisor import __version__
 from edgevisor.control import api_accounts, api_events, api_hosts, http_errors
+from edgevisor.control.auth import Principal, require_principal
 from edgevisor.control.reconciler import run_liveness
 from edgevisor.control.state import ControllerState
 from edgevisor.sdk import models as m
@@ -31,8 +33,9 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     app = FastAPI(
         title="edgevisor",
         version=__version__,
-        openapi_url="/v1/openapi.json",
-        docs_url="/v1/docs",
+        # Served below behind a token: every endpoint but /healthz is authenticated.
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
         responses={"default": {"model": m.ErrorResponse, "description": "Error"}},
@@ -44,6 +47,10 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     @app.get("/healthz", response_model=m.Health, tags=["health"])
     def healthz() -> m.Health:
         return m.Health(version=__version__)
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    def openapi(_p: Annotated[Principal, Depends(require_principal)]) -> dict[str, Any]:
+        return app.openapi()
 
     app.include_router(api_accounts.router, tags=["accounts"])
     app.include_router(api_hosts.router, tags=["hosts"])

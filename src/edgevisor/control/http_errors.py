@@ -80,6 +80,19 @@ def install(app: FastAPI) -> None:
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
 
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    queue = list(messages)
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        if then is not None:
+            return await then()  # e.g. http.disconnect while a stream is open
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 class BodyLimit:
     """ASGI middleware: refuse bodies over ``limit`` bytes with 413, header or stream."""
 
@@ -95,19 +108,25 @@ class BodyLimit:
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._reject(scope, receive, send)
                 return
+        # Without a trustworthy length, read the body up to the limit first (it is small by
+        # definition) and replay it; a parser downstream would turn an error into a 400.
+        chunks: list[bytes] = []
         seen = 0
-        limit = self.limit
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            return msg
-
-        await self.app(scope, limited, send)
+            if msg["type"] != "http.request":
+                await self.app(scope, _replay([msg]), send)
+                return
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         exc = PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
