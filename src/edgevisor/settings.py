@@ -84,6 +84,19 @@ class AgentSettings(_Section):
     request_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of one request from the agent to the controller."
     )
+    listen_host: str = Field(
+        "127.0.0.1", description="Address of the agent's API (the controller calls it)."
+    )
+    listen_port: int = Field(
+        7451, ge=0, le=65535, description="Port of the agent's API; 0 picks a free one."
+    )
+    advertise_url: str | None = Field(
+        None,
+        description=(
+            "URL the controller uses to reach this agent's API. Empty: "
+            "http://<listen address or physical address>:<port>."
+        ),
+    )
 
 
 class Settings(_Section):

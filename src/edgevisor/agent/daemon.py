@@ -10,15 +10,21 @@ the credential (the host was removed) does the agent need a join token again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import uvicorn
 
 from edgevisor.agent.capacity import capacity, route_source_address
+from edgevisor.agent.rpc import OpRouter
+from edgevisor.agent.server import create_agent_app
+from edgevisor.control.server import QuietServer, bound_port
 from edgevisor.errors import ConfigError, EdgevisorError, Unauthorized, from_payload
 from edgevisor.settings import Settings
 
@@ -29,7 +35,8 @@ log = logging.getLogger(__name__)
 class Credential:
     host: str
     controller_url: str
-    secret: str
+    secret: str  # presented by the agent to the controller
+    agent_key: str = ""  # presented by the controller to the agent
 
 
 class Agent:
@@ -42,6 +49,10 @@ class Agent:
         self.join_token = join_token or self.cfg.join_token
         self.state = "starting"  # starting | joined | connected | disconnected
         self.heartbeats = 0
+        self.router = OpRouter()
+        self.api_url: str | None = None  # set once the agent API listens
+        self._agent_key = secrets.token_urlsafe(32)
+        self.router.add("agent.info", self._op_info)
         self._client = httpx.AsyncClient(
             base_url=self.cfg.controller_url, timeout=self.cfg.request_timeout_s
         )
@@ -55,7 +66,12 @@ class Agent:
             return None
         if raw.get("host") != self.host:
             return None
-        return Credential(raw["host"], raw.get("controller_url", ""), raw["secret"])
+        cred = Credential(
+            raw["host"], raw.get("controller_url", ""), raw["secret"], raw.get("agent_key", "")
+        )
+        if cred.agent_key:
+            self._agent_key = cred.agent_key
+        return cred
 
     def _save_credential(self, cred: Credential) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +87,21 @@ class Agent:
 
     def _physical(self) -> str | None:
         return self.cfg.physical_address or route_source_address(self.cfg.controller_url)
+
+    def _endpoint(self) -> dict[str, Any]:
+        return {"agent_url": self.api_url, "agent_key": self._agent_key if self.api_url else None}
+
+    def agent_key(self) -> str | None:
+        return self._agent_key
+
+    async def _op_info(self, _payload: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "state": self.state,
+            "heartbeats": self.heartbeats,
+            "capacity": self._capacity(),
+            "ops": self.router.names,
+        }
 
     def _capacity(self) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -98,21 +129,63 @@ class Agent:
             "join_token": self.join_token,
             "capacity": self._capacity(),
             "physical_address": self._physical(),
+            **self._endpoint(),
         }
         out = await self._post("/v1/hosts/join", body)
-        cred = Credential(self.host, self.cfg.controller_url, out["credential"])
+        cred = Credential(self.host, self.cfg.controller_url, out["credential"], self._agent_key)
         self._save_credential(cred)
         self.join_token = None  # spent
         log.info("host %s joined %s", self.host, self.cfg.controller_url)
         return cred
 
     async def heartbeat(self, cred: Credential) -> None:
-        body = {"capacity": self._capacity(), "physical_address": self._physical()}
+        body = {
+            "capacity": self._capacity(),
+            "physical_address": self._physical(),
+            **self._endpoint(),
+        }
         await self._post(f"/v1/hosts/{self.host}/heartbeat", body, cred.secret)
         self.heartbeats += 1
 
-    async def run(self) -> None:
+    async def serve_api(self) -> asyncio.Task[None]:
+        """Start the agent API; sets :attr:`api_url` to what the controller should call."""
+        app = create_agent_app(self.router, self.agent_key)
+        server = QuietServer(
+            uvicorn.Config(
+                app,
+                host=self.cfg.listen_host,
+                port=self.cfg.listen_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+        )
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                await task
+                raise OSError(f"agent API could not listen on {self.cfg.listen_host}")
+            await asyncio.sleep(0.02)
+        port = bound_port(server)
+        host = self.cfg.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            host = self._physical() or "127.0.0.1"
+        self.api_url = self.cfg.advertise_url or f"http://{host}:{port}"
+        self._api_server = server
+        return task
+
+    async def run(self, *, serve_api: bool = True) -> None:
         """Join if needed, then heartbeat forever; survives an unreachable controller."""
+        api_task = await self.serve_api() if serve_api else None
+        try:
+            await self._loop()
+        finally:
+            if api_task is not None:
+                self._api_server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(api_task, 5)
+
+    async def _loop(self) -> None:
         cred = self.load_credential()
         backoff = self.cfg.heartbeat_interval_s
         try:

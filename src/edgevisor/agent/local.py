@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from edgevisor.agent.daemon import Agent
 from edgevisor.control.server import DataDirLock, serve
@@ -23,10 +24,21 @@ async def run_controller(settings: Settings) -> None:
         lock.release()
 
 
+def _cancel_on_signals() -> None:
+    """SIGTERM/SIGINT cancel the main task, so every ``finally`` runs (cleanup)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+
+
 async def run_agent(settings: Settings) -> None:
     agent_dir = settings.data_dir / "agent" / settings.agent.host_name
     lock = DataDirLock(agent_dir)
     lock.acquire()
+    _cancel_on_signals()
     try:
         await Agent(settings).run()
     finally:
@@ -53,7 +65,11 @@ async def run_up(settings: Settings) -> None:
                 )
             agent.join_token = secret
         log.info("local agent %s joining %s", settings.agent.host_name, url)
-        await agent.run()
+        st.links.attach_local(settings.agent.host_name, agent.router)
+        try:
+            await agent.run(serve_api=False)
+        finally:
+            st.links.detach_local(settings.agent.host_name)
 
     try:
         await serve(settings, on_ready=start_agent)

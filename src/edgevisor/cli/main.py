@@ -62,7 +62,7 @@ def isolation_warning() -> str | None:
 def _run_daemon(coro: Any) -> None:
     try:
         asyncio.run(coro)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except (StoreUnavailable, ConfigError, Conflict) as exc:
         fail(exc.message, code=2)

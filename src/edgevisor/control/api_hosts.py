@@ -55,7 +55,12 @@ def join(body: m.HostJoin, request: Request) -> m.HostJoined:
     with st.store.session() as s:
         repos.spend_join_token(s, body.join_token, body.name, now)
         host, secret = repos.register_host(
-            s, body.name, now, body.capacity.model_dump(), body.physical_address
+            s,
+            body.name,
+            now,
+            body.capacity.model_dump(),
+            body.physical_address,
+            body.model_dump(include={"agent_url", "agent_key"}),
         )
         repos.add_event(
             s, "host.joined", now, subject=host.name, data=host_out(host).model_dump()
@@ -74,7 +79,12 @@ def heartbeat(
     with st.store.session() as s:
         host = repos.get_host(s, name)
         host.last_heartbeat_at = now
-        repos.apply_capacity(host, body.capacity.model_dump(), body.physical_address)
+        repos.apply_capacity(
+            host,
+            body.capacity.model_dump(),
+            body.physical_address,
+            body.model_dump(include={"agent_url", "agent_key"}),
+        )
         if body.info:
             host.info = dict(body.info)
         if host.state != "up":

@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -124,6 +124,14 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await extra
         store.dispose()
+
+
+class QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the process that embeds it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def bound_port(server: uvicorn.Server) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgevisor.control.links import AgentLinks
 from edgevisor.settings import Settings
 from edgevisor.store import repos
 from edgevisor.store.engine import Store
@@ -19,6 +20,10 @@ class ControllerState:
     settings: Settings
     store: Store
     clock: Clock = field(default=time.time)
+    links: AgentLinks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.links = AgentLinks(self.store)
 
     def publish(
         self,

@@ -81,7 +81,14 @@ class Capacity(_Request):
     agent_version: str = Field("", max_length=32)
 
 
-class HostJoin(_Request):
+class AgentEndpoint(_Request):
+    agent_url: str | None = Field(None, max_length=255, description="Agent API base URL.")
+    agent_key: str | None = Field(
+        None, min_length=32, max_length=128, description="Key the controller presents."
+    )
+
+
+class HostJoin(AgentEndpoint):
     name: str = Field(pattern=HOST_PATTERN)
     join_token: str = Field(max_length=128)
     capacity: Capacity
@@ -93,7 +100,7 @@ class HostJoined(_Model):
     credential: str = Field(description="Per-host credential for heartbeats; keep it secret.")
 
 
-class Heartbeat(_Request):
+class Heartbeat(AgentEndpoint):
     capacity: Capacity
     physical_address: str | None = Field(None, max_length=64)
     info: dict[str, Any] = Field(default_factory=dict)

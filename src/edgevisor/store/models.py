@@ -64,6 +64,10 @@ class Host(Base):
     disk_mb: Mapped[int] = mapped_column(Integer, default=0)
     physical_address: Mapped[str | None] = mapped_column(String(64), default=None)
     agent_version: Mapped[str] = mapped_column(String(32), default="")
+    # Where the controller calls the agent, and the key it presents (the agent's secret,
+    # so it is kept as is: the controller must be able to show it).
+    agent_url: Mapped[str | None] = mapped_column(String(255), default=None)
+    agent_key: Mapped[str | None] = mapped_column(String(128), default=None)
     joined_at: Mapped[float] = mapped_column(Float)
     last_heartbeat_at: Mapped[float] = mapped_column(Float)
     state_changed_at: Mapped[float] = mapped_column(Float)

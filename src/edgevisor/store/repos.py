@@ -142,7 +142,12 @@ def spend_join_token(s: Session, secret: str, host_name: str, now: float) -> Non
 
 
 def register_host(
-    s: Session, name: str, now: float, capacity: dict[str, Any], physical_address: str | None
+    s: Session,
+    name: str,
+    now: float,
+    capacity: dict[str, Any],
+    physical_address: str | None,
+    endpoint: dict[str, Any] | None = None,
 ) -> tuple[Host, str]:
     """Create the host, or give an existing one a new credential (re-join)."""
     secret = new_secret(HOST_PREFIX)
@@ -154,18 +159,27 @@ def register_host(
     host.state = "up"
     host.state_changed_at = now
     host.last_heartbeat_at = now
-    apply_capacity(host, capacity, physical_address)
+    apply_capacity(host, capacity, physical_address, endpoint)
     s.flush()
     return host, secret
 
 
-def apply_capacity(host: Host, capacity: dict[str, Any], physical_address: str | None) -> None:
+def apply_capacity(
+    host: Host,
+    capacity: dict[str, Any],
+    physical_address: str | None,
+    endpoint: dict[str, Any] | None = None,
+) -> None:
     host.cpu_count = int(capacity.get("cpu_count", host.cpu_count or 0))
     host.memory_mb = int(capacity.get("memory_mb", host.memory_mb or 0))
     host.disk_mb = int(capacity.get("disk_mb", host.disk_mb or 0))
     host.agent_version = str(capacity.get("agent_version", host.agent_version or ""))
     if physical_address:
         host.physical_address = physical_address
+    for key in ("agent_url", "agent_key"):
+        value = (endpoint or {}).get(key)
+        if value:
+            setattr(host, key, value)
 
 
 def host_by_credential(s: Session, secret: str) -> Host | None:

@@ -161,6 +161,7 @@ def test_agent_survives_controller_loss_and_rejoins_without_join_token(tmp_path:
         EDGEVISOR_CONTROLLER__HEARTBEAT_TIMEOUT_S="2",
         EDGEVISOR_CONTROLLER__RECONCILE_INTERVAL_S="0.2",
         EDGEVISOR_AGENT__HEARTBEAT_INTERVAL_S="0.3",
+        EDGEVISOR_AGENT__LISTEN_PORT="0",
     )
     ctl_argv = [EV, "controller", "--data-dir", str(cdata), "--port", str(port)]
     ctl = Proc(ctl_argv, fast, tmp_path / "ctl1.log")
