@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import uvicorn
@@ -25,10 +25,33 @@ from edgevisor.agent.capacity import capacity, route_source_address
 from edgevisor.agent.rpc import OpRouter
 from edgevisor.agent.server import create_agent_app
 from edgevisor.control.server import QuietServer, bound_port
-from edgevisor.errors import ConfigError, EdgevisorError, Unauthorized, from_payload
+from edgevisor.errors import (
+    ConfigError,
+    EdgevisorError,
+    PeerUnavailable,
+    Unauthorized,
+    from_payload,
+)
 from edgevisor.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class Capability(Protocol):
+    """A capability the agent hosts (coordinator, devices, volumes, dataplane).
+
+    ``start`` runs before the agent joins (so local work goes on without a controller)
+    and registers the capability's operations on ``agent.router``; ``stop`` runs on the
+    way out, in reverse order; ``connected`` runs each time the controller (re)appears.
+    """
+
+    name: str
+
+    async def start(self, agent: Agent) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def connected(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,8 @@ class Agent:
         self.api_url: str | None = None  # set once the agent API listens
         self._agent_key = secrets.token_urlsafe(32)
         self.router.add("agent.info", self._op_info)
+        self.capabilities: list[Capability] = []
+        self._cred: Credential | None = None
         self._client = httpx.AsyncClient(
             base_url=self.cfg.controller_url, timeout=self.cfg.request_timeout_s
         )
@@ -174,16 +199,53 @@ class Agent:
         self._api_server = server
         return task
 
+    def add(self, capability: Capability) -> None:
+        self.capabilities.append(capability)
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the controller as this host (per-host credential); typed errors."""
+        if self._cred is None:
+            raise PeerUnavailable(f"host {self.host} has not joined the controller yet")
+        headers = {"authorization": f"Bearer {self._cred.secret}"}
+        try:
+            resp = await self._client.request(method, path, json=body, headers=headers)
+        except httpx.TransportError as exc:
+            raise PeerUnavailable(f"controller unreachable: {exc}") from exc
+        if resp.status_code >= 400:
+            try:
+                payload: Any = resp.json()
+            except ValueError:
+                payload = resp.text
+            raise from_payload(resp.status_code, payload)
+        return resp.json() if resp.content else None
+
     async def run(self, *, serve_api: bool = True) -> None:
         """Join if needed, then heartbeat forever; survives an unreachable controller."""
-        api_task = await self.serve_api() if serve_api else None
+        started: list[Capability] = []
+        api_task: asyncio.Task[None] | None = None
         try:
+            for cap in self.capabilities:
+                await cap.start(self)
+                started.append(cap)
+            api_task = await self.serve_api() if serve_api else None
             await self._loop()
         finally:
+            for cap in reversed(started):
+                try:
+                    await cap.stop()
+                except Exception:  # one failing stop must not leak the others
+                    log.exception("stopping %s failed", cap.name)
             if api_task is not None:
                 self._api_server.should_exit = True
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(api_task, 5)
+
+    async def _announce_connected(self) -> None:
+        for cap in self.capabilities:
+            try:
+                await cap.connected()
+            except Exception:  # a capability's resync failing must not stop heartbeats
+                log.exception("%s: resync after connect failed", cap.name)
 
     async def _loop(self) -> None:
         cred = self.load_credential()
@@ -194,9 +256,12 @@ class Agent:
                     if cred is None:
                         cred = await self.join()
                         self.state = "joined"
+                    self._cred = cred
                     await self.heartbeat(cred)
                     if self.state != "connected":
                         log.info("host %s connected to the controller", self.host)
+                        self.state = "connected"
+                        await self._announce_connected()
                     self.state = "connected"
                     backoff = self.cfg.heartbeat_interval_s
                 except Unauthorized as exc:

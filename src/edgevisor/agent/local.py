@@ -15,6 +15,12 @@ from edgevisor.store import repos
 log = logging.getLogger(__name__)
 
 
+def build_agent(settings: Settings) -> Agent:
+    """The agent with every capability this host runs."""
+    agent = Agent(settings)
+    return agent
+
+
 async def run_controller(settings: Settings) -> None:
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
@@ -40,7 +46,7 @@ async def run_agent(settings: Settings) -> None:
     lock.acquire()
     _cancel_on_signals()
     try:
-        await Agent(settings).run()
+        await build_agent(settings).run()
     finally:
         lock.release()
 
@@ -57,7 +63,7 @@ async def run_up(settings: Settings) -> None:
         agent_settings = settings.model_copy(
             update={"agent": settings.agent.model_copy(update={"controller_url": url})}
         )
-        agent = Agent(agent_settings)
+        agent = build_agent(agent_settings)
         if agent.load_credential() is None:
             with st.store.session() as s:
                 _jt, secret = repos.create_join_token(

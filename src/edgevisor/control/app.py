@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
@@ -17,10 +17,15 @@ from edgevisor.control.state import ControllerState
 from edgevisor.sdk import models as m
 
 
+Loop = Callable[[ControllerState], Coroutine[Any, Any, None]]
+# Reconcilers the controller runs for its whole life; each capability adds its own.
+BACKGROUND_LOOPS: list[Loop] = [run_liveness]
+
+
 def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(run_liveness(st))] if background else []
+        tasks = [asyncio.create_task(loop(st)) for loop in BACKGROUND_LOOPS] if background else []
         try:
             yield
         finally:
