@@ -16,7 +16,6 @@ from edgevisor.control.reconciler import run_liveness
 from edgevisor.control.state import ControllerState
 from edgevisor.sdk import models as m
 
-
 Loop = Callable[[ControllerState], Coroutine[Any, Any, None]]
 # Reconcilers the controller runs for its whole life; each capability adds its own.
 BACKGROUND_LOOPS: list[Loop] = [run_liveness]
