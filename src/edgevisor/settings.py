@@ -20,7 +20,10 @@ from typing import Any
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgevisor.devices.service import DevicesSettings
 from edgevisor.errors import ConfigError
+from edgevisor.tasks.sandbox import SandboxSettings
+from edgevisor.tasks.service import CoordinatorSettings
 
 ENV_PREFIX = "EDGEVISOR_"
 
@@ -53,6 +56,9 @@ class ControllerSettings(_Section):
     )
     body_limit_bytes: int = Field(
         1_048_576, gt=0, description="Largest accepted request body; larger ones get 413."
+    )
+    bundle_limit_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest task bundle upload; larger ones get 413."
     )
     join_token_ttl_s: float = Field(
         3600.0, gt=0, description="Lifetime of a one-time host join token."
@@ -107,6 +113,9 @@ class Settings(_Section):
     log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    devices: DevicesSettings = Field(default_factory=DevicesSettings)
 
     @field_validator("log_level")
     @classmethod

@@ -7,6 +7,7 @@ import logging
 import signal
 
 from edgevisor.agent.daemon import Agent
+from edgevisor.agent.tasks import TasksCapability
 from edgevisor.control.server import DataDirLock, serve
 from edgevisor.control.state import ControllerState
 from edgevisor.settings import Settings
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 def build_agent(settings: Settings) -> Agent:
     """The agent with every capability this host runs."""
     agent = Agent(settings)
+    agent.add(TasksCapability(settings))
     return agent
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgevisor.cli import admin
+from edgevisor.cli import admin, tasks
 from edgevisor.cli.output import console, fail, table
 from edgevisor.errors import ConfigError, Conflict, EdgevisorError, StoreUnavailable
 from edgevisor.settings import Settings, describe, load_settings
@@ -24,6 +24,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 admin.register(app)
+tasks.register(app)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML settings file.", envvar=None)

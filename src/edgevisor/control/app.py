@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI
 
 from edgevisor import __version__
-from edgevisor.control import api_accounts, api_events, api_hosts, http_errors
+from edgevisor.control import api_accounts, api_events, api_hosts, api_tasks, http_errors
 from edgevisor.control.auth import Principal, require_principal
 from edgevisor.control.reconciler import run_liveness
 from edgevisor.control.state import ControllerState
@@ -46,7 +46,11 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     )
     app.state.controller = st
     http_errors.install(app)
-    app.add_middleware(http_errors.BodyLimit, limit=st.settings.controller.body_limit_bytes)
+    app.add_middleware(
+        http_errors.BodyLimit,
+        limit=st.settings.controller.body_limit_bytes,
+        exceptions={("POST", "/v1/tasks"): st.settings.controller.bundle_limit_bytes},
+    )
 
     @app.get("/healthz", response_model=m.Health, tags=["health"])
     def healthz() -> m.Health:
@@ -59,4 +63,5 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     app.include_router(api_accounts.router, tags=["accounts"])
     app.include_router(api_hosts.router, tags=["hosts"])
     app.include_router(api_events.router, tags=["events"])
+    app.include_router(api_tasks.router, tags=["tasks"])
     return app

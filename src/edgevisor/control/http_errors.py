@@ -94,22 +94,29 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, header or stream."""
+    """ASGI middleware: refuse bodies over the limit with 413, by header or while reading.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``exceptions`` maps ``(method, path)`` to its own limit (bundle uploads are larger).
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, exceptions: dict[tuple[str, str], int] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.exceptions = exceptions or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.exceptions.get((scope["method"], scope["path"]), self.limit)
         for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._reject(scope, receive, send)
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await _reject(limit, send)
                 return
-        # Without a trustworthy length, read the body up to the limit first (it is small by
-        # definition) and replay it; a parser downstream would turn an error into a 400.
+        # Read the body up to the limit first and replay it: a parser downstream would turn
+        # an error raised mid-stream into a 400.
         chunks: list[bytes] = []
         seen = 0
         while True:
@@ -119,8 +126,8 @@ class BodyLimit:
                 return
             chunk = msg.get("body", b"")
             seen += len(chunk)
-            if seen > self.limit:
-                await self._reject(scope, receive, send)
+            if seen > limit:
+                await _reject(limit, send)
                 return
             chunks.append(chunk)
             if not msg.get("more_body", False):
@@ -128,18 +135,19 @@ class BodyLimit:
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([body], receive), send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exc = PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
-        body = json.dumps(exc.to_payload()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def _reject(limit: int, send: Send) -> None:
+    exc = PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    body = json.dumps(exc.to_payload()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -20,6 +20,8 @@ class Call(Generic[T]):
     parse: Callable[[Any], T]
     json: Any = None
     params: dict[str, Any] | None = None
+    content: bytes | None = None
+    headers: dict[str, str] | None = None
 
 
 def _one(model: type[T]) -> Callable[[Any], T]:

@@ -2,6 +2,8 @@
 
 Both execute the call descriptions in :mod:`edgevisor.sdk.calls`, so they cannot drift.
 Errors come back as the same classes the controller raised (``NotFound``, ...).
+Each capability adds its methods as a pair of mixins (``sdk/<capability>.py``: a sync one
+whose methods return ``self.call(...)`` and an async one that awaits it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from edgevisor.errors import EdgevisorError, PeerUnavailable, Unauthorized, from
 from edgevisor.sdk import calls
 from edgevisor.sdk import models as m
 from edgevisor.sdk.calls import Call
+from edgevisor.sdk.tasks import AsyncTasksMixin, TasksMixin
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:7450"
@@ -76,7 +79,7 @@ def _transport_error(url: str, exc: httpx.TransportError) -> EdgevisorError:
     return PeerUnavailable(f"controller at {url} is unreachable: {exc}")
 
 
-class Client:
+class Client(TasksMixin):
     """Synchronous client. ``Client()`` finds the local controller and admin token."""
 
     def __init__(
@@ -100,7 +103,14 @@ class Client:
 
     def call(self, call: Call[T]) -> T:
         try:
-            resp = self._http.request(call.method, call.path, json=call.json, params=call.params)
+            resp = self._http.request(
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                content=call.content,
+                headers=call.headers,
+            )
         except httpx.TransportError as exc:
             raise _transport_error(self.url, exc) from exc
         return _result(call, resp)
@@ -161,7 +171,7 @@ class Client:
             raise _transport_error(self.url, exc) from exc
 
 
-class AsyncClient:
+class AsyncClient(AsyncTasksMixin):
     """Asynchronous client with the same methods as :class:`Client`, awaited."""
 
     def __init__(
@@ -186,7 +196,12 @@ class AsyncClient:
     async def call(self, call: Call[T]) -> T:
         try:
             resp = await self._http.request(
-                call.method, call.path, json=call.json, params=call.params
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                content=call.content,
+                headers=call.headers,
             )
         except httpx.TransportError as exc:
             raise _transport_error(self.url, exc) from exc

@@ -3,17 +3,20 @@
 Guarantees come from the schema, so they hold under concurrent transactions on SQLite and
 PostgreSQL alike:
 
-- ``uq(network_id, logical)`` and ``uq(account, logical)``: one logical address is never
-  held by two records (networks of one account do not overlap, so the second follows);
-- ``uq(physical_pool_id, physical)``: one physical address is never in two records;
-- ``uq(instance)``: an instance has at most one record;
+- ``uq(account, logical)``: one logical address of an account (hence of each of its
+  networks) is never held by two records;
+- unique ``(physical_pool_id, physical)``: one physical address is never in two records;
+- unique ``instance``: an instance has at most one record;
 - the record has one ``host`` column: it names exactly one host at any time (fencing);
 - updates are compare-and-set on ``generation`` (``UPDATE ... WHERE generation = :old``).
 
-Allocation state for O(1) allocation: a cursor (``next_offset``, decimal text because an
-IPv6 /64 offset does not fit a signed 64-bit integer) on the network or pool, plus a
-free-list table ordered by insertion. ``account`` is a plain string here; the lead adds the
-foreign key to ``accounts.name`` when the accounts model joins this metadata.
+Allocation state for O(1) allocation: a cursor (``next_offset``) on the network or pool,
+plus a free-list table ordered by insertion. The cursor moves one step per allocation, so
+it fits a 64-bit integer even in an IPv6 /64 (whose offsets do not); ``cursor_limit`` is
+``min(size, 2**62)``. Addresses themselves are stored as canonical text.
+
+``account`` is a plain string here; the lead adds the foreign key to ``accounts.name`` when
+the accounts model joins this metadata.
 
 Timestamps are stored as naive UTC and returned as aware UTC (:class:`UTCDateTime`), so
 SQLite string comparisons and PostgreSQL comparisons order the same way.
@@ -36,6 +39,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
@@ -96,7 +100,8 @@ class Network(Base):
     family: Mapped[int] = mapped_column(SmallInteger)
     gateway: Mapped[str | None] = mapped_column(String(_ADDR))
     reserve_edges: Mapped[bool] = mapped_column(Boolean, default=True)
-    next_offset: Mapped[str] = mapped_column(String(40), default="0")
+    next_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    cursor_limit: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -116,7 +121,8 @@ class PhysicalPool(Base):
     family: Mapped[int] = mapped_column(SmallInteger)
     gateway: Mapped[str | None] = mapped_column(String(_ADDR))
     reserve_edges: Mapped[bool] = mapped_column(Boolean, default=True)
-    next_offset: Mapped[str] = mapped_column(String(40), default="0")
+    next_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    cursor_limit: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -155,10 +161,34 @@ class AddressRecordRow(Base):
 
     __tablename__ = "address_records"
     __table_args__ = (
-        UniqueConstraint("network_id", "logical"),
+        # One logical address per account (so per network: an account's networks do not
+        # overlap); the allocation path relies on this key for ON CONFLICT DO NOTHING.
         UniqueConstraint("account", "logical"),
-        UniqueConstraint("physical_pool_id", "physical"),
-        UniqueConstraint("instance"),
+        # Partial indexes: rows without a physical address / instance / host / hold are
+        # not indexed, so an allocation writes two B-trees of this table, not six.
+        Index(
+            "uq_address_records_physical", "physical_pool_id", "physical", unique=True,
+            sqlite_where=text("physical IS NOT NULL"),
+            postgresql_where=text("physical IS NOT NULL"),
+        ),
+        Index(
+            "uq_address_records_instance", "instance", unique=True,
+            sqlite_where=text("instance IS NOT NULL"),
+            postgresql_where=text("instance IS NOT NULL"),
+        ),
+        Index(
+            "ix_address_records_host", "host",
+            sqlite_where=text("host IS NOT NULL"), postgresql_where=text("host IS NOT NULL"),
+        ),
+        Index(
+            "ix_address_records_missing", "missing_since",
+            sqlite_where=text("missing_since IS NOT NULL"),
+            postgresql_where=text("missing_since IS NOT NULL"),
+        ),
+        Index(
+            "ix_address_records_held", "held_until",
+            sqlite_where=text("state = 'held'"), postgresql_where=text("state = 'held'"),
+        ),
         CheckConstraint(f"state IN ({_STATES})", name="state"),
         CheckConstraint("generation >= 1", name="generation"),
         # A bound record has exactly one host, instance and physical address; others none.
@@ -168,8 +198,6 @@ class AddressRecordRow(Base):
             "AND physical IS NULL)",
             name="bound_fields",
         ),
-        Index("ix_address_records_host", "host"),
-        Index("ix_address_records_held", "state", "held_until"),
         {"sqlite_autoincrement": True},
     )
 
@@ -200,7 +228,6 @@ class AddressHistory(Base):
     __tablename__ = "address_history"
     __table_args__ = (
         Index("ix_address_history_address", "account", "address", "id"),
-        Index("ix_address_history_record", "record_id", "id"),
         {"sqlite_autoincrement": True},
     )
 

@@ -54,29 +54,29 @@ class PostgresUnavailable(RuntimeError):
 def find_bin_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory holding ``initdb``/``pg_ctl``; the newest major version wins.
 
-    Looks at ``explicit``, then ``$EDGEVISOR_PG_BIN``, then ``/usr/lib/postgresql/*/bin``,
-    then ``PATH``.
+    An explicit directory is the only one tried; otherwise ``$EDGEVISOR_PG_BIN``, then
+    ``/usr/lib/postgresql/*/bin``, then ``PATH``.
     """
     candidates: list[Path] = []
     if explicit is not None:
         candidates.append(Path(explicit))
-    env = os.environ.get("EDGEVISOR_PG_BIN")
-    if env:
-        candidates.append(Path(env))
+    elif os.environ.get("EDGEVISOR_PG_BIN"):
+        candidates.append(Path(os.environ["EDGEVISOR_PG_BIN"]))
 
     def _major(p: str) -> int:
         name = Path(p).parent.name
         return int(name) if name.isdigit() else -1
 
-    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major, reverse=True):
-        candidates.append(Path(found))
-    on_path = shutil.which("initdb")
-    if on_path:
-        candidates.append(Path(on_path).parent)
+    if not candidates:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_major, reverse=True)
+        candidates.extend(Path(f) for f in found)
+        on_path = shutil.which("initdb")
+        if on_path:
+            candidates.append(Path(on_path).parent)
     for cand in candidates:
         if all((cand / tool).is_file() for tool in ("initdb", "pg_ctl", "pg_isready")):
             return cand
-    looked = ", ".join(str(c) for c in candidates) or "nothing found"
+    looked = ", ".join(str(c) for c in candidates) or "(no candidate directory)"
     raise PostgresUnavailable(
         "PostgreSQL server binaries (initdb, pg_ctl, pg_isready) not found; looked in "
         f"{looked}. Install the Debian package `postgresql` or set EDGEVISOR_PG_BIN."

@@ -1,0 +1,335 @@
+"""The address-translation dataplane of one host.
+
+Theory of operation
+-------------------
+Input is a set of address records (:class:`AppliedRecord`). Records whose ``host`` is this
+host and that are ``active`` are *local* (their instance is a netns behind a veth here);
+other active records are *remote* (peers of local instances). Preserved and released
+records translate nothing.
+
+Accounts may overlap logical ranges, so every packet carries its account as a firewall
+mark (``mark_base | id``) and a conntrack zone (``id``), set at ``prerouting/raw`` from
+the instance veth it came in on (``iif_acct``) or, from the fabric, from the local
+physical address it is sent to (``phys_acct``). The account id is local to this host.
+The mark selects the account's routing table (``ip rule fwmark M lookup table_base+id``)
+holding ``logical/32 dev <veth>`` for local instances, so two accounts can each have
+10.0.0.5 on one host. The zone keeps their conntrack tuples apart.
+
+Translation for instance a -> logical b (same account):
+
+- b local: no NAT; the account table routes to b's veth.
+- b remote: ``dnat (mark . b) -> phys(b)`` (``out_dnat``), out the fabric with
+  ``snat (mark . a) -> phys(a)`` (``out_snat``).
+- On b's host: ``dnat phys(b) -> b`` (``in_dnat``) and ``snat (mark . phys(a)) -> a``
+  (``in_snat``), so both ends see logical addresses.
+
+Everything not matching is dropped in ``forward``: a packet to a local instance is
+accepted only from the same account (``acct_if``) and, from the fabric, only from a
+physical address of that account's known records (keys of ``in_snat``). Instances reach
+the host itself only on granted ``proto . port`` pairs; spoofed source addresses are
+dropped. Physical addresses of local records are ``/32`` addresses on the fabric
+interface, so the kernel answers ARP for them; when one arrives here a gratuitous ARP is
+sent.
+
+Updates: :func:`plan` (pure) turns (current records, changes) into a :class:`Batch` of
+exact element deletes/adds plus the link-level work (addresses, routes, rules, conntrack
+flushes, gratuitous ARPs). The element part is rendered as ONE nftables text buffer = ONE
+kernel transaction: it applies entirely or not at all, so a failed apply leaves the last
+good table. Only after it succeeded does the in-memory state advance and the link-level
+work run. :meth:`Dataplane.rebuild` drops and recreates the table with all elements in
+one transaction (agent restart: state comes from records, not memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from edgevisor.errors import UnavailableError
+from edgevisor.network.conntrack import ConntrackFlusher
+from edgevisor.network.dp_core import (
+    AppliedRecord,
+    Batch,
+    DataplaneSettings,
+    Key,
+    assign_ids,
+    count_accounts,
+    element_lists,
+    plan,
+    render_batch,
+    render_table,
+)
+from edgevisor.network.garp import GarpSender
+from edgevisor.network.netns import instance_ifname
+from edgevisor.network.nft import Nft, NftError
+
+__all__ = [
+    "AppliedRecord",
+    "ApplyFailed",
+    "ApplyResult",
+    "Batch",
+    "Dataplane",
+    "DataplaneSettings",
+    "Key",
+    "assign_ids",
+    "count_accounts",
+    "element_lists",
+    "plan",
+    "render_batch",
+    "render_table",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ApplyFailed(UnavailableError):
+    """The host could not apply the records; the last good table stays in place."""
+
+    code = "dataplane_apply_failed"
+
+
+# --- I/O shell ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one apply did. ``committed_s``: from the call until the new translation was in
+    the kernel (new connections use it); ``total_s``: until addresses, gratuitous ARPs and
+    the conntrack flush (old flows cut) were done too."""
+
+    generation: int
+    element_ops: int
+    conntrack_deleted: int
+    warnings: tuple[str, ...] = ()
+    committed_s: float = 0.0
+    total_s: float = 0.0
+
+
+class Dataplane:
+    """The translation tables, addresses and routes of one host.
+
+    ``netns`` is the namespace to act in (``None``: the caller's own, the agent's case).
+    Not thread-safe; the agent applies updates one at a time.
+    """
+
+    def __init__(self, host: str, settings: DataplaneSettings, netns: str | None = None) -> None:
+        from pyroute2 import IPRoute
+
+        self.host = host
+        self.settings = settings
+        self.netns = netns
+        self.records: dict[Key, AppliedRecord] = {}
+        self.ids: dict[str, int] = {}
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.generation = 0
+        self.last_error: str | None = None
+        self._nft = Nft(netns)
+        self._ipr: Any = IPRoute(netns=netns) if netns else IPRoute()
+        self._ct = ConntrackFlusher(netns)
+        self._garp = GarpSender(settings.fabric_if, netns)
+        idx = self._ipr.link_lookup(ifname=settings.fabric_if)
+        if not idx:
+            raise ApplyFailed(f"fabric interface {settings.fabric_if} not found")
+        self._fabric_index: int = idx[0]
+
+    def close(self) -> None:
+        self._nft.close()
+        self._ipr.close()
+        self._ct.close()
+        self._garp.close()
+
+    # -- public operations --
+
+    def rebuild(self, records: Iterable[AppliedRecord]) -> ApplyResult:
+        """Drop and recreate the table from ``records`` in one transaction."""
+        t0 = time.perf_counter()
+        desired: dict[Key, AppliedRecord] = {}
+        for r in records:
+            if r.state == "active":
+                desired[r.key] = r
+        phys = [r.physical for r in desired.values() if r.host == self.host]
+        if len(phys) != len(set(phys)):
+            raise ApplyFailed("two local records share a physical address")
+        try:
+            ids = assign_ids({}, {k[0] for k in desired})
+        except ValueError as exc:
+            raise ApplyFailed(str(exc)) from exc
+        text = render_table(self.settings,
+                            element_lists(desired, self.host, ids, self.settings))
+        self._run(text)
+        committed = time.perf_counter() - t0
+        old_local = {r.physical for r in self.records.values() if r.host == self.host}
+        self.records, self.ids = desired, ids
+        self.counts = count_accounts(desired, self.host)
+        self.generation = max([0, *(r.generation for r in desired.values())])
+        warnings = self._resync_links(old_local)
+        return ApplyResult(self.generation, len(desired), 0, tuple(warnings), committed,
+                           time.perf_counter() - t0)
+
+    def apply(self, records: Iterable[AppliedRecord], *, full: bool = False) -> ApplyResult:
+        """Apply records: a delta (default) or, with ``full``, the whole desired set.
+
+        In a delta, a record in state preserved/released removes its mapping. Raises
+        :class:`ApplyFailed` with the table unchanged when the transaction is refused.
+        """
+        t0 = time.perf_counter()
+        given = {r.key: r for r in records}
+        if full:
+            changes: dict[Key, AppliedRecord | None] = {
+                k: v for k, v in given.items() if self.records.get(k) != v
+            }
+            for k in self.records.keys() - given.keys():
+                changes[k] = None
+        else:
+            changes = {k: v for k, v in given.items() if self.records.get(k) != v}
+        try:
+            batch = plan(self.records, changes, host=self.host, ids=self.ids,
+                         counts=self.counts, settings=self.settings,
+                         generation=self.generation)
+        except ValueError as exc:
+            self.last_error = str(exc)
+            raise ApplyFailed(str(exc)) from exc
+        if batch.element_ops:
+            self._run(render_batch(batch, self.settings.table))
+        committed = time.perf_counter() - t0
+        self._commit(batch)
+        warnings = self._links(batch)
+        deleted = 0
+        if batch.flush:
+            try:
+                deleted = self._ct.flush(batch.flush)
+            except UnavailableError as exc:
+                warnings.append(str(exc))
+        for addr in batch.garp:
+            try:
+                self._garp.send(addr, self.settings.garp_count)
+            except OSError as exc:
+                warnings.append(f"gratuitous ARP for {addr}: {exc}")
+        if warnings:
+            log.warning("dataplane %s: %s", self.host, "; ".join(warnings))
+        return ApplyResult(batch.generation, batch.element_ops, deleted, tuple(warnings),
+                           committed, time.perf_counter() - t0)
+
+    def plug(self, account: str, logical: IPv4Address) -> None:
+        """(Re)install the route of a local instance whose veth appeared after apply."""
+        r = self.records.get((account, logical))
+        if r is not None and r.host == self.host:
+            self._route_add(instance_ifname(account, logical), logical, self.ids[account])
+
+    def table_elements(self) -> dict[str, list[Any]]:
+        """Current kernel elements per map/set (for checks and the agent's report)."""
+        data = self._nft.query(f"list table ip {self.settings.table}")
+        out: dict[str, list[Any]] = {}
+        for item in data.get("nftables", []):
+            for kind in ("map", "set"):
+                if kind in item:
+                    out[item[kind]["name"]] = item[kind].get("elem", [])
+        return out
+
+    # -- internals --
+
+    def _commit(self, batch: Batch) -> None:
+        for key, rec in batch.updates.items():
+            if rec is None:
+                self.records.pop(key, None)
+            else:
+                self.records[key] = rec
+        for account, count in batch.counts.items():
+            if count[0] > 0:
+                self.counts[account] = count
+            else:
+                self.counts.pop(account, None)
+        self.ids, self.generation = batch.ids, batch.generation
+
+    def _run(self, text: str) -> None:
+        try:
+            self._nft.run(text)
+        except NftError as exc:
+            self.last_error = exc.message
+            raise ApplyFailed(f"host {self.host}: {exc.message}", details=exc.details) from exc
+        self.last_error = None
+
+    def _table_id(self, aid: int) -> int:
+        return self.settings.route_table_base + aid
+
+    def _links(self, batch: Batch) -> list[str]:
+        warnings: list[str] = []
+        for addr in batch.addr_del:
+            warnings += self._try(self._ipr.addr, "del", index=self._fabric_index,
+                                  address=str(addr), prefixlen=32)
+        for addr in batch.addr_add:
+            warnings += self._try(self._ipr.addr, "add", index=self._fabric_index,
+                                  address=str(addr), prefixlen=32)
+        for aid in batch.rule_del:
+            warnings += self._try(self._ipr.rule, "del", fwmark=self.settings.mark_base | aid,
+                                  table=self._table_id(aid),
+                                  priority=self.settings.rule_priority)
+        for aid in batch.rule_add:
+            warnings += self._try(self._ipr.rule, "add", fwmark=self.settings.mark_base | aid,
+                                  table=self._table_id(aid),
+                                  priority=self.settings.rule_priority)
+        for logical, aid in batch.route_del:
+            warnings += self._try(self._ipr.route, "del", dst=str(logical), dst_len=32,
+                                  table=self._table_id(aid))
+        for ifname, logical, aid in batch.route_add:
+            warnings += self._route_add(ifname, logical, aid)
+        return warnings
+
+    def _route_add(self, ifname: str, logical: IPv4Address, aid: int) -> list[str]:
+        idx = self._ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return [f"instance link {ifname} for {logical} is not there yet"]
+        return self._try(self._ipr.route, "replace", dst=str(logical), dst_len=32,
+                         oif=idx[0], table=self._table_id(aid), scope=253)
+
+    @staticmethod
+    def _try(fn: Any, *args: Any, **kwargs: Any) -> list[str]:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            # EEXIST on add, ESRCH/EADDRNOTAVAIL/ENOENT on delete: already as wanted.
+            if code in (17, 3, 99, 2):
+                return []
+            return [f"{args[0] if args else ''} {kwargs}: {exc}"]
+        return []
+
+    def _resync_links(self, old_local: set[IPv4Address]) -> list[str]:
+        """After a rebuild: make addresses, rules and routes match the records."""
+        warnings: list[str] = []
+        local = [r for r in self.records.values() if r.host == self.host]
+        want = {r.physical for r in local}
+        have: set[IPv4Address] = set()
+        for msg in self._ipr.get_addr(index=self._fabric_index, family=2):
+            if msg["prefixlen"] == 32:
+                have.add(IPv4Address(msg.get_attr("IFA_ADDRESS")))
+        for addr in sorted(have - want):
+            warnings += self._try(self._ipr.addr, "del", index=self._fabric_index,
+                                  address=str(addr), prefixlen=32)
+        for addr in sorted(want - have):
+            warnings += self._try(self._ipr.addr, "add", index=self._fabric_index,
+                                  address=str(addr), prefixlen=32)
+        # Rules at our priority and the routes of their tables are ours: recreate them.
+        for rule in self._ipr.get_rules(family=2):
+            if rule.get_attr("FRA_PRIORITY") == self.settings.rule_priority:
+                table = rule.get_attr("FRA_TABLE")
+                warnings += self._try(self._ipr.rule, "del", fwmark=rule.get_attr("FRA_FWMARK"),
+                                      table=table, priority=self.settings.rule_priority)
+                warnings += self._try(self._ipr.flush_routes, table=table)
+        for aid in sorted({self.ids[r.account] for r in local}):
+            warnings += self._try(self._ipr.rule, "add", fwmark=self.settings.mark_base | aid,
+                                  table=self._table_id(aid),
+                                  priority=self.settings.rule_priority)
+        for r in local:
+            warnings += self._route_add(instance_ifname(r.account, r.logical), r.logical,
+                                        self.ids[r.account])
+        for addr in sorted(want - old_local):
+            try:
+                self._garp.send(addr, self.settings.garp_count)
+            except OSError as exc:
+                warnings.append(f"gratuitous ARP for {addr}: {exc}")
+        return warnings

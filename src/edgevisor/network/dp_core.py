@@ -1,0 +1,397 @@
+"""Pure core of the host dataplane: which nftables elements, addresses, routes, rules,
+conntrack flushes and gratuitous ARPs an update needs. No I/O; see ``dataplane.py`` for
+the theory of operation and the shell that performs a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgevisor.network.conntrack import FlushTarget, flush_targets
+from edgevisor.network.netns import instance_ifname
+
+__all__ = [
+    "AppliedRecord",
+    "Batch",
+    "DataplaneSettings",
+    "Key",
+    "assign_ids",
+    "count_accounts",
+    "element_lists",
+    "plan",
+    "render_batch",
+    "render_table",
+]
+
+RecordState = Literal["active", "preserved", "released"]
+Key = tuple[str, IPv4Address]  # (account, logical)
+MAX_ACCOUNTS = 0xFFFF  # conntrack zones are 16 bits
+
+
+class DataplaneSettings(BaseModel):
+    """Settings of the host dataplane (section ``network.dataplane``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: str = Field("edgevisor", description="nftables table (family ip) owned by the agent")
+    fabric_if: str = Field(..., description="interface facing the other hosts")
+    mark_base: int = Field(
+        0x45560000,
+        description="firewall marks used are mark_base | account id; low 16 bits must be 0",
+    )
+    route_table_base: int = Field(
+        0x4556_0000, description="routing table of account id N is route_table_base + N"
+    )
+    rule_priority: int = Field(
+        1000, description="priority of the per-account `ip rule fwmark` entries"
+    )
+    granted_tcp_ports: tuple[int, ...] = Field(
+        (), description="host TCP ports instances may reach on the host itself"
+    )
+    garp_count: int = Field(2, description="gratuitous ARPs sent when a physical arrives")
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedRecord:
+    """One network address record as the dataplane needs it."""
+
+    account: str
+    logical: IPv4Address
+    physical: IPv4Address
+    host: str
+    generation: int
+    state: RecordState = "active"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logical, IPv6Address) or isinstance(self.physical, IPv6Address):
+            raise ValueError("the dataplane translates IPv4 only for now")
+
+    @property
+    def key(self) -> Key:
+        return (self.account, self.logical)
+
+    @classmethod
+    def from_record(cls, record: Any) -> AppliedRecord:
+        """Adapt anything with the record's attribute names (e.g. the store's Record)."""
+        return cls(
+            account=str(record.account),
+            logical=IPv4Address(str(record.logical)),
+            physical=IPv4Address(str(record.physical)),
+            host=str(record.host),
+            generation=int(record.generation),
+            state=record.state,
+        )
+
+
+# --- pure core ---------------------------------------------------------------------------
+
+Elements = dict[tuple[str, str], str | None]  # (map or set name, key text) -> value text
+
+
+def _mark(settings: DataplaneSettings, aid: int) -> str:
+    return f"0x{settings.mark_base | aid:08x}"
+
+
+def _record_elements(
+    r: AppliedRecord, host: str, aid: int, settings: DataplaneSettings
+) -> Elements:
+    """Map/set elements one active record contributes on ``host``."""
+    m = _mark(settings, aid)
+    if r.host == host:
+        ifn = f'"{instance_ifname(r.account, r.logical)}"'
+        return {
+            ("iif_acct", ifn): m,
+            ("iif_zone", ifn): str(aid),
+            ("phys_acct", str(r.physical)): m,
+            ("phys_zone", str(r.physical)): str(aid),
+            ("acct_if", f"{m} . {ifn}"): None,
+            ("if_addr", f"{ifn} . {r.logical}"): None,
+            ("local_logical", f"{m} . {r.logical}"): None,
+            ("out_snat", f"{m} . {r.logical}"): str(r.physical),
+            ("in_dnat", str(r.physical)): str(r.logical),
+        }
+    return {
+        ("out_dnat", f"{m} . {r.logical}"): str(r.physical),
+        ("in_snat", f"{m} . {r.physical}"): str(r.logical),
+    }
+
+
+def assign_ids(existing: Mapping[str, int], accounts: Iterable[str]) -> dict[str, int]:
+    """Host-local account ids: kept while the account is present, lowest free id for new.
+
+    Raises ValueError when more than 65,535 accounts would be present.
+    """
+    wanted = set(accounts)
+    ids = {a: i for a, i in existing.items() if a in wanted}
+    used = set(ids.values())
+    nxt = 1
+    for account in sorted(wanted - ids.keys()):
+        while nxt in used:
+            nxt += 1
+        if nxt > MAX_ACCOUNTS:
+            raise ValueError(f"more than {MAX_ACCOUNTS} accounts on one host")
+        ids[account] = nxt
+        used.add(nxt)
+    return ids
+
+
+@dataclass
+class Batch:
+    """Everything one update does; the element part is one nftables transaction."""
+
+    deletes: dict[str, list[str]] = field(default_factory=dict)
+    adds: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    addr_add: list[IPv4Address] = field(default_factory=list)
+    addr_del: list[IPv4Address] = field(default_factory=list)
+    route_add: list[tuple[str, IPv4Address, int]] = field(default_factory=list)  # if, dst, id
+    route_del: list[tuple[IPv4Address, int]] = field(default_factory=list)
+    rule_add: list[int] = field(default_factory=list)  # account ids
+    rule_del: list[int] = field(default_factory=list)
+    flush: set[FlushTarget] = field(default_factory=set)
+    garp: list[IPv4Address] = field(default_factory=list)
+    ids: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # touched accounts only
+    updates: dict[Key, AppliedRecord | None] = field(default_factory=dict)
+    generation: int = 0
+
+    @property
+    def element_ops(self) -> int:
+        return sum(map(len, self.deletes.values())) + sum(map(len, self.adds.values()))
+
+
+def _active(r: AppliedRecord | None) -> AppliedRecord | None:
+    return r if r is not None and r.state == "active" else None
+
+
+def count_accounts(
+    records: Mapping[Key, AppliedRecord], host: str
+) -> dict[str, tuple[int, int]]:
+    """Per account: (active records, of which local to ``host``)."""
+    out: dict[str, tuple[int, int]] = {}
+    for r in records.values():
+        total, local = out.get(r.account, (0, 0))
+        out[r.account] = (total + 1, local + (r.host == host))
+    return out
+
+
+def plan(
+    current: Mapping[Key, AppliedRecord],
+    changes: Mapping[Key, AppliedRecord | None],
+    *,
+    host: str,
+    ids: Mapping[str, int],
+    counts: Mapping[str, tuple[int, int]],
+    settings: DataplaneSettings,
+    generation: int = 0,
+) -> Batch:
+    """Exact work to go from ``current`` (active records) to it updated by ``changes``.
+
+    ``changes`` maps a key to its new record (any state) or ``None`` (gone); ``counts``
+    is :func:`count_accounts` of ``current``. Only changed keys are looked at, so a
+    one-record remap costs O(1) however large the table. Raises ValueError on input the
+    dataplane cannot honour (two local records given one physical address in one batch).
+    """
+    touched: list[tuple[AppliedRecord | None, AppliedRecord | None]] = []
+    batch = Batch()
+    new_counts: dict[str, tuple[int, int]] = {}
+    for key, new in changes.items():
+        if new is not None and new.key != key:
+            raise ValueError(f"record {new} filed under key {key}")
+        old = _active(current.get(key))
+        new_a = _active(new)
+        if old == new_a:
+            continue
+        touched.append((old, new_a))
+        batch.updates[key] = new_a
+        total, local = new_counts.get(key[0], counts.get(key[0], (0, 0)))
+        if old is not None:
+            total, local = total - 1, local - (old.host == host)
+        if new_a is not None:
+            total, local = total + 1, local + (new_a.host == host)
+        new_counts[key[0]] = (total, local)
+
+    appeared = any(a not in ids for a, (t, _) in new_counts.items() if t > 0)
+    vanished = any(t == 0 for t, _ in new_counts.values())
+    if appeared or vanished:
+        present = {a for a, (t, _) in counts.items() if t > 0 and a not in new_counts}
+        present |= {a for a, (t, _) in new_counts.items() if t > 0}
+        batch.ids = assign_ids(ids, present)
+    else:
+        batch.ids = dict(ids)
+    new_ids = batch.ids
+    batch.counts = new_counts
+
+    old_el: Elements = {}
+    new_el: Elements = {}
+    phys_seen: dict[IPv4Address, Key] = {}
+    for old, new in touched:
+        if old is not None:
+            old_el.update(_record_elements(old, host, ids[old.account], settings))
+        if new is not None:
+            if new.host == host:
+                other = phys_seen.setdefault(new.physical, new.key)
+                if other != new.key:
+                    raise ValueError(f"physical {new.physical} given to {other} and {new.key}")
+            new_el.update(_record_elements(new, host, new_ids[new.account], settings))
+    for (name, k), v in old_el.items():
+        if (name, k) not in new_el or new_el[(name, k)] != v:
+            batch.deletes.setdefault(name, []).append(k)
+    for (name, k), v in new_el.items():
+        if (name, k) not in old_el or old_el[(name, k)] != v:
+            batch.adds.setdefault(name, []).append((k, v))
+
+    for old, new in touched:
+        was_local = old is not None and old.host == host
+        is_local = new is not None and new.host == host
+        if old is not None and (
+            new is None or old.host != new.host or old.physical != new.physical
+        ):
+            batch.flush |= flush_targets(ids[old.account], old.logical, old.physical)
+        if old is not None and was_local and not (
+            new is not None and is_local and new.physical == old.physical
+        ):
+            batch.addr_del.append(old.physical)
+        if new is not None and is_local and not (
+            old is not None and was_local and old.physical == new.physical
+        ):
+            batch.addr_add.append(new.physical)
+            batch.garp.append(new.physical)
+        if old is not None and was_local and not is_local:
+            batch.route_del.append((old.logical, ids[old.account]))
+        if new is not None and is_local and not was_local:
+            batch.route_add.append(
+                (instance_ifname(new.account, new.logical), new.logical,
+                 new_ids[new.account]))
+
+    for account, (_, local) in sorted(new_counts.items()):
+        before = counts.get(account, (0, 0))[1]
+        if before == 0 and local > 0:
+            batch.rule_add.append(new_ids[account])
+        elif before > 0 and local == 0:
+            batch.rule_del.append(ids[account])
+    # An address deleted and added again in one batch (a swap between records) stays.
+    both = set(batch.addr_del) & set(batch.addr_add)
+    batch.addr_del = [a for a in batch.addr_del if a not in both]
+    # The applied generation covers every record given, removals (preserved) included.
+    batch.generation = max([generation, *(r.generation for r in changes.values() if r)])
+    return batch
+
+
+def render_batch(batch: Batch, table: str) -> str:
+    """The element part of ``batch`` as one nftables text buffer."""
+    lines: list[str] = []
+    for name, keys in sorted(batch.deletes.items()):
+        lines.append(f"delete element ip {table} {name} {{ {', '.join(keys)} }}")
+    for name, items in sorted(batch.adds.items()):
+        body = ", ".join(k if v is None else f"{k} : {v}" for k, v in items)
+        lines.append(f"add element ip {table} {name} {{ {body} }}")
+    return "\n".join(lines) + "\n"
+
+
+_MAPS = {
+    "iif_acct": "type ifname : mark;",
+    "iif_zone": "typeof iifname : ct zone;",
+    "phys_acct": "type ipv4_addr : mark;",
+    "phys_zone": "typeof ip daddr : ct zone;",
+    "acct_if": "type mark . ifname;",
+    "if_addr": "type ifname . ipv4_addr;",
+    "local_logical": "type mark . ipv4_addr;",
+    "out_snat": "type mark . ipv4_addr : ipv4_addr;",
+    "in_dnat": "type ipv4_addr : ipv4_addr;",
+    "out_dnat": "type mark . ipv4_addr : ipv4_addr;",
+    "in_snat": "type mark . ipv4_addr : ipv4_addr;",
+}
+_SETS = {"acct_if", "if_addr", "local_logical"}
+
+
+def render_table(settings: DataplaneSettings, by_name: Mapping[str, list[str]]) -> str:
+    """The whole table with its elements (rendered ``key`` or ``key : value`` per map/set,
+    see :func:`element_lists`), replacing any previous one, as one transaction."""
+    t, fab = settings.table, settings.fabric_if
+    mask = f"0x{0xFFFF0000:08x}"
+    base = f"0x{settings.mark_base:08x}"
+    parts = [f"table ip {t} {{}}", f"delete table ip {t}", f"table ip {t} {{"]
+    for name, decl in _MAPS.items():
+        kind = "set" if name in _SETS else "map"
+        parts.append(f"  {kind} {name} {{ {decl} }}")
+    grants = ", ".join(f"tcp . {p}" for p in settings.granted_tcp_ports)
+    parts.append(f"  set grants {{ type inet_proto . inet_service; "
+                 f"{'elements = { ' + grants + ' }' if grants else ''} }}")
+    parts += [
+        "  chain raw_pre { type filter hook prerouting priority raw; policy accept;",
+        f'    iifname "{fab}" meta mark set ip daddr map @phys_acct'
+        " ct zone set ip daddr map @phys_zone return",
+        "    meta mark set iifname map @iif_acct iifname . ip saddr != @if_addr drop",
+        # Traffic to the host itself (granted services) stays in zone 0: the host's
+        # replies are generated locally and would not find an entry in another zone.
+        "    iifname @iif_acct fib daddr type != local ct zone set iifname map @iif_zone",
+        "  }",
+        "  chain nat_pre { type nat hook prerouting priority dstnat; policy accept;",
+        f'    iifname "{fab}" dnat ip to ip daddr map @in_dnat',
+        "    iifname @iif_acct meta mark . ip daddr @local_logical return",
+        "    iifname @iif_acct dnat ip to meta mark . ip daddr map @out_dnat",
+        "  }",
+        "  chain nat_post { type nat hook postrouting priority srcnat; policy accept;",
+        f'    oifname "{fab}" snat ip to meta mark . ip saddr map @out_snat',
+        f'    iifname "{fab}" snat ip to meta mark . ip saddr map @in_snat',
+        "  }",
+        "  chain forward_f { type filter hook forward priority filter; policy accept;",
+        f"    meta mark & {mask} != {base} return",
+        "    ct state established,related accept",
+        f'    iifname "{fab}" meta mark . ip saddr @in_snat meta mark . oifname @acct_if accept',
+        f'    iifname != "{fab}" meta mark . iifname @acct_if meta mark . oifname @acct_if'
+        " accept",
+        f'    oifname "{fab}" ct status dnat meta mark . iifname @acct_if accept',
+        "    drop",
+        "  }",
+        "  chain input_f { type filter hook input priority filter; policy accept;",
+        # The account mark goes into the connection so replies route by it.
+        "    iifname @iif_acct meta l4proto . th dport @grants ct mark set meta mark accept",
+        "    iifname @iif_acct drop",
+        f'    iifname "{fab}" ip daddr @phys_acct drop',
+        "  }",
+        "  chain route_out { type route hook output priority mangle; policy accept;",
+        f"    ct mark & {mask} == {base} meta mark set ct mark",
+        "  }",
+        "}",
+    ]
+    for name, items in sorted(by_name.items()):
+        # Chunks keep single statements moderate; they are still one transaction.
+        for i in range(0, len(items), 20000):
+            parts.append(f"add element ip {t} {name} {{ {', '.join(items[i:i + 20000])} }}")
+    return "\n".join(parts) + "\n"
+
+
+def element_lists(
+    records: Mapping[Key, AppliedRecord], host: str, ids: Mapping[str, int],
+    settings: DataplaneSettings,
+) -> dict[str, list[str]]:
+    """All elements of ``records`` per map/set, rendered (the rebuild's fast path: the
+    same elements as :func:`_record_elements`, without a dict per record)."""
+    marks = {a: _mark(settings, i) for a, i in ids.items()}
+    out: dict[str, list[str]] = {name: [] for name in _MAPS}
+    out_dnat, in_snat = out["out_dnat"], out["in_snat"]
+    for r in records.values():
+        m = marks[r.account]
+        lg, ph = str(r.logical), str(r.physical)
+        if r.host != host:
+            out_dnat.append(f"{m} . {lg} : {ph}")
+            in_snat.append(f"{m} . {ph} : {lg}")
+            continue
+        aid = ids[r.account]
+        ifn = f'"{instance_ifname(r.account, r.logical)}"'
+        out["iif_acct"].append(f"{ifn} : {m}")
+        out["iif_zone"].append(f"{ifn} : {aid}")
+        out["phys_acct"].append(f"{ph} : {m}")
+        out["phys_zone"].append(f"{ph} : {aid}")
+        out["acct_if"].append(f"{m} . {ifn}")
+        out["if_addr"].append(f"{ifn} . {lg}")
+        out["local_logical"].append(f"{m} . {lg}")
+        out["out_snat"].append(f"{m} . {lg} : {ph}")
+        out["in_dnat"].append(f"{ph} : {lg}")
+    return {k: v for k, v in out.items() if v}

@@ -1,0 +1,554 @@
+"""Attach a volume to the host as a mounted filesystem: FUSE image -> loop device -> ext4.
+
+Theory of operation
+-------------------
+An attachment is four layers, each built on the one before and torn down in reverse::
+
+    detached --start FUSE--> imaged --losetup--> looped --mkfs? + mount--> mounted
+       ^                                                                     |
+       +------ fusermount3 -u <-- losetup -d <-- umount <--------------------+
+
+``<state_dir>/<name>/`` holds the FUSE mountpoint (``fuse/``, the image is
+``fuse/image``), the daemon's log and ``state.json`` (daemon pid, FUSE device number,
+loop device, target, mount namespace). The JSON file is only a hint for recovery: every
+step asks the kernel what exists (``/proc/self/mountinfo``, ``losetup --list``) and does
+only what is missing, so :meth:`AttachedVolume.attach` and :meth:`AttachedVolume.detach`
+are idempotent and can be re-run after a crash at any point.
+
+When the FUSE process dies, its mount stays behind and every access fails with ENOTCONN;
+the loop device above it keeps the image open and the ext4 mount keeps the loop device.
+When it hangs, every access blocks. :func:`recover_stale` finds those by what the kernel
+reports under ``state_dir`` (FUSE mounts that fail or do not answer statfs, loop devices
+whose backing file is gone or sits on such a connection), kills a hung process that
+``state.json`` names, and clears the rest top-down: unmount what sits on the loop device,
+detach it, lazily unmount the FUSE mount. Live attachments are left alone. ``attach`` and
+``detach`` run it for their own name when they meet a dead FUSE mount.
+
+The host tools (mountinfo, losetup, blkid/mkfs, mount) live in
+:mod:`edgevisor.storage.hostfs`; the mount step is a separate function there
+(:func:`~edgevisor.storage.hostfs.mount_filesystem`) that can run inside another mount
+namespace (``mount_ns=/proc/PID/ns/mnt``, through ``nsenter``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgevisor.storage.hostfs import (
+    AttachError,
+    AttachSettings,
+    FilesystemMismatch,
+    MountEntry,
+    detach_loop,
+    ensure_filesystem,
+    is_mounted,
+    list_loop_devices,
+    loop_backing_file,
+    mount_at,
+    mount_filesystem,
+    read_mountinfo,
+    run_tool,
+    setup_loop,
+    unmount_filesystem,
+)
+
+__all__ = [
+    "AttachError",
+    "AttachSettings",
+    "AttachedVolume",
+    "FilesystemMismatch",
+    "RecoveryReport",
+    "probe_fuse_mount",
+    "recover_stale",
+    "start_fuse",
+    "stop_fuse",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "image"  # same as fuse_image.IMAGE_NAME; not imported to keep pyfuse3 out
+_READY = b"ready\n"
+_STATE_FILE = "state.json"
+
+
+# -- FUSE process -------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _reap(pid: int) -> None:
+    """Collect our own child's exit status so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+async def probe_fuse_mount(mount_point: Path, *, timeout_s: float = 5.0) -> str:
+    """``"live"``, ``"dead"`` (ENOTCONN: the process is gone) or ``"hung"`` (no answer).
+
+    statfs, not stat: the kernel answers stat from cached attributes even after the
+    connection is gone, while every statfs is a request to the FUSE process.
+    """
+    try:
+        await asyncio.wait_for(asyncio.to_thread(os.statvfs, mount_point), timeout_s)
+    except TimeoutError:
+        return "hung"  # the thread stays blocked until the mount is cleared or answers
+    except OSError as exc:
+        return "dead" if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED) else "live"
+    return "live"
+
+
+async def start_fuse(
+    mount_point: Path,
+    *,
+    kind: str,
+    arg: str,
+    log_path: Path,
+    settings: AttachSettings,
+    fsname: str = "edgevisor",
+) -> int:
+    """Start the FUSE process on ``mount_point`` and return its pid once it is mounted."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    rfd, wfd = os.pipe()
+    argv = [
+        sys.executable,
+        "-m",
+        "edgevisor.storage.fuse_image",
+        str(mount_point),
+        "--kind",
+        kind,
+        "--arg",
+        arg,
+        "--ready-fd",
+        str(wfd),
+        "--readahead-kb",
+        str(settings.fuse_readahead_kb),
+        "--fsname",
+        fsname,
+    ]
+    if settings.fuse_direct_io:
+        argv.append("--direct-io")
+    try:
+        with open(log_path, "ab") as logf:
+            # Own session: a signal to the agent's process group must not take the
+            # filesystem (and every domain on it) down with it.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                pass_fds=(wfd,),
+                start_new_session=True,
+            )
+    finally:
+        os.close(wfd)
+    try:
+        ready = await _wait_ready(rfd, settings.fuse_start_timeout_s)
+    finally:
+        os.close(rfd)
+    if not ready:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        tail = _tail(log_path)
+        raise AttachError(
+            f"FUSE process for {mount_point} did not come up: {tail}",
+            details={"log": str(log_path)},
+        )
+    return proc.pid
+
+
+async def _wait_ready(fd: int, timeout_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+
+    def _readable() -> None:
+        if not fut.done():
+            try:
+                fut.set_result(os.read(fd, 64))
+            except OSError as exc:
+                fut.set_exception(exc)
+
+    loop.add_reader(fd, _readable)
+    try:
+        data = await asyncio.wait_for(fut, timeout_s)
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        loop.remove_reader(fd)
+    return data.startswith(_READY)
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_bytes()[-n:].decode(errors="replace").strip()
+    except OSError:
+        return "(no log)"
+
+
+async def stop_fuse(mount_point: Path, pid: int | None, *, settings: AttachSettings) -> None:
+    """Unmount the FUSE image and wait for its process to end; idempotent.
+
+    ``fusermount3 -u`` fails with EBUSY for a short while after a loop device was detached
+    (the kernel drops its file reference asynchronously), so it is retried until
+    ``stop_timeout_s``; then the process is killed and the mount lazily removed.
+    """
+    deadline = time.monotonic() + settings.stop_timeout_s
+    target = os.path.abspath(mount_point)
+    while is_mounted(target):
+        rc, _, err = await run_tool(
+            ["fusermount3", "-u", target], timeout_s=settings.command_timeout_s, check=False
+        )
+        if rc == 0 or not is_mounted(target):
+            break
+        if time.monotonic() > deadline:
+            log.warning("FUSE mount %s stays busy (%s); clearing it lazily", target, err.strip())
+            await _lazy_unmount_fuse(target, settings)
+            break
+        await asyncio.sleep(0.1)
+    if pid is None:
+        return
+    while _pid_alive(pid):
+        _reap(pid)
+        if not _pid_alive(pid):
+            break
+        if time.monotonic() > deadline:
+            log.warning("FUSE process %d did not exit; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + settings.stop_timeout_s
+        await asyncio.sleep(0.05)
+    _reap(pid)
+
+
+async def _lazy_unmount_fuse(target: str, settings: AttachSettings) -> None:
+    rc, _, _ = await run_tool(
+        ["fusermount3", "-uz", target], timeout_s=settings.command_timeout_s, check=False
+    )
+    if rc != 0 and is_mounted(target):
+        await run_tool(["umount", "-l", target], timeout_s=settings.command_timeout_s)
+
+
+# -- one attachment -----------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    pid: int | None = None
+    fuse_dev: str | None = None
+    loop_device: str | None = None
+    target: str | None = None
+    mount_ns: str | None = None
+    kind: str = ""
+    arg: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> _State:
+        try:
+            raw: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return cls()
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**known)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(tmp, path)
+
+
+class AttachedVolume:
+    """One volume exposed as ``target`` (ext4 on loop on ``<state_dir>/<name>/fuse/image``).
+
+    ``kind``/``arg`` say how the FUSE process builds the device (see
+    :func:`edgevisor.storage.fuse_image.resolve_device_factory`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        state_dir: Path,
+        target: Path,
+        kind: str,
+        arg: str,
+        settings: AttachSettings | None = None,
+        mount_ns: Path | None = None,
+    ) -> None:
+        if not name or "/" in name or name.startswith("."):
+            raise AttachError(f"bad attachment name {name!r}")
+        self.name = name
+        self.dir = Path(os.path.abspath(state_dir)) / name
+        self.fuse_dir = self.dir / "fuse"
+        self.image = self.fuse_dir / IMAGE_NAME
+        self.target = Path(os.path.abspath(target))
+        self.kind = kind
+        self.arg = arg
+        self.settings = settings or AttachSettings()
+        self.mount_ns = mount_ns
+        self._state_path = self.dir / _STATE_FILE
+        self._state = _State.load(self._state_path)
+
+    @property
+    def pid(self) -> int | None:
+        """The FUSE process, while attached."""
+        return self._state.pid
+
+    @property
+    def loop_device(self) -> str | None:
+        return self._state.loop_device
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "fuse.log"
+
+    def _save(self) -> None:
+        self._state.save(self._state_path)
+
+    async def attach(self) -> bool:
+        """Bring every layer up (only what is missing); True when a filesystem was created."""
+        s = self.settings
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fuse_target = str(self.fuse_dir)
+        mount = mount_at(fuse_target) if self.fuse_dir.exists() else None
+        health = (
+            await probe_fuse_mount(self.fuse_dir, timeout_s=s.probe_timeout_s) if mount else None
+        )
+        if health is not None and health != "live":
+            await recover_stale(self.dir.parent, settings=s, only=self.name)
+            mount = None
+        elif mount is not None and not (self._state.pid and _pid_alive(self._state.pid)):
+            # a live mount whose process we do not know: not ours to adopt
+            raise AttachError(f"{fuse_target} is mounted by an unknown process")
+        elif mount is not None and (self._state.kind, self._state.arg) != (self.kind, self.arg):
+            raise AttachError(
+                f"{self.name} is attached to {self._state.kind}:{self._state.arg}, "
+                f"not {self.kind}:{self.arg}"
+            )
+        if mount is None:
+            self._state = _State(kind=self.kind, arg=self.arg)
+            self._state.pid = await start_fuse(
+                self.fuse_dir,
+                kind=self.kind,
+                arg=self.arg,
+                log_path=self.log_path,
+                settings=s,
+                fsname=f"edgevisor:{self.name}",
+            )
+            mount = mount_at(fuse_target)
+        self._state.fuse_dev = mount.dev if mount else None
+        self._state.mount_ns = str(self.mount_ns) if self.mount_ns else None
+        self._state.target = str(self.target)
+        self._save()
+        try:
+            self._state.loop_device = await setup_loop(self.image, settings=s)
+            self._save()
+            created = await ensure_filesystem(self._state.loop_device, settings=s)
+            await mount_filesystem(
+                self._state.loop_device, self.target, settings=s, mount_ns=self.mount_ns
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.detach()
+            raise
+        log.info("attached %s: %s on %s", self.name, self._state.loop_device, self.target)
+        return created
+
+    async def detach(self, *, force: bool = False) -> None:
+        """Tear every layer down (only what exists). ``force`` unmounts a busy target lazily."""
+        s = self.settings
+        if (
+            is_mounted(str(self.fuse_dir))
+            and await probe_fuse_mount(self.fuse_dir, timeout_s=s.probe_timeout_s) != "live"
+        ):
+            # the FUSE process crashed or hangs: the layers above it cannot be taken down
+            # the polite way (I/O fails or blocks), so clear them as stale
+            await recover_stale(self.dir.parent, settings=s, only=self.name)
+        loop_dev = self._state.loop_device or self._find_loop()
+        if loop_dev is not None and loop_backing_file(loop_dev) != str(self.image):
+            loop_dev = None  # detached already (its number may belong to someone else now)
+        target = Path(self._state.target) if self._state.target else self.target
+        if self.mount_ns is not None:
+            await unmount_filesystem(target, settings=s, mount_ns=self.mount_ns, lazy=force)
+        if loop_dev is not None:
+            # every mount of our loop device here (the target, and any bind of it); never a
+            # mount of something else that happens to sit on the target path
+            for m in reversed(read_mountinfo()):
+                if m.source == loop_dev:
+                    await unmount_filesystem(Path(m.mount_point), settings=s, lazy=force)
+            await detach_loop(loop_dev, settings=s)
+            self._state.loop_device = None
+            self._save()
+        if self.fuse_dir.exists() or self._state.pid:
+            await stop_fuse(self.fuse_dir, self._state.pid, settings=s)
+        with contextlib.suppress(FileNotFoundError):
+            self._state_path.unlink()
+        self._state = _State()
+        log.info("detached %s", self.name)
+
+    def _find_loop(self) -> str | None:
+        back = str(self.image)
+        for name in sorted(os.listdir("/sys/block")):
+            if name.startswith("loop") and loop_backing_file(f"/dev/{name}") == back:
+                return f"/dev/{name}"
+        return None
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    unmounted: list[str] = field(default_factory=list)
+    detached_loops: list[str] = field(default_factory=list)
+    cleared_fuse: list[str] = field(default_factory=list)
+    killed: list[int] = field(default_factory=list)
+    live: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.unmounted or self.detached_loops or self.cleared_fuse or self.killed)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+async def recover_stale(
+    state_dir: Path, *, settings: AttachSettings | None = None, only: str | None = None
+) -> RecoveryReport:
+    """Clear what crashed FUSE processes left under ``state_dir``; idempotent.
+
+    Stale: a FUSE mount under ``state_dir`` that answers ENOTCONN (process gone) or does
+    not answer at all (process hung: it is killed if ``state.json`` names it); a loop
+    device whose backing file is under ``state_dir`` and is gone, or sits on a stale FUSE
+    mount or on a FUSE connection that a state file records but no mount shows any more.
+    ``only`` limits the work to one attachment name. Live attachments are reported, not
+    touched.
+    """
+    s = settings or AttachSettings()
+    report = RecoveryReport()
+    root = os.path.abspath(state_dir)
+    if only is not None:
+        root = os.path.join(root, only)
+    if not os.path.isdir(root):
+        return report
+    states: dict[str, _State] = {}
+    for dirpath in [root] if only is not None else _subdirs(root):
+        st = _State.load(Path(dirpath) / _STATE_FILE)
+        states[os.path.join(dirpath, "fuse")] = st
+
+    mounts = read_mountinfo()
+    fuse_mounts = [m for m in mounts if m.fstype.startswith("fuse") and _under(m.mount_point, root)]
+    stale_devs: set[str] = set()
+    stale_fuse: list[MountEntry] = []
+    live_devs: set[str] = set()
+    for m in fuse_mounts:
+        health = await probe_fuse_mount(Path(m.mount_point), timeout_s=s.probe_timeout_s)
+        if health == "hung":
+            hung = states.get(m.mount_point)
+            if hung and hung.pid and _pid_alive(hung.pid) and _is_fuse_image_process(hung.pid):
+                os.kill(hung.pid, signal.SIGKILL)
+                report.killed.append(hung.pid)
+                health = "dead"
+        if health == "live":
+            live_devs.add(m.dev)
+            report.live.append(m.mount_point)
+        else:
+            stale_devs.add(m.dev)
+            stale_fuse.append(m)
+    # FUSE connections that state files recorded but no mount shows any more (unmounted
+    # lazily by hand). Anonymous device numbers are reused, so a loop device on one of
+    # them is ours only if it is also the recorded loop device and its file is an image.
+    recorded = {
+        (st.loop_device, st.fuse_dev)
+        for st in states.values()
+        if st.loop_device and st.fuse_dev and st.fuse_dev not in live_devs
+    }
+
+    for loop in await list_loop_devices(timeout_s=s.command_timeout_s):
+        if loop.backing_dev in live_devs:
+            continue
+        on_stale = loop.backing_dev in stale_devs
+        on_lost = (loop.device, loop.backing_dev) in recorded and (
+            os.path.basename(loop.backing_file) == IMAGE_NAME
+        )
+        gone = _under(loop.backing_file, root) and not await _exists(loop.backing_file, s)
+        if not (on_stale or on_lost or gone):
+            continue
+        for m in reversed(read_mountinfo()):
+            if m.dev == loop.dev or m.source == loop.device:
+                await _force_unmount(m.mount_point, s)
+                report.unmounted.append(m.mount_point)
+        for st in states.values():
+            if st.loop_device == loop.device and st.mount_ns and st.target:
+                with contextlib.suppress(AttachError):
+                    await unmount_filesystem(
+                        Path(st.target), settings=s, mount_ns=Path(st.mount_ns), lazy=True
+                    )
+        await detach_loop(loop.device, settings=s)
+        report.detached_loops.append(loop.device)
+
+    for m in stale_fuse:
+        await _lazy_unmount_fuse(m.mount_point, s)
+        report.cleared_fuse.append(m.mount_point)
+    for fuse_dir, st in states.items():
+        if fuse_dir in report.live:
+            continue
+        if st.pid:
+            _reap(st.pid)
+        if st.pid is None or not _pid_alive(st.pid):
+            with contextlib.suppress(FileNotFoundError):
+                (Path(fuse_dir).parent / _STATE_FILE).unlink()
+    if report.changed:
+        log.warning("recovered stale attachments under %s: %s", root, report)
+    return report
+
+
+def _subdirs(root: str) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+async def _exists(path: str, s: AttachSettings) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.to_thread(os.stat, path), s.probe_timeout_s)
+    except TimeoutError:
+        return True  # hung, not gone: the hung-mount branch deals with it
+    except OSError:
+        return False
+    return True
+
+
+async def _force_unmount(target: str, s: AttachSettings) -> None:
+    rc, _, _ = await run_tool(["umount", target], timeout_s=s.command_timeout_s, check=False)
+    if rc != 0 and is_mounted(target):
+        await run_tool(["umount", "-l", target], timeout_s=s.command_timeout_s)
+
+
+def _is_fuse_image_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"edgevisor.storage.fuse_image" in cmdline

@@ -1,0 +1,308 @@
+"""asyncio NBD client over the sans-IO core, with pipelined requests.
+
+Any number of coroutines may issue commands at once: each gets a fresh handle and a
+future, the request bytes go straight to the socket, and one reader task matches replies
+to futures by handle (replies may come in any order). Reads and writes larger than the
+server's maximum payload are split into pieces that are also sent in parallel.
+
+Errors: a server's error reply raises :class:`NBDCommandError` (carrying the NBD errno);
+a lost connection or protocol violation fails every pending and later command with
+:class:`~edgevisor.errors.PeerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+
+from edgevisor.errors import EdgevisorError, PeerUnavailable
+from edgevisor.proto.nbd import ClientConnection
+from edgevisor.proto.nbd_wire import (
+    CMD_FLAG_FUA,
+    CMD_FLAG_REQ_ONE,
+    CTX_BASE_ALLOCATION,
+    CTX_EDGEVISOR_SYNC,
+    TF_READ_ONLY,
+    Closed,
+    Cmd,
+    Command,
+    Errno,
+    ExportList,
+    HandshakeFailed,
+    NBDProtocolError,
+    Negotiated,
+    Reply,
+    StartTLS,
+)
+
+__all__ = ["NBDClient", "NBDCommandError"]
+
+_READ_CHUNK = 1 << 20
+
+
+class NBDCommandError(EdgevisorError):
+    """The server answered a command with an error (``errno`` is the NBD error value)."""
+
+    code = "nbd_command_failed"
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message, details={"errno": errno})
+        self.errno = errno
+
+
+class NBDClient:
+    """A connection to one export. Create with :meth:`connect`; close with :meth:`aclose`."""
+
+    def __init__(
+        self,
+        core: ClientConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        negotiated: Negotiated,
+    ) -> None:
+        self._core = core
+        self._reader = reader
+        self._writer = writer
+        self.info = negotiated.export
+        self.contexts = {name: cid for cid, name in negotiated.contexts.items()}
+        self.structured = negotiated.structured
+        self.transmission_flags = negotiated.transmission_flags
+        self._handles = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        self._dead: BaseException | None = None
+        self._reader_task = asyncio.create_task(self._read_loop())
+
+    # ------------------------------------------------------------ setup
+
+    @staticmethod
+    async def _open(
+        host: str,
+        port: int,
+        core: ClientConnection,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        timeout_s: float,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Negotiated | ExportList]:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=1 << 22), timeout_s
+            )
+        except (OSError, TimeoutError) as e:
+            raise PeerUnavailable(f"cannot connect to nbd://{host}:{port}: {e}") from e
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    ev = core.next_event()
+                    out = core.data_to_send()
+                    if out:
+                        writer.write(out)
+                        await writer.drain()
+                    if ev is None:
+                        core.receive_data(await reader.read(65536))
+                        continue
+                    if isinstance(ev, StartTLS):
+                        if ssl_context is None:
+                            raise PeerUnavailable("STARTTLS without an ssl context")
+                        await writer.start_tls(ssl_context, server_hostname=server_hostname)
+                        core.tls_started()
+                    elif isinstance(ev, (Negotiated, ExportList)):
+                        return reader, writer, ev
+                    elif isinstance(ev, HandshakeFailed):
+                        raise PeerUnavailable(
+                            f"nbd handshake refused: {ev.message}", details={"reply": ev.reply}
+                        )
+                    else:
+                        raise PeerUnavailable(f"nbd handshake ended: {ev}")
+        except BaseException as e:
+            writer.close()
+            if isinstance(e, (OSError, NBDProtocolError, ssl.SSLError, TimeoutError)):
+                raise PeerUnavailable(f"nbd handshake with {host}:{port} failed: {e}") from e
+            raise
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        export: str,
+        *,
+        contexts: tuple[str, ...] = (CTX_BASE_ALLOCATION, CTX_EDGEVISOR_SYNC),
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeout_s: float = 10.0,
+    ) -> NBDClient:
+        core = ClientConnection(export, contexts=contexts, tls=ssl_context is not None)
+        reader, writer, ev = await cls._open(
+            host, port, core, ssl_context, server_hostname, timeout_s
+        )
+        assert isinstance(ev, Negotiated)
+        return cls(core, reader, writer, ev)
+
+    @classmethod
+    async def list_exports(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeout_s: float = 10.0,
+    ) -> list[str]:
+        core = ClientConnection(list_exports=True, tls=ssl_context is not None)
+        _r, writer, ev = await cls._open(host, port, core, ssl_context, server_hostname, timeout_s)
+        writer.write(core.data_to_send())  # the ABORT
+        writer.close()
+        assert isinstance(ev, ExportList)
+        return [name for name, _ in ev.exports]
+
+    async def aclose(self) -> None:
+        if self._dead is None:
+            with contextlib.suppress(Exception):
+                self._writer.write(self._core.send(Command(next(self._handles), Cmd.DISC)))
+                await self._writer.drain()
+        self._fail(PeerUnavailable("client closed"))
+        self._reader_task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reader_task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    async def __aenter__(self) -> NBDClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ geometry
+
+    @property
+    def size_bytes(self) -> int:
+        return self.info.size
+
+    @property
+    def block_size(self) -> int:
+        return self.info.block_sizes[1]
+
+    @property
+    def max_payload(self) -> int:
+        return self.info.block_sizes[2]
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.transmission_flags & TF_READ_ONLY)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiters)
+
+    # ------------------------------------------------------------ commands
+
+    async def _call(
+        self, cmd: Cmd, offset: int = 0, length: int = 0, *, flags: int = 0, data: bytes = b""
+    ) -> Reply:
+        if self._dead is not None:
+            raise PeerUnavailable(f"nbd connection lost: {self._dead}")
+        handle = next(self._handles)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[handle] = fut
+        self._writer.write(self._core.send(Command(handle, cmd, offset, length, flags, data)))
+        if self._writer.transport.get_write_buffer_size() > (4 << 20):
+            await self._writer.drain()
+        reply = await fut
+        if reply.error:
+            raise NBDCommandError(
+                f"{cmd.name} at {offset}+{length} failed: {_errname(reply.error)} "
+                f"{reply.message}".rstrip(),
+                errno=reply.error,
+            )
+        return reply
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = self.max_payload
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if length <= self.max_payload:
+            return (await self._call(Cmd.READ, offset, length)).data
+        parts = await asyncio.gather(
+            *(self._call(Cmd.READ, o, n) for o, n in self._pieces(offset, length))
+        )
+        return b"".join(p.data for p in parts)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        flags = CMD_FLAG_FUA if fua else 0
+        mv = memoryview(data)
+        await asyncio.gather(
+            *(
+                self._call(
+                    Cmd.WRITE, o, n, flags=flags, data=bytes(mv[o - offset : o - offset + n])
+                )
+                for o, n in self._pieces(offset, len(data))
+            )
+        )
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._call(Cmd.WRITE_ZEROES, offset, length, flags=CMD_FLAG_FUA if fua else 0)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._call(Cmd.TRIM, offset, length)
+
+    async def flush(self) -> None:
+        await self._call(Cmd.FLUSH)
+
+    async def block_status(
+        self, offset: int, length: int, context: str = CTX_BASE_ALLOCATION, *, one: bool = False
+    ) -> list[tuple[int, int, int]]:
+        """Extents ``(offset, length, status flags)`` from ``offset`` for one context."""
+        cid = self.contexts.get(context)
+        if cid is None:
+            raise NBDCommandError(f"context {context!r} not negotiated", errno=Errno.EINVAL)
+        reply = await self._call(
+            Cmd.BLOCK_STATUS, offset, length, flags=CMD_FLAG_REQ_ONE if one else 0
+        )
+        out, pos = [], offset
+        for n, st in reply.extents.get(cid, ()):
+            out.append((pos, n, st))
+            pos += n
+        return out
+
+    # ------------------------------------------------------------ reply loop
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._dead is None:
+            self._dead = exc
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(PeerUnavailable(f"nbd connection lost: {exc}"))
+        self._waiters.clear()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(_READ_CHUNK)
+                self._core.receive_data(data)
+                while (ev := self._core.next_event()) is not None:
+                    if isinstance(ev, Reply):
+                        fut = self._waiters.pop(ev.handle, None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(ev)
+                    elif isinstance(ev, Closed):
+                        self._fail(PeerUnavailable(ev.reason))
+                        return
+                if not data:
+                    self._fail(PeerUnavailable("server closed the connection"))
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # protocol violation or socket error: fail everyone
+            self._fail(e)
+
+
+def _errname(err: int) -> str:
+    try:
+        return Errno(err).name
+    except ValueError:
+        return f"error {err}"

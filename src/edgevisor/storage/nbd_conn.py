@@ -1,0 +1,545 @@
+"""One NBD server session: socket I/O around the sans-IO core, tuned for few copies.
+
+Plain-TCP sessions drive a non-blocking socket straight from the event loop
+(``add_reader``/``add_writer``): ``recv_into`` lands bytes in the core's buffer, a WRITE's
+payload is handed to the device as a view of that buffer (no copy) when the device can
+write without waiting, and a READ from a file-backed device is answered with the reply
+header followed by ``os.sendfile`` from the device's file (no user-space copy). Replies
+that cannot go out at once wait in a queue of views (again no copy); a long queue pauses
+reading (backpressure).
+
+After ``STARTTLS`` the socket is handed to asyncio's TLS transport
+(``connect_accepted_socket(ssl=...)``) and the session continues as an
+:class:`asyncio.BufferedProtocol` over the same core.
+
+Requests a device cannot finish without waiting (flush, FUA, a lazy volume's remote
+fetch) run as tasks; replies go out in completion order, matched by handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import errno as _errno
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from edgevisor.errors import EdgevisorError
+from edgevisor.proto.nbd import ServerConnection
+from edgevisor.proto.nbd_wire import (
+    CTX_BASE_ALLOCATION,
+    STATE_HOLE,
+    STATE_ZERO,
+    SYNC_MISSING,
+    BlockStatusReply,
+    Closed,
+    Cmd,
+    Done,
+    Errno,
+    ErrorReply,
+    ExportInfo,
+    Negotiated,
+    ReadReply,
+    Request,
+    StartTLS,
+)
+from edgevisor.storage.blockdev import BlockDevice, OutOfRange
+
+if TYPE_CHECKING:
+    from edgevisor.storage.nbd_server import Export, NBDServer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RECV = 1 << 20
+_BATCH_MAX = 64 * 1024
+_SENDFILE_MIN = 32 * 1024  # smaller reads: one pread + one send is cheaper
+_HIGH_WATER = 16 << 20
+_LOW_WATER = 4 << 20
+
+
+class Catalog:
+    """The exports one session may see: filtered by its TLS peer identity."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.peer_cn: str | None = None
+        self.tls = False
+
+    def _visible(self, export: Export) -> bool:
+        if export.allowed_peers is None:
+            return True
+        return self.tls and self.peer_cn is not None and self.peer_cn in export.allowed_peers
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        exp = self.server.exports.get(name)
+        if exp is None or not self._visible(exp):
+            return None
+        return exp.info(self.server.max_payload)
+
+    def names(self) -> list[tuple[str, str]]:
+        return [(e.name, e.description) for e in self.server.exports.values() if self._visible(e)]
+
+
+def errno_for(exc: BaseException) -> Errno:
+    if isinstance(exc, OutOfRange):
+        return Errno.EINVAL
+    if isinstance(exc, OSError) and exc.errno in (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG):
+        return Errno.ENOSPC
+    return Errno.EIO
+
+
+class _FileChunk:
+    __slots__ = ("fd", "left", "offset")
+
+    def __init__(self, fd: int, offset: int, left: int) -> None:
+        self.fd, self.offset, self.left = fd, offset, left
+
+
+class Conn(asyncio.BufferedProtocol):
+    """A server session (see the module docstring)."""
+
+    def __init__(self, server: NBDServer, sock: socket.socket) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.catalog = Catalog(server)
+        self.core = ServerConnection(
+            self.catalog, tls=server.tls_policy(), max_payload=server.max_payload, zero_copy=True
+        )
+        self.transport: asyncio.Transport | None = None  # set once TLS is up
+        self.export: Export | None = None
+        self.contexts: dict[int, str] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Devices live on the server's main loop; this session may run on a worker loop.
+        self.device_loop = server.main_loop or self.loop
+        self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._wq: collections.deque[memoryview | _FileChunk] = collections.deque()
+        self._wq_bytes = 0
+        self._reading = False
+        self._writing = False
+        self._closing = False
+        self._dead = False
+        self._tls_pending = False
+        self._batch: list[bytes | bytearray | memoryview] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server._conns.add(self)
+        self._resume_reading()
+        self.write(self.core.data_to_send())
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._pause_reading()
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+        self._wq.clear()
+        self.sock.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.server._conns.discard(self)
+        for t in self.tasks:
+            t.cancel()
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    # ------------------------------------------------------------ raw socket I/O
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+        elif self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+
+    def _resume_reading(self) -> None:
+        if self._closing or self._dead or self._tls_pending:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        elif not self._reading:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(self.core.get_buffer(_RECV))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._teardown()
+            return
+        if n == 0:
+            self._pause_reading()
+            self.core.receive_data(b"")
+        else:
+            self.core.buffer_updated(n)
+        self._process()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data or self._dead:
+            return
+        if self._batch is not None and len(data) < _BATCH_MAX:
+            # Inside _process: small replies leave in one send (a syscall per 16-byte
+            # reply costs more than the copy).
+            self._batch.append(data)
+            return
+        self._flush_batch()
+        self._send(data)
+
+    def _flush_batch(self, more: bool = False) -> None:
+        batch = self._batch
+        if batch:
+            self._batch = []
+            self._send(b"".join(batch) if len(batch) > 1 else batch[0], more)
+
+    def _send(self, data: bytes | bytearray | memoryview, more: bool = False) -> None:
+        if self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.write(data)
+            return
+        mv = memoryview(data)
+        if not self._wq:
+            try:
+                # MSG_MORE: a reply header waits for its sendfile payload (one segment).
+                n = self.sock.send(mv, socket.MSG_MORE if more else 0)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self._teardown()
+                return
+            if n == len(mv):
+                return
+            mv = mv[n:]
+        self._enqueue(mv, len(mv))
+
+    def write_file(self, fd: int, offset: int, length: int) -> None:
+        """Send ``length`` bytes of a file (sendfile on plain TCP, copied under TLS)."""
+        if self._dead:
+            return
+        self._flush_batch(more=True)
+        if self.transport is not None:
+            self._send(os.pread(fd, length, offset))
+            return
+        chunk = _FileChunk(fd, offset, length)
+        if not self._wq and not self._sendfile(chunk):
+            return
+        if not self._dead:
+            self._enqueue(chunk, chunk.left)
+
+    def _sendfile(self, c: _FileChunk) -> bool:
+        """Send what the socket takes now; True if some is left."""
+        while c.left:
+            try:
+                n = os.sendfile(self.fd, c.fd, c.offset, c.left)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                self._teardown()
+                return False
+            if n == 0:  # file shorter than promised: the session cannot continue
+                self._teardown()
+                return False
+            c.offset += n
+            c.left -= n
+        return False
+
+    def _enqueue(self, item: memoryview | _FileChunk, n: int) -> None:
+        self._wq.append(item)
+        self._wq_bytes += n
+        if not self._writing:
+            self.loop.add_writer(self.fd, self._on_writable)
+            self._writing = True
+        if self._wq_bytes > _HIGH_WATER:
+            self._pause_reading()
+
+    def _on_writable(self) -> None:
+        while self._wq:
+            item = self._wq[0]
+            if isinstance(item, _FileChunk):
+                before = item.left
+                more = self._sendfile(item)
+                self._wq_bytes -= before - item.left
+                if self._dead:
+                    return
+                if more:
+                    return
+            else:
+                try:
+                    n = self.sock.send(item)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self._teardown()
+                    return
+                self._wq_bytes -= n
+                if n < len(item):
+                    self._wq[0] = item[n:]
+                    return
+            self._wq.popleft()
+        self.loop.remove_writer(self.fd)
+        self._writing = False
+        if self._tls_pending:
+            self._spawn(self._start_tls())
+        elif self._closing:
+            self._teardown()
+        elif self._wq_bytes < _LOW_WATER:
+            self._resume_reading()
+
+    # ------------------------------------------------------------ TLS transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.core.get_buffer(_RECV)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.core.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.core.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._tls_pending = False
+        self.catalog.tls = True
+        self.catalog.peer_cn = _peer_cn(transport.get_extra_info("ssl_object"))
+        self.core.tls_started()
+        self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._dead = True
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._resume_reading()
+
+    async def _start_tls(self) -> None:
+        ctx = self.server.ssl_context
+        assert ctx is not None
+        if self._wq or self._dead:  # the STARTTLS ack is still queued: wait for _on_writable
+            return
+        # Hand the socket over: asyncio owns it from here (TLS handshake included).
+        self._pause_reading()
+        sock = self.sock
+        try:
+            await self.loop.connect_accepted_socket(lambda: self, sock=sock, ssl=ctx)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
+            log.info("nbd TLS handshake failed: %s", e)
+            self._dead = True
+            sock.close()
+            self._finish()
+
+    # ------------------------------------------------------------ protocol
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    def _process(self) -> None:
+        self._batch = []
+        try:
+            self._process_events()
+        finally:
+            self._flush_batch()
+            self._batch = None
+
+    def _process_events(self) -> None:
+        while not self._dead:
+            ev = self.core.next_event()
+            self.write(self.core.data_to_send())
+            if ev is None:
+                return
+            if isinstance(ev, Request):
+                self._dispatch(ev)
+            elif isinstance(ev, Negotiated):
+                self.export = self.server.exports.get(ev.export.name)
+                self.contexts = ev.contexts
+                if self.export is None:  # removed in between
+                    self.abort()
+                    return
+            elif isinstance(ev, StartTLS):
+                # The ClientHello must reach the TLS layer, not our buffer.
+                self._tls_pending = True
+                self._pause_reading()
+                self._spawn(self._start_tls())
+                return
+            elif isinstance(ev, Closed):
+                log.debug("nbd session closed: %s", ev.reason)
+                self._closing = True
+                self._pause_reading()
+                self._spawn(self._close_after_inflight())
+                return
+
+    async def _close_after_inflight(self) -> None:
+        current = asyncio.current_task()
+        pending = [t for t in self.tasks if t is not current]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.close()
+        elif not self._wq:
+            self._teardown()
+        # else: _on_writable tears down once the queue is empty
+
+    def _dispatch(self, req: Request) -> None:
+        """Answer inline when the device can do it without waiting; else start a task."""
+        assert self.export is not None
+        dev = self.export.device
+        try:
+            if req.cmd is Cmd.READ:
+                file_extent = getattr(dev, "file_extent", None)
+                ext = file_extent(req.offset, req.length) if file_extent else None
+                if ext is not None:
+                    self._read_from_file(req, ext[0], ext[1])
+                    return
+            elif req.cmd is Cmd.WRITE and not req.fua:
+                write_nowait = getattr(dev, "write_nowait", None)
+                if write_nowait is not None and write_nowait(req.offset, req.data):
+                    self.write(self.core.send(Done(req.handle)))
+                    return
+        except (EdgevisorError, OSError) as e:
+            self.write(self.core.send(ErrorReply(req.handle, errno_for(e), str(e)[:200])))
+            return
+        if isinstance(req.data, memoryview):  # the view dies with the next receive
+            req = dataclasses.replace(req, data=bytes(req.data))
+        self._spawn(self._handle(dev, req))
+
+    def _read_from_file(self, req: Request, fd: int, offset: int) -> None:
+        hdr = self.core.read_reply_header(req.handle)
+        if self.transport is None and req.length >= _SENDFILE_MIN:
+            if self._batch is not None:
+                self._batch.append(hdr)  # goes out with MSG_MORE right before the payload
+            else:
+                self._send(hdr, more=True)
+            self.write_file(fd, offset, req.length)
+            return
+        buf = bytearray(len(hdr) + req.length)
+        buf[: len(hdr)] = hdr
+        got = os.preadv(fd, [memoryview(buf)[len(hdr) :]], offset)
+        if got != req.length:
+            self.abort()  # header already promised the bytes: cannot answer now
+            return
+        self.write(buf)
+
+    async def _on_device_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.device_loop is self.loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.device_loop))
+
+    async def _handle(self, dev: BlockDevice, req: Request) -> None:
+        try:
+            reply = await self._on_device_loop(self._perform(dev, req))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("nbd request %s failed", req.cmd.name)
+            reply = ErrorReply(req.handle, Errno.EIO, type(e).__name__)
+        self.write(self.core.send(reply))
+
+    async def _perform(
+        self, dev: BlockDevice, req: Request
+    ) -> ReadReply | Done | ErrorReply | BlockStatusReply:
+        """Run one request against the device (on the device's loop) and build the reply."""
+        try:
+            reply: ReadReply | Done | ErrorReply | BlockStatusReply
+            if req.cmd is Cmd.READ:
+                reply = ReadReply(req.handle, await dev.read(req.offset, req.length))
+            elif req.cmd is Cmd.WRITE:
+                assert isinstance(req.data, bytes)
+                await dev.write(req.offset, req.data, fua=req.fua)
+                reply = Done(req.handle)
+            elif req.cmd is Cmd.WRITE_ZEROES:
+                await dev.write_zeroes(req.offset, req.length, fua=req.fua)
+                reply = Done(req.handle)
+            elif req.cmd is Cmd.TRIM:
+                await dev.trim(req.offset, req.length)
+                if req.fua:
+                    await dev.flush()
+                reply = Done(req.handle)
+            elif req.cmd is Cmd.FLUSH:
+                await dev.flush()
+                reply = Done(req.handle)
+            elif req.cmd is Cmd.BLOCK_STATUS:
+                reply = BlockStatusReply(req.handle, block_status(dev, self.contexts, req))
+            else:  # the core only emits the commands above
+                reply = ErrorReply(req.handle, Errno.EINVAL)
+        except asyncio.CancelledError:
+            raise
+        except (EdgevisorError, OSError) as e:
+            reply = ErrorReply(req.handle, errno_for(e), str(e)[:200])
+        except Exception as e:
+            log.exception("nbd request %s failed", req.cmd.name)
+            reply = ErrorReply(req.handle, Errno.EIO, type(e).__name__)
+        return reply
+
+
+def block_status(
+    dev: BlockDevice, contexts: dict[int, str], req: Request
+) -> dict[int, tuple[tuple[int, int], ...]]:
+    out: dict[int, tuple[tuple[int, int], ...]] = {}
+    for cid, name in contexts.items():
+        if name == CTX_BASE_ALLOCATION:
+            ext = [
+                (n, 0 if data else STATE_HOLE | STATE_ZERO)
+                for _, n, data in dev.allocated(req.offset, req.length)
+            ]
+        else:
+            ext = [
+                (n, 0 if here else SYNC_MISSING)
+                for _, n, here in dev.present(req.offset, req.length)
+            ]
+        out[cid] = tuple(_merge(ext)) or ((req.length, 0),)
+    return out
+
+
+def _merge(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for n, st in ext:
+        if n <= 0:
+            continue
+        if out and out[-1][1] == st:
+            out[-1] = (out[-1][0] + n, st)
+        else:
+            out.append((n, st))
+    return out
+
+
+def _peer_cn(obj: ssl.SSLObject | None) -> str | None:
+    cert = obj.getpeercert() if obj is not None else None
+    if not cert:
+        return None
+    subject: Any = cert.get("subject", ())
+    for rdn in subject:
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

@@ -1,0 +1,170 @@
+"""Call records: what the coordinator reports about one call of a task.
+
+``CallRecord`` is the frozen, API-facing snapshot (it serialises to the JSON the API and
+SDK return). Inside the coordinator a call in flight is a mutable :class:`CallState`; a
+record is cut from it when someone asks and when the call ends.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgevisor.tasks.environment import OutcomeStatus
+from edgevisor.tasks.spec import TaskSpec
+
+__all__ = [
+    "FINAL_STATUSES",
+    "CallRecord",
+    "CallState",
+    "CallStatus",
+    "TaskVersion",
+    "new_call_id",
+    "status_of",
+]
+
+CallStatus = Literal["queued", "running", "succeeded", "failed", "timeout", "oom", "crashed"]
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timeout", "oom", "crashed"})
+
+_STATUS: dict[OutcomeStatus, CallStatus] = {
+    "ok": "succeeded",
+    "error": "failed",
+    "timeout": "timeout",
+    "oom": "oom",
+    "crashed": "crashed",
+}
+
+
+def status_of(outcome_status: OutcomeStatus) -> CallStatus:
+    return _STATUS[outcome_status]
+
+
+def new_call_id() -> str:
+    return os.urandom(16).hex()
+
+
+class CallRecord(BaseModel):
+    """One call: identity, status, payloads, timings (seconds) and logs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(..., description="Call id (hex).")
+    task: str = Field(..., description="Task name.")
+    version: str = Field(..., description="Task version the call ran on.")
+    status: CallStatus = Field(..., description="queued|running|succeeded|failed|...")
+    event: Any = Field(None, description="The call's input.")
+    result: Any = Field(None, description="The handler's JSON result when succeeded.")
+    error: dict[str, Any] | None = Field(None, description="type, message, traceback, ...")
+    async_: bool = Field(False, description="Accepted asynchronously (returned an id).")
+    idempotency_key: str | None = Field(None, description="Caller-supplied dedupe key.")
+    priority: int = Field(0, description="Effective priority.")
+    queue_wait_s: float | None = Field(None, description="Enqueue to dispatch.")
+    init_s: float | None = Field(None, description="Environment start + handler load; 0 warm.")
+    run_s: float | None = Field(None, description="Handler run time.")
+    logs: str = Field("", description="stdout/stderr of the call, size-capped.")
+    created_at: float = Field(..., description="Unix time the call was accepted.")
+    started_at: float | None = Field(None, description="Unix time it was dispatched.")
+    finished_at: float | None = Field(None, description="Unix time it ended.")
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class CallState:
+    """A call in flight (mutable, cheap); ``record()`` cuts a :class:`CallRecord`."""
+
+    __slots__ = (
+        "async_",
+        "created_at",
+        "enqueued_mono",
+        "error",
+        "event",
+        "event_json",
+        "finished_at",
+        "id",
+        "idempotency_key",
+        "init_s",
+        "key",
+        "logs",
+        "priority",
+        "queue_wait_s",
+        "result",
+        "run_s",
+        "started_at",
+        "status",
+        "task",
+        "version",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        call_id: str,
+        task: str,
+        version: str,
+        key: str,
+        event: Any,
+        *,
+        async_: bool,
+        idempotency_key: str | None,
+        priority: int,
+        created_at: float,
+        enqueued_mono: float,
+    ) -> None:
+        self.id = call_id
+        self.task = task
+        self.version = version
+        self.key = key
+        self.event = event
+        self.event_json: str | None = None  # encoded once at submission, reused by the journal
+        self.async_ = async_
+        self.idempotency_key = idempotency_key
+        self.priority = priority
+        self.created_at = created_at
+        self.enqueued_mono = enqueued_mono
+        self.status: CallStatus = "queued"
+        self.result: Any = None
+        self.error: dict[str, Any] | None = None
+        self.logs = ""
+        self.queue_wait_s: float | None = None
+        self.init_s: float | None = None
+        self.run_s: float | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.waiters: list[Any] = []  # asyncio futures resolved when the call ends
+
+    def record(self) -> CallRecord:
+        return CallRecord.model_construct(
+            id=self.id,
+            task=self.task,
+            version=self.version,
+            status=self.status,
+            event=self.event,
+            result=self.result,
+            error=self.error,
+            async_=self.async_,
+            idempotency_key=self.idempotency_key,
+            priority=self.priority,
+            queue_wait_s=self.queue_wait_s,
+            init_s=self.init_s,
+            run_s=self.run_s,
+            logs=self.logs,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
+
+
+class TaskVersion(BaseModel):
+    """A deployed task: its name, version (bundle + spec digest) and spec."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str = Field(..., description="Digest of the bundle and the effective spec.")
+    bundle: str = Field(..., description="Content digest of the bundle.")
+    spec: TaskSpec = Field(..., description="The effective spec.")
+    deployed_at: float = Field(..., description="Unix time of the deploy.")

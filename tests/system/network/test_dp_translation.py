@@ -1,0 +1,319 @@
+"""System tests of the host dataplane on simulated hosts (network namespaces).
+
+Three host namespaces on one bridge; instances are namespaces behind veths. Servers and
+clients run in this process: a socket created in a thread that entered a namespace stays
+in that namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+import pytest
+
+from edgevisor.network.dataplane import (
+    AppliedRecord,
+    ApplyFailed,
+    Dataplane,
+    DataplaneSettings,
+)
+from edgevisor.network.netns import Fabric, Instance, call_in
+
+pytestmark = pytest.mark.root
+
+A = IPv4Address
+PORT = 7000
+SETTINGS = DataplaneSettings(fabric_if="fab0")
+
+
+@dataclass
+class EchoServer:
+    """Answers each connection with "<name> <peer address it sees>\\n", then echoes
+    every line prefixed with its name."""
+
+    name: str
+    netns: str
+    port: int = PORT
+    _sock: socket.socket | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _conns: list[socket.socket] = field(default_factory=list)
+
+    def start(self) -> EchoServer:
+        def listen() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", self.port))
+            s.listen(64)
+            s.settimeout(0.2)
+            return s
+
+        self._sock = call_in(self.netns, listen)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        try:
+            conn.sendall(f"{self.name} {peer}\n".encode())
+            f = conn.makefile("rb")
+            for line in f:
+                conn.sendall(f"{self.name} ".encode() + line)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        for c in self._conns:
+            c.close()
+
+
+def connect(inst: Instance, dst: IPv4Address, timeout: float = 3.0) -> socket.socket:
+    def do() -> socket.socket:
+        return socket.create_connection((str(dst), PORT), timeout=timeout)
+
+    return call_in(inst.netns, do)
+
+
+def hello(inst: Instance, dst: IPv4Address, timeout: float = 3.0) -> tuple[str, str, str]:
+    """Connect; return (own address seen locally, server name, peer address it saw)."""
+    with connect(inst, dst, timeout) as s:
+        line = s.makefile("rb").readline().decode().split()
+        return s.getsockname()[0], line[0], line[1]
+
+
+def unreachable(inst: Instance, dst: IPv4Address, port: int = PORT) -> bool:
+    try:
+        call_in(inst.netns, lambda: socket.create_connection((str(dst), port), timeout=1.5))
+    except OSError:
+        return True
+    return False
+
+
+def eventually(check: Callable[[], bool], deadline_s: float = 20.0) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class World:
+    def __init__(self) -> None:
+        self.fabric = Fabric(f"evdp{os.getpid() % 10000}{secrets.token_hex(2)}")
+        self.dps: dict[int, Dataplane] = {}
+        self.servers: list[EchoServer] = []
+
+    def setup(self, hosts: int = 3) -> None:
+        for i in range(1, hosts + 1):
+            self.fabric.add_host(i)
+            self.dps[i] = Dataplane(f"h{i}", SETTINGS, netns=self.fabric.host_ns(i))
+
+    def serve(self, name: str, inst: Instance) -> EchoServer:
+        srv = EchoServer(name, inst.netns).start()
+        self.servers.append(srv)
+        return srv
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.stop()
+        for dp in self.dps.values():
+            dp.close()
+        self.fabric.destroy()
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    w = World()
+    try:
+        w.setup()
+        yield w
+    finally:
+        w.close()
+
+
+def rec(account: str, logical: str, physical: str, host: int, gen: int,
+        state: str = "active") -> AppliedRecord:
+    return AppliedRecord(account, A(logical), A(physical), f"h{host}", gen, state)  # type: ignore[arg-type]
+
+
+def base_records() -> list[AppliedRecord]:
+    return [
+        rec("acct1", "10.0.0.5", "10.250.1.5", 1, 1),   # a
+        rec("acct1", "10.0.0.7", "10.250.1.7", 2, 2),   # b
+        rec("acct2", "10.0.0.7", "10.250.2.7", 1, 3),   # y: overlaps b, same host as a
+        rec("acct2", "10.0.0.9", "10.250.2.9", 3, 4),   # x
+    ]
+
+
+def build(world: World) -> dict[str, Instance]:
+    f = world.fabric
+    insts = {
+        "a": f.add_instance("a", 1, "acct1", A("10.0.0.5")),
+        "b": f.add_instance("b", 2, "acct1", A("10.0.0.7")),
+        "y": f.add_instance("y", 1, "acct2", A("10.0.0.7")),
+        "x": f.add_instance("x", 3, "acct2", A("10.0.0.9")),
+    }
+    for dp in world.dps.values():
+        result = dp.rebuild(base_records())
+        assert result.generation == 4
+        assert result.warnings == ()
+    for name, inst in insts.items():
+        world.serve(name, inst)
+    return insts
+
+
+def test_same_account_reaches_peer_by_logical_address_both_ends_see_logical(
+    world: World,
+) -> None:
+    i = build(world)
+    own, name, seen = hello(i["a"], A("10.0.0.7"))
+    assert (own, name, seen) == ("10.0.0.5", "b", "10.0.0.5")
+    own, name, seen = hello(i["b"], A("10.0.0.5"))
+    assert (own, name, seen) == ("10.0.0.7", "a", "10.0.0.7")
+    # acct2 has its own 10.0.0.7 (y, on a's host): x reaches y, not b.
+    own, name, seen = hello(i["x"], A("10.0.0.7"))
+    assert (own, name, seen) == ("10.0.0.9", "y", "10.0.0.9")
+    own, name, seen = hello(i["y"], A("10.0.0.9"))
+    assert (own, name, seen) == ("10.0.0.7", "x", "10.0.0.7")
+
+
+def test_other_account_cannot_reach_even_with_overlapping_range(world: World) -> None:
+    i = build(world)
+    assert unreachable(i["x"], A("10.0.0.5"))  # acct1's a: not in acct2's records
+    assert unreachable(i["y"], A("10.0.0.5"))  # same host as a, other account
+    assert unreachable(i["a"], A("10.0.0.9"))  # acct2's x
+    # Straight at physical and host addresses: no path either.
+    assert unreachable(i["x"], A("10.250.1.5"))
+    assert unreachable(i["x"], A("10.250.0.1"))
+    # The same-host, same-account path still works meanwhile.
+    assert hello(i["x"], A("10.0.0.7"))[1] == "y"
+
+
+def test_instances_have_no_path_to_host_services_unless_granted(world: World) -> None:
+    i = build(world)
+    host_ns = world.fabric.host_ns(1)
+    srv = EchoServer("host", host_ns, port=7001).start()
+    granted = EchoServer("granted", host_ns, port=7002).start()
+    world.servers += [srv, granted]
+    dp = world.dps[1]
+    dp.close()
+    world.dps[1] = Dataplane("h1", DataplaneSettings(fabric_if="fab0", granted_tcp_ports=(7002,)),
+                             netns=host_ns)
+    world.dps[1].rebuild(base_records())
+    gw = A("169.254.0.1")
+    assert unreachable(i["a"], gw, 7001)
+    assert unreachable(i["a"], world.fabric.host_address(1), 7001)
+
+    def granted_hello() -> str:
+        with call_in(i["a"].netns,
+                     lambda: socket.create_connection((str(gw), 7002), timeout=3)) as s:
+            return s.makefile("rb").readline().decode().split()[0]
+
+    assert granted_hello() == "granted"
+
+
+def test_remap_moves_new_connections_and_cuts_open_flow(world: World) -> None:
+    i = build(world)
+    old = connect(i["a"], A("10.0.0.7"))
+    rf = old.makefile("rb")
+    assert rf.readline().split()[0] == b"b"
+    old.sendall(b"ping\n")
+    assert rf.readline() == b"b ping\n"
+
+    # b's address moves to h3 with a new physical, under a new instance. h2 lags behind
+    # (its instance and mapping are still there), so without the conntrack flush on h1
+    # the open flow would keep being answered by b on h2.
+    b2 = world.fabric.add_instance("b2", 3, "acct1", A("10.0.0.7"))
+    world.serve("b2", b2)
+    moved = rec("acct1", "10.0.0.7", "10.250.3.7", 3, 5)
+    r1 = world.dps[1].apply([moved])
+    r3 = world.dps[3].apply([moved])
+    assert (r1.generation, r3.generation) == (5, 5)
+    assert r1.conntrack_deleted >= 1  # the open flow's entry on h1
+
+    # New connections reach the new host and see logical addresses.
+    assert eventually(lambda: _try_hello(i["a"]) == ("10.0.0.5", "b2", "10.0.0.5"))
+    # The open flow does not keep reaching the old mapping: the new host has no such
+    # connection and resets it.
+    old.settimeout(5)
+    with pytest.raises(OSError):
+        old.sendall(b"again\n")
+        line = rf.readline()
+        if not line:
+            raise ConnectionResetError("closed")
+        raise AssertionError(f"old flow still answered: {line!r}")
+    old.close()
+
+    # The old host catches up: its entries of the mapping go too.
+    r2 = world.dps[2].apply([moved])
+    assert r2.generation == 5
+    assert r2.conntrack_deleted >= 1
+    assert hello(i["a"], A("10.0.0.7"))[1] == "b2"
+
+
+def _try_hello(inst: Instance) -> tuple[str, str, str] | None:
+    try:
+        return hello(inst, A("10.0.0.7"), timeout=2)
+    except OSError:
+        return None
+
+
+def test_failed_apply_keeps_last_good_table(world: World) -> None:
+    i = build(world)
+    dp = world.dps[1]
+    before = dp.table_elements()
+    records_before = dict(dp.records)
+    # A second local record claiming a's physical address: the kernel refuses the batch.
+    clash = rec("acct1", "10.0.0.6", "10.250.1.5", 1, 9)
+    also = rec("acct1", "10.0.0.8", "10.250.1.8", 2, 10)  # valid, but in the same batch
+    with pytest.raises(ApplyFailed) as err:
+        dp.apply([also, clash])
+    assert "exists" in err.value.message.lower()
+    assert dp.table_elements() == before
+    assert dp.records == records_before
+    assert dp.generation == 4
+    assert dp.last_error
+    assert hello(i["a"], A("10.0.0.7"))[1] == "b"
+    # The next good update applies.
+    assert dp.apply([also]).generation == 10
+    assert dp.last_error is None
+
+
+def test_rebuild_after_restart_restores_translation(world: World) -> None:
+    i = build(world)
+    world.dps[1].close()
+    # A fresh Dataplane knows nothing; rebuild from records replaces whatever is there.
+    world.dps[1] = Dataplane("h1", SETTINGS, netns=world.fabric.host_ns(1))
+    assert world.dps[1].rebuild(base_records()).warnings == ()
+    assert hello(i["a"], A("10.0.0.7")) == ("10.0.0.5", "b", "10.0.0.5")
+    # Preserving b's address (instance stopped) removes its mapping on a's host.
+    world.dps[1].apply([rec("acct1", "10.0.0.7", "10.250.1.7", 2, 5, "preserved")])
+    assert unreachable(i["a"], A("10.0.0.7"))
+    # A full desired set brings it back and removes what the set no longer has.
+    full = [r for r in base_records() if r.account == "acct1"]
+    result = world.dps[1].apply(full, full=True)
+    assert hello(i["a"], A("10.0.0.7"))[1] == "b"
+    assert set(world.dps[1].records) == {r.key for r in full}
+    assert result.generation == 5
+    assert unreachable(i["x"], A("10.0.0.7"))  # acct2's y lost its mapping on h1
