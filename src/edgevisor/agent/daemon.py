@@ -28,6 +28,7 @@ from edgevisor.control.server import QuietServer, bound_port
 from edgevisor.errors import (
     ConfigError,
     EdgevisorError,
+    NotFound,
     PeerUnavailable,
     Unauthorized,
     from_payload,
@@ -201,6 +202,13 @@ class Agent:
 
     def add(self, capability: Capability) -> None:
         self.capabilities.append(capability)
+
+    def capability(self, name: str) -> Any:
+        """The capability called ``name`` (another capability's Python API)."""
+        for cap in self.capabilities:
+            if cap.name == name:
+                return cap
+        raise NotFound(f"this agent runs no {name!r} capability")
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         """Call the controller as this host (per-host credential); typed errors."""
