@@ -20,7 +20,19 @@ from edgevisor.errors import (
     Unauthorized,
     UnavailableError,
 )
-from edgevisor.sdk.client import AsyncClient, Client
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from edgevisor.sdk.client import AsyncClient, Client
+
+
+def __getattr__(name: str) -> object:
+    # The SDK pulls in httpx; load it on first use so daemons and sandboxes start lean.
+    if name in ("Client", "AsyncClient"):
+        from edgevisor.sdk import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'edgevisor' has no attribute {name!r}")
 
 __all__ = [
     "AlreadyExists",

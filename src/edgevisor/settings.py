@@ -20,8 +20,9 @@ from typing import Any
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgevisor.devices.service import DevicesSettings
+from edgevisor.devices.config import DevicesSettings
 from edgevisor.errors import ConfigError
+from edgevisor.network.config import NetworkSettings
 from edgevisor.tasks.sandbox import SandboxSettings
 from edgevisor.tasks.service import CoordinatorSettings
 
@@ -116,6 +117,7 @@ class Settings(_Section):
     coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     devices: DevicesSettings = Field(default_factory=DevicesSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
 
     @field_validator("log_level")
     @classmethod

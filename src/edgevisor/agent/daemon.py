@@ -24,7 +24,6 @@ import uvicorn
 from edgevisor.agent.capacity import capacity, route_source_address
 from edgevisor.agent.rpc import OpRouter
 from edgevisor.agent.server import create_agent_app
-from edgevisor.control.server import QuietServer, bound_port
 from edgevisor.errors import (
     ConfigError,
     EdgevisorError,
@@ -33,6 +32,7 @@ from edgevisor.errors import (
     Unauthorized,
     from_payload,
 )
+from edgevisor.httpserver import QuietServer, bound_port
 from edgevisor.settings import Settings
 
 log = logging.getLogger(__name__)

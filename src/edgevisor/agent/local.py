@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
+from edgevisor.agent.addresses import AddressesCapability
 from edgevisor.agent.daemon import Agent
 from edgevisor.agent.tasks import TasksCapability
-from edgevisor.control.server import DataDirLock, serve
-from edgevisor.control.state import ControllerState
+from edgevisor.lockfile import DataDirLock
 from edgevisor.settings import Settings
-from edgevisor.store import repos
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,12 @@ def build_agent(settings: Settings) -> Agent:
     """The agent with every capability this host runs."""
     agent = Agent(settings)
     agent.add(TasksCapability(settings))
+    agent.add(AddressesCapability(settings))
     return agent
 
 
 async def run_controller(settings: Settings) -> None:
+    from edgevisor.control.server import serve  # the agent alone never loads the controller
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
     try:
@@ -55,10 +57,11 @@ async def run_agent(settings: Settings) -> None:
 
 async def run_up(settings: Settings) -> None:
     """Controller and an agent in one process; the agent joins over the local API."""
+    from edgevisor.control.server import serve
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
 
-    async def start_agent(st: ControllerState) -> None:
+    async def start_agent(st: Any) -> None:  # a ControllerState
         c = settings.controller
         host = "127.0.0.1" if c.listen_host in ("0.0.0.0", "::", "") else c.listen_host
         url = f"http://{host}:{c.listen_port}"
@@ -67,6 +70,8 @@ async def run_up(settings: Settings) -> None:
         )
         agent = build_agent(agent_settings)
         if agent.load_credential() is None:
+            from edgevisor.store import repos
+
             with st.store.session() as s:
                 _jt, secret = repos.create_join_token(
                     s, st.clock(), 300.0, settings.agent.host_name

@@ -45,6 +45,7 @@ from edgevisor.network.pools import REC
 from edgevisor.network.records import AddressRecord
 from edgevisor.sdk import addresses as w
 from edgevisor.store import repos
+from edgevisor.store.models import Account
 from edgevisor.store.network_models import HostApplied
 
 __all__ = [
@@ -263,7 +264,8 @@ def collect_once(s: Session, settings: Any, now: float) -> list[AddressRecord]:
     leaked = host_reports.collect_leaks(s, settings=settings)
     records.expire_holds(s)
     for r in leaked:
-        repos.add_event(s, "address.leak_collected", now, subject=r.logical,
+        acct = s.execute(select(Account.id).where(Account.name == r.account)).scalar()
+        repos.add_event(s, "address.leak_collected", now, subject=r.logical, account_id=acct,
                         data={"record": r.id, "account": r.account,
                               "generation": r.generation})
     return leaked

@@ -10,7 +10,15 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI
 
 from edgevisor import __version__
-from edgevisor.control import api_accounts, api_events, api_hosts, api_tasks, http_errors
+from edgevisor.control import (
+    api_accounts,
+    api_addresses,
+    api_events,
+    api_hosts,
+    api_tasks,
+    http_errors,
+)
+from edgevisor.control.addr_sync import run_leak_collector, run_records_reconciler
 from edgevisor.control.auth import Principal, require_principal
 from edgevisor.control.reconciler import run_liveness
 from edgevisor.control.state import ControllerState
@@ -19,6 +27,7 @@ from edgevisor.sdk import models as m
 Loop = Callable[[ControllerState], Coroutine[Any, Any, None]]
 # Reconcilers the controller runs for its whole life; each capability adds its own.
 BACKGROUND_LOOPS: list[Loop] = [run_liveness]
+BACKGROUND_LOOPS += [run_records_reconciler, run_leak_collector]
 
 
 def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
@@ -63,5 +72,6 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     app.include_router(api_accounts.router, tags=["accounts"])
     app.include_router(api_hosts.router, tags=["hosts"])
     app.include_router(api_events.router, tags=["events"])
+    app.include_router(api_addresses.router, tags=["addresses"])
     app.include_router(api_tasks.router, tags=["tasks"])
     return app

@@ -8,57 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import uvicorn
 
 from edgevisor.control.app import create_app
 from edgevisor.control.state import ControllerState
-from edgevisor.errors import Conflict
+from edgevisor.httpserver import bound_port
 from edgevisor.settings import Settings
 from edgevisor.store import repos
 from edgevisor.store.engine import Store
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin.token"
-
-
-class DataDirLock:
-    """An exclusive ``flock`` on ``<data_dir>/edgevisor.lock``; released on process exit."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "edgevisor.lock"
-        self._fh: IO[str] | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held for the life of the process)
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise Conflict(
-                f"data dir {self.path.parent} is in use by {holder}; "
-                "stop it first or pass another --data-dir"
-            ) from exc
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"edgevisor pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
 
 
 def ensure_admin_token(st: ControllerState) -> Path:
@@ -124,18 +90,3 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await extra
         store.dispose()
-
-
-class QuietServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the process that embeds it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def bound_port(server: uvicorn.Server) -> int:
-    for srv in server.servers:
-        for sock in srv.sockets:
-            return int(sock.getsockname()[1])
-    return 0

@@ -39,12 +39,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from edgevisor.devices.broker import AGENT_USERNAME, EmbeddedBroker
 from edgevisor.devices.client import MqttClient, ReceivedMessage, with_credentials
+from edgevisor.devices.config import DevicesSettings
 from edgevisor.devices.db import open_db
 from edgevisor.devices.registry import Device, DeviceRegistry
 from edgevisor.devices.routes import (
@@ -63,7 +62,7 @@ from edgevisor.devices.routes import (
 )
 from edgevisor.devices.routestore import RouteStore
 from edgevisor.devices.shadows import Shadow, ShadowStore, parse_update, reconcile
-from edgevisor.devices.spool import DropPolicy, Spool, SpoolItem
+from edgevisor.devices.spool import Spool, SpoolItem
 from edgevisor.devices.timers import Timer, TimerCore, TimerRunner, TimerStore
 from edgevisor.devices.topics import SHADOW_ROOT, shadow_topic
 from edgevisor.errors import (
@@ -81,58 +80,6 @@ log = logging.getLogger(__name__)
 CallTaskFn = Callable[[str, dict[str, Any]], Awaitable[Any]]
 SendFn = Callable[[Sequence[SpoolItem]], Awaitable[None]]
 _MAX_CHAIN = 4  # task result -> route -> task ... ; deeper chains are cut (and logged)
-
-
-class DevicesSettings(BaseModel):
-    """Settings of the coordinated-devices part of the agent (``[devices]``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    broker_host: str = Field(
-        "127.0.0.1", description="Address the embedded MQTT broker listens on."
-    )
-    broker_port: int = Field(
-        1883, ge=0, le=65535, description="TCP port of the embedded MQTT broker (MQTT 3.1.1)."
-    )
-    external_broker_url: str | None = Field(
-        None,
-        description=(
-            "Use this broker instead of the embedded one, e.g. "
-            "`mqtt://agent:secret@127.0.0.1:1883`; the agent is then only a client and the "
-            "broker enforces device credentials and ACLs itself."
-        ),
-    )
-    data_dir: Path | None = Field(
-        None, description="Where devices.db and spool.db live. Empty: `<data_dir>/devices`."
-    )
-    spool_max_items: int = Field(
-        100_000, ge=1, description="Most messages/shadow updates held for the controller."
-    )
-    spool_drop_policy: DropPolicy = Field(
-        DropPolicy.DROP_OLDEST,
-        description="When the spool is full: `drop-oldest` or `reject-newest` (both counted).",
-    )
-    spool_retry_interval_s: float = Field(
-        5.0, gt=0, description="Seconds between delivery attempts of the spool."
-    )
-    dead_letter_topic: str = Field(
-        "edgevisor/deadletter",
-        description="Topic where unroutable messages go, with the reason, as JSON.",
-    )
-    reply_qos: int = Field(0, ge=0, le=1, description="QoS of replies, deltas, dead letters.")
-    max_concurrent_calls: int = Field(
-        256, ge=1, description="Most route-triggered task calls in flight at once."
-    )
-    reconnect_interval_s: float = Field(
-        1.0, gt=0, description="Wait before reconnecting the agent's MQTT client."
-    )
-    agent_link: Literal["inprocess", "client"] = Field(
-        "inprocess",
-        description=(
-            "How the agent reaches the embedded broker: `inprocess` (attached, no network "
-            "hop) or `client` (TCP, as a privileged MQTT client). External brokers: client."
-        ),
-    )
 
 
 def _dumps(value: Any) -> bytes:

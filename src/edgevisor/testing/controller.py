@@ -15,8 +15,9 @@ from typing import Any
 import uvicorn
 
 from edgevisor.control.app import create_app
-from edgevisor.control.server import bound_port, ensure_admin_token, open_store
+from edgevisor.control.server import ensure_admin_token, open_store
 from edgevisor.control.state import ControllerState
+from edgevisor.httpserver import bound_port
 from edgevisor.settings import Settings, load_settings
 
 

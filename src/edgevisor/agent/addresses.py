@@ -1,0 +1,353 @@
+"""The address dataplane as an agent capability: records in, nftables tables out.
+
+Theory of operation
+-------------------
+As root, ``start`` prepares the host's kernel settings and opens a
+:class:`~edgevisor.network.dataplane.Dataplane` on the fabric interface (configured, or
+the one routing to the controller). Each time the controller (re)appears
+(``connected``), the agent fetches ``GET /v1/hosts/{name}/records`` and rebuilds its whole
+table from it in one transaction: after a restart the table comes from records, never
+from memory or from what an earlier process left in the kernel. It then reports the
+generation it applied per record.
+
+Operations (called by the controller):
+
+- ``records.apply`` ``{"full": bool, "records": [...], "removed": [...]}``: a delta (the
+  default) or the whole set. Bound records translate; any other state, and everything
+  in ``removed``, drops its mapping. The answer lists, per record, the generation
+  applied or the error; a refused transaction keeps the last good table (the
+  controller's reconciler retries).
+- ``records.state``: what this host translates now (per record id: generation).
+- ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
+  a veth holding its logical address (until domains exist). The instances are noted in
+  the agent's data dir and reported to the controller for leak collection.
+
+Without root (or with ``network.dataplane_mode = "off"``) the capability logs that
+address translation is unavailable and every operation answers that clearly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgevisor.errors import EdgevisorError, RequestError, UnavailableError
+from edgevisor.network.config import AUTO_FABRIC, NetworkSettings
+from edgevisor.settings import Settings
+
+if TYPE_CHECKING:
+    from edgevisor.agent.daemon import Agent
+    from edgevisor.network.dataplane import AppliedRecord, Dataplane
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AddressesCapability", "DataplaneUnavailable", "WireRecord", "fabric_interface"]
+
+
+class DataplaneUnavailable(UnavailableError):
+    """This host does not run the address-translation dataplane."""
+
+    code = "dataplane_unavailable"
+
+
+@dataclass(frozen=True)
+class WireRecord:
+    """A record as the controller sends it (the fields the dataplane needs)."""
+
+    id: int
+    account: str
+    logical: str
+    physical: str | None
+    host: str | None
+    state: str
+    generation: int
+
+    @classmethod
+    def parse(cls, raw: Any) -> WireRecord:
+        if not isinstance(raw, dict):
+            raise RequestError("a record must be a JSON object")
+        try:
+            return cls(id=int(raw["id"]), account=str(raw["account"]),
+                       logical=str(raw["logical"]), physical=raw.get("physical"),
+                       host=raw.get("host"), state=str(raw["state"]),
+                       generation=int(raw["generation"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RequestError(f"malformed record {raw!r}: {exc}") from exc
+
+    def applied(self, removed: bool = False) -> AppliedRecord:
+        """The dataplane's view; anything not bound (or removed) drops its mapping."""
+        from edgevisor.network.dataplane import AppliedRecord
+
+        active = self.state == "bound" and not removed and self.physical and self.host
+        return AppliedRecord(
+            account=self.account, logical=IPv4Address(self.logical),
+            physical=IPv4Address(self.physical if active and self.physical else "0.0.0.0"),
+            host=self.host if active and self.host else "",
+            generation=self.generation, state="active" if active else "released",
+        )
+
+
+def fabric_interface(controller_url: str) -> str | None:
+    """The interface of the route towards the controller (no packet is sent)."""
+    from urllib.parse import urlsplit
+
+    from pyroute2 import IPRoute
+
+    host = urlsplit(controller_url).hostname or "127.0.0.1"
+    try:
+        dst = str(ip_address(host))
+    except ValueError:
+        import socket
+
+        dst = socket.gethostbyname(host)
+    with IPRoute() as ipr:
+        routes = ipr.route("get", dst=dst)
+        if not routes:
+            return None
+        oif = routes[0].get_attr("RTA_OIF")
+        links = ipr.get_links(oif)
+        return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+
+
+class AddressesCapability:
+    """Owns the host's :class:`Dataplane` and answers ``records.*`` and ``instances.*``."""
+
+    name = "addresses"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg: NetworkSettings = settings.network
+        self.dp: Dataplane | None = None
+        self.unavailable: str | None = None
+        self.applied: dict[int, int] = {}  # record id -> generation this host applied
+        self.keys: dict[int, tuple[str, str]] = {}  # record id -> (account, logical)
+        self.instances: dict[str, dict[str, str]] = {}
+        self._agent: Agent | None = None
+        self._lock = asyncio.Lock()
+        self._path: Path | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, agent: Agent) -> None:
+        self._agent = agent
+        self._path = agent.dir / "instances.json"
+        for op, fn in {
+            "records.apply": self.op_apply,
+            "records.state": self.op_state,
+            "instances.create": self.op_create,
+            "instances.remove": self.op_remove,
+            "instances.list": self.op_list,
+        }.items():
+            agent.router.add(op, fn)
+        if not self.cfg.dataplane_enabled():
+            why = ("not running as root" if os.geteuid() != 0
+                   else "network.dataplane_mode is off")
+            self.unavailable = (f"address translation is unavailable on host {agent.host}: "
+                                f"{why}")
+            log.warning("%s; address records are not applied here", self.unavailable)
+            return
+        try:
+            await asyncio.to_thread(self._open, agent)
+        except (EdgevisorError, OSError) as exc:
+            msg = exc.message if isinstance(exc, EdgevisorError) else str(exc)
+            self.unavailable = f"address translation is unavailable on host {agent.host}: {msg}"
+            log.error("%s", self.unavailable)
+            return
+        self._load_instances()
+
+    def _open(self, agent: Agent) -> None:
+        from edgevisor.network.dataplane import Dataplane
+        from edgevisor.network.netns import prepare_host
+
+        dps = self.cfg.dataplane
+        if dps.fabric_if == AUTO_FABRIC:
+            fab = fabric_interface(agent.cfg.controller_url)
+            if fab is None:
+                raise DataplaneUnavailable("no route towards the controller to pick the "
+                                           "fabric interface; set network.dataplane.fabric_if")
+            dps = dps.model_copy(update={"fabric_if": fab})
+        prepare_host()
+        self.dp = Dataplane(agent.host, dps)
+        log.info("address dataplane on %s (fabric %s)", agent.host, dps.fabric_if)
+
+    async def stop(self) -> None:
+        # The kernel table stays: instances keep talking while the agent restarts; the
+        # next start rebuilds it from the controller's records.
+        if self.dp is not None:
+            self.dp.close()
+            self.dp = None
+
+    async def connected(self) -> None:
+        if self.dp is None or self._agent is None:
+            return
+        await self.resync()
+
+    async def resync(self) -> dict[str, Any]:
+        """Rebuild the table from the controller's records and report what was applied."""
+        assert self._agent is not None
+        body = await self._agent.request("GET", f"/v1/hosts/{self._agent.host}/records")
+        result = await self._apply(body.get("records", []), body.get("removed", []),
+                                   full=True, rebuild=True)
+        await self._agent.request(
+            "POST", f"/v1/hosts/{self._agent.host}/records/applied",
+            {"reports": result["reports"], "instances": sorted(self.instances)},
+        )
+        return result
+
+    # -- records -------------------------------------------------------------------------
+
+    def _need(self) -> Dataplane:
+        if self.dp is None:
+            raise DataplaneUnavailable(self.unavailable or "the dataplane is not running")
+        return self.dp
+
+    async def op_apply(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self._need()
+        recs = payload.get("records", [])
+        removed = payload.get("removed", [])
+        if not isinstance(recs, list) or not isinstance(removed, list):
+            raise RequestError("records and removed must be lists")
+        return await self._apply(recs, removed, full=bool(payload.get("full")))
+
+    async def _apply(
+        self, raw: list[Any], raw_removed: list[Any], *, full: bool, rebuild: bool = False
+    ) -> dict[str, Any]:
+        from edgevisor.network.dataplane import ApplyFailed
+
+        dp = self._need()
+        given = [WireRecord.parse(r) for r in raw]
+        gone = [WireRecord.parse(r) for r in raw_removed]
+        reports: list[dict[str, Any]] = []
+        usable: list[tuple[WireRecord, bool]] = []
+        for rec, is_removed in [(g, True) for g in gone] + [(r, False) for r in given]:
+            if ip_address(rec.logical).version != 4:
+                reports.append({"record_id": rec.id, "generation": rec.generation,
+                                "error": "this host translates IPv4 only"})
+                continue
+            usable.append((rec, is_removed))
+        # Removals first: a live record with the same key (address reused) wins.
+        by_key: dict[tuple[str, IPv4Address], AppliedRecord] = {}
+        for rec, is_removed in usable:
+            ar = rec.applied(removed=is_removed)
+            by_key[ar.key] = ar
+        async with self._lock:
+            try:
+                if rebuild:
+                    res = await asyncio.to_thread(dp.rebuild, by_key.values())
+                else:
+                    res = await asyncio.to_thread(dp.apply, by_key.values(), full=full)
+            except ApplyFailed as exc:
+                log.warning("records not applied (last good table kept): %s", exc.message)
+                for rec, _ in usable:
+                    reports.append({"record_id": rec.id, "generation": rec.generation,
+                                    "error": exc.message})
+                return {"reports": reports, "error": exc.message}
+            if full:
+                self.applied.clear()
+                self.keys.clear()
+            for rec, is_removed in usable:
+                if is_removed or rec.state != "bound":
+                    self.applied.pop(rec.id, None)
+                else:
+                    self.applied[rec.id] = rec.generation
+                    self.keys[rec.id] = (rec.account, rec.logical)
+                reports.append({"record_id": rec.id, "generation": rec.generation,
+                                "error": None})
+        return {"reports": reports, "error": None, "element_ops": res.element_ops,
+                "conntrack_deleted": res.conntrack_deleted, "warnings": list(res.warnings),
+                "committed_s": res.committed_s, "total_s": res.total_s}
+
+    async def op_state(self, _payload: dict[str, Any]) -> dict[str, Any]:
+        dp = self._need()
+        return {"host": dp.host, "generation": dp.generation, "last_error": dp.last_error,
+                "applied": {str(k): v for k, v in sorted(self.applied.items())},
+                "instances": sorted(self.instances)}
+
+    # -- instances -----------------------------------------------------------------------
+
+    def _load_instances(self) -> None:
+        from edgevisor.network.netns import netns_exists
+
+        if self._path is None:
+            return
+        try:
+            saved = json.loads(self._path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            saved = {}
+        self.instances = {n: v for n, v in saved.items() if netns_exists(v["netns"])}
+
+    def _save_instances(self) -> None:
+        if self._path is None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.instances))
+        os.replace(tmp, self._path)
+
+    @staticmethod
+    def _field(payload: dict[str, Any], key: str) -> str:
+        v = payload.get(key)
+        if not isinstance(v, str) or not v:
+            raise RequestError(f"{key} is required (a non-empty string)")
+        return v
+
+    async def op_create(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``{"name", "account", "logical"}``: a netns behind a veth holding ``logical``."""
+        from edgevisor.network.netns import create_instance
+
+        dp = self._need()
+        name = self._field(payload, "name")
+        account = self._field(payload, "account")
+        try:
+            logical = IPv4Address(self._field(payload, "logical"))
+        except ValueError as exc:
+            raise RequestError(f"logical must be an IPv4 address: {exc}") from exc
+        if name in self.instances:
+            raise RequestError(f"instance {name!r} already exists on this host")
+        netns = f"{self.cfg.instance_netns_prefix}{name}"
+        if len(netns) > 64 or "/" in netns:
+            raise RequestError(f"instance name {name!r} is too long or has a '/'")
+        async with self._lock:
+            inst = await asyncio.to_thread(create_instance, netns, None, account, logical)
+            await asyncio.to_thread(dp.plug, account, logical)
+            self.instances[name] = {"netns": inst.netns, "account": account,
+                                    "logical": str(logical), "ifname": inst.ifname}
+            self._save_instances()
+        await self._report_instances()
+        return {"name": name, **self.instances[name]}
+
+    async def op_remove(self, payload: dict[str, Any]) -> dict[str, Any]:
+        from edgevisor.network.netns import delete_netns
+
+        self._need()
+        name = self._field(payload, "name")
+        inst = self.instances.get(name)
+        if inst is None:
+            return {"name": name, "removed": False}
+        async with self._lock:
+            await asyncio.to_thread(delete_netns, inst["netns"])
+            self.instances.pop(name, None)
+            self._save_instances()
+        await self._report_instances()
+        return {"name": name, "removed": True}
+
+    async def op_list(self, _payload: dict[str, Any]) -> dict[str, Any]:
+        self._need()
+        return {"instances": [{"name": n, **v} for n, v in sorted(self.instances.items())]}
+
+    async def _report_instances(self) -> None:
+        if self._agent is None:
+            return
+        try:
+            await self._agent.request(
+                "POST", f"/v1/hosts/{self._agent.host}/records/applied",
+                {"reports": [], "instances": sorted(self.instances)},
+            )
+        except EdgevisorError as exc:  # the next connect reports again
+            log.info("instances not reported: %s", exc.message)
