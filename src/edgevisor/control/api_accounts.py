@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from edgevisor.control.auth import Principal, require_principal, state_of
+from edgevisor.control.auth import Principal, require_principal, state_of, token_cache
 from edgevisor.errors import Forbidden, RequestError
 from edgevisor.sdk import models as m
 from edgevisor.store import repos
@@ -71,6 +71,7 @@ def delete_account(name: str, p: Auth, request: Request) -> None:
     with st.store.session() as s:
         acct = repos.get_account(s, name)
         repos.delete_account(s, acct)
+        token_cache(request).clear()
         repos.add_event(s, "account.deleted", st.clock(), subject=name)
 
 
@@ -107,6 +108,7 @@ def revoke_token(token_id: int, p: Auth, request: Request) -> m.TokenInfo:
     st = state_of(request)
     with st.store.session() as s:
         tok = repos.revoke_token(s, token_id, st.clock(), None if p.admin else p.account_id)
+        token_cache(request).clear()
         if tok.admin and not p.admin:
             raise Forbidden("only the admin can revoke an admin token")
         acct = s.get(Account, tok.account_id) if tok.account_id else None

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from edgevisor.control.auth import Principal, require_principal, state_of
 from edgevisor.control.state import ControllerState
@@ -132,7 +133,7 @@ async def deploy_task(
 ) -> wire.TaskInfo:
     """Deploy a bundle (.tar.gz or .zip bytes as the request body)."""
     st = state_of(request)
-    acct = _account(st, p, account)
+    acct = await run_in_threadpool(_account, st, p, account)
     archive = await request.body()
     if not archive:
         raise RequestError("the request body must be the bundle (.tar.gz or .zip)")
@@ -147,9 +148,9 @@ async def deploy_task(
         }.items()
         if v is not None
     }
-    task_name, _digest = _check_bundle(st, archive, overrides)
+    task_name, _digest = await run_in_threadpool(_check_bundle, st, archive, overrides)
     overrides.pop("name", None)
-    hosts = _target_hosts(st, host or [])
+    hosts = await run_in_threadpool(_target_hosts, st, host or [])
     with st.store.session() as s:
         prev = s.scalar(select(Task).where(Task.account_id == acct.id, Task.name == task_name))
         previous = (prev.bundle_digest, dict(prev.overrides), list(prev.hosts)) if prev else None
@@ -242,8 +243,8 @@ async def remove_task(
     name: str, request: Request, p: Auth, account: Annotated[str | None, Query()] = None
 ) -> None:
     st = state_of(request)
-    acct = _account(st, p, account)
-    t = _task(st, acct, name)
+    acct = await run_in_threadpool(_account, st, p, account)
+    t = await run_in_threadpool(_task, st, acct, name)
     for h in t.hosts:
         with contextlib.suppress(NotFound):  # already gone there
             await st.links.call(h, "tasks.remove", {"account": acct.name, "name": name})
@@ -267,6 +268,15 @@ def _pick_host(st: ControllerState, t: Task, wanted: str | None) -> str:
     raise PeerUnavailable(f"no host running task {t.name!r} is up")
 
 
+def _route(
+    st: ControllerState, p: Principal, account: str | None, name: str, host: str | None
+) -> tuple[str, float, str]:
+    """(account name, task timeout, host to run on) for an invoke."""
+    acct = _account(st, p, account)
+    t = _task(st, acct, name)
+    return acct.name, float(t.spec.get("timeout_s", 3.0)), _pick_host(st, t, host)
+
+
 @router.post(
     "/tasks/{name}/invoke",
     response_model=wire.CallInfo,
@@ -284,25 +294,23 @@ async def invoke(
 ) -> Any:
     """Call a task with the request body (JSON) as its event."""
     st = state_of(request)
-    acct = _account(st, p, account)
-    t = _task(st, acct, name)
     raw = await request.body()
     try:
         event = json.loads(raw) if raw.strip() else None
     except ValueError as exc:
         raise RequestError(f"malformed JSON at position {getattr(exc, 'pos', '?')}: {exc}") from exc
-    h = _pick_host(st, t, host)
+    # Store lookups run off the event loop: the loop also runs the local coordinator.
+    acct_name, timeout_s, h = await run_in_threadpool(_route, st, p, account, name, host)
     payload = {
-        "account": acct.name,
+        "account": acct_name,
         "name": name,
         "event": event,
         "async": async_,
         "idempotency_key": idempotency_key,
         "priority": priority,
     }
-    out = await st.links.call(
-        h, "tasks.invoke", payload, timeout_s=max(30.0, 3 * float(t.spec.get("timeout_s", 3.0)))
-    )
+    # The link outlives the call's own timeout (plus queueing); the task kills itself.
+    out = await st.links.call(h, "tasks.invoke", payload, timeout_s=max(30.0, 3 * timeout_s))
     out["id"] = f"{h}:{out['id']}"
     if async_:
         return JSONResponse(wire.CallAccepted(**out).model_dump(), status_code=202)

@@ -8,6 +8,7 @@ their per-host credential (:func:`require_host`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -49,8 +50,52 @@ def state_of(request: Request) -> ControllerState:
     return st
 
 
+class TokenCache:
+    """Recently verified tokens, so a hot path does not query the store per request.
+
+    Entries live ``ttl_s`` (a revoked token on another controller stops working within
+    that time); a revocation through this controller drops the cache at once.
+    """
+
+    def __init__(self, ttl_s: float = 2.0, max_entries: int = 4096) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, secret: str) -> Principal | None:
+        hit = self._entries.get(secret)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, secret: str, p: Principal) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[secret] = (time.monotonic() + self.ttl_s, p)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def token_cache(request: Request) -> TokenCache:
+    cache: TokenCache | None = getattr(request.app.state, "token_cache", None)
+    if cache is None:
+        cache = request.app.state.token_cache = TokenCache()
+    return cache
+
+
 def require_principal(request: Request) -> Principal:
     secret = _bearer(request)
+    cache = token_cache(request)
+    cached = cache.get(secret)
+    if cached is not None:
+        return cached
+    p = _lookup(request, secret)
+    cache.put(secret, p)
+    return p
+
+
+def _lookup(request: Request, secret: str) -> Principal:
     st = state_of(request)
     with st.store.session() as s:
         tok = repos.token_by_secret(s, secret)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from starlette.concurrency import run_in_threadpool
 
 from edgevisor.agent.rpc import OpRouter
 from edgevisor.errors import PeerUnavailable, from_payload
@@ -49,7 +50,7 @@ class AgentLinks:
         local = self._local.get(host)
         if local is not None:
             return await local.dispatch(op, payload)
-        url, key = self._endpoint(host)
+        url, key = await run_in_threadpool(self._endpoint, host)
         try:
             resp = await self._http.post(
                 f"{url}/agent/v1/ops/{op}",
