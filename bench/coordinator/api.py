@@ -96,7 +96,9 @@ def _wait(pred: object, timeout_s: float = 60.0) -> None:
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("EDGEVISOR_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVISOR_")}
+    # Root namespace: leave its dataplane be; any free port for the MQTT broker.
+    return env | {"EDGEVISOR_NETWORK__DATAPLANE_MODE": "off", "EDGEVISOR_DEVICES__BROKER_PORT": "0"}
 
 
 def api_bench(calls: int, seconds: float) -> dict[str, float]:

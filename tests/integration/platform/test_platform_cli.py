@@ -20,6 +20,10 @@ EV = str(Path(sys.executable).parent / "edgevisor")
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVISOR_")}
+    # Agents here run in the root network namespace: keep the host dataplane (sysctls,
+    # nftables) out of it; the system tests exercise it inside test namespaces.
+    env["EDGEVISOR_NETWORK__DATAPLANE_MODE"] = "off"
+    env["EDGEVISOR_DEVICES__BROKER_PORT"] = "0"  # no clash with other brokers
     env.update(extra)
     return env
 

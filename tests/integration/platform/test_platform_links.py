@@ -35,6 +35,8 @@ async def test_controller_calls_agent_ops(
             "agent.join_token": jt.secret,
             "agent.listen_port": 0,
             "agent.heartbeat_interval_s": 0.2,
+            "network.dataplane_mode": "off",
+            "devices.broker_port": 0,
         },
         environ={},
     )

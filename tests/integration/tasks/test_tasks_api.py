@@ -41,6 +41,8 @@ def fleet(tmp_path: Path) -> Iterator[tuple[RunningController, Client]]:
                 "agent.host_name": "local",
                 "agent.heartbeat_interval_s": 0.2,
                 "coordinator.memory_mb": 512,
+                "network.dataplane_mode": "off",  # root namespace: no host dataplane here
+                "devices.broker_port": 0,
             },
             environ={},
         )
