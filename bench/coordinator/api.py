@@ -221,8 +221,10 @@ def main() -> None:
           f"| {r['h50'] / statistics.median(floor):.1f}x |")
     print(f"| HTTP invoke → scheduler → warm environment → result | {r['p50'] * us:.0f} µs "
           f"| {r['p99'] * us:.0f} µs | {r['p50'] / r['h50']:.1f}x of /healthz |")
-    print(f"\nThroughput, 8 concurrent HTTP callers, no-op sync calls: **{r['tput']:,.0f} calls/s** "
-          f"(target >= 3,000/s; Celery publishes ~2,000/s).\n")
+    print(
+        f"\nThroughput, 8 concurrent HTTP callers, no-op sync calls: **{r['tput']:,.0f} "
+        "calls/s** (target >= 3,000/s; Celery publishes ~2,000/s).\n"
+    )
     print(f"Idle RSS of a standalone `edgevisor agent`: **{rss:.0f} MiB** (target <= 80 MiB; "
           "the Greengrass v2 nucleus needs 350-400 MB).")
 
