@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -184,6 +185,7 @@ async def deploy_task(
         t.hosts = sorted(set(hosts) | set(previous[2] if previous else []))
         t.deployed_at = now
         s.flush()
+        _route_cache(request).clear()
         repos.add_event(
             s, "task.deployed", now, subject=task_name, account_id=acct.id,
             data={"version": t.version, "hosts": hosts},
@@ -253,6 +255,7 @@ async def remove_task(
         if row is not None:
             s.delete(row)
         repos.add_event(s, "task.removed", st.clock(), subject=name, account_id=acct.id)
+    _route_cache(request).clear()
 
 
 def _pick_host(st: ControllerState, t: Task, wanted: str | None) -> str:
@@ -266,6 +269,19 @@ def _pick_host(st: ControllerState, t: Task, wanted: str | None) -> str:
         if h in up:
             return h
     raise PeerUnavailable(f"no host running task {t.name!r} is up")
+
+
+ROUTE_TTL_S = 1.0
+RouteKey = tuple[int, str | None, str, str | None]
+
+
+def _route_cache(request: Request) -> dict[RouteKey, tuple[float, tuple[str, float, str]]]:
+    cache: dict[RouteKey, tuple[float, tuple[str, float, str]]] | None = getattr(
+        request.app.state, "route_cache", None
+    )
+    if cache is None:
+        cache = request.app.state.route_cache = {}
+    return cache
 
 
 def _route(
@@ -299,8 +315,19 @@ async def invoke(
         event = json.loads(raw) if raw.strip() else None
     except ValueError as exc:
         raise RequestError(f"malformed JSON at position {getattr(exc, 'pos', '?')}: {exc}") from exc
-    # Store lookups run off the event loop: the loop also runs the local coordinator.
-    acct_name, timeout_s, h = await run_in_threadpool(_route, st, p, account, name, host)
+    # Where a call goes changes only on deploy/remove or a host going down; a short-lived
+    # cache keeps the store out of the hot path. Lookups run off the event loop, which
+    # also runs the local coordinator.
+    cache = _route_cache(request)
+    key = (p.token_id, account, name, host)
+    hit = cache.get(key)
+    if hit is not None and hit[0] > time.monotonic():
+        acct_name, timeout_s, h = hit[1]
+    else:
+        acct_name, timeout_s, h = await run_in_threadpool(_route, st, p, account, name, host)
+        if len(cache) > 10_000:
+            cache.clear()
+        cache[key] = (time.monotonic() + ROUTE_TTL_S, (acct_name, timeout_s, h))
     payload = {
         "account": acct_name,
         "name": name,
