@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import tarfile
 import threading
@@ -64,7 +65,11 @@ def fleet(tmp_path: Path) -> Iterator[tuple[RunningController, Client]]:
             await agent.run(serve_api=False)
 
         task = loop.create_task(main())
-        thread = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
+        def run() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         ready.wait(10)
         try:

@@ -5,6 +5,7 @@ through the HTTP API and the SDK."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import tarfile
 import threading
@@ -62,7 +63,11 @@ def small_host(tmp_path: Path) -> Iterator[tuple[RunningController, Client]]:
         agent = build_agent(settings)
         ctl.state.links.attach_local("tiny", agent.router)
         task = loop.create_task(agent.run(serve_api=False))
-        thread = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
+        def run() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         try:
             deadline = time.monotonic() + 30
