@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from edgevisor.control.auth import Principal, require_principal, state_of
+from edgevisor.control.auth import Principal, acting_account, require_principal, state_of
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import (
     EdgevisorError,
@@ -43,16 +43,7 @@ Auth = Annotated[Principal, Depends(require_principal)]
 MANIFEST = "edgevisor.toml"
 
 
-def _account(st: ControllerState, p: Principal, name: str | None) -> Account:
-    with st.store.session() as s:
-        if name is None:
-            if p.admin:
-                raise RequestError("the admin must name the account (?account=NAME)")
-            acct = s.get(Account, p.account_id)
-            if acct is None:
-                raise NotFound("account not found")
-            return acct
-        return p.scope(repos.get_account(s, name))
+_account = acting_account
 
 
 def _check_bundle(

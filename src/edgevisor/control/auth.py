@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from edgevisor.control.state import ControllerState
-from edgevisor.errors import Forbidden, NotFound, Unauthorized
+from edgevisor.errors import Forbidden, NotFound, RequestError, Unauthorized
 from edgevisor.store import repos
 from edgevisor.store.models import Account, Host
 
@@ -108,6 +108,22 @@ def _lookup(request: Request, secret: str) -> Principal:
         return Principal(
             token_id=tok.id, admin=tok.admin, account_id=tok.account_id, account_name=name
         )
+
+
+def acting_account(st: ControllerState, p: Principal, name: str | None) -> Account:
+    """The account a request acts for: the named one (if visible) or the token's own.
+
+    The admin has no account of its own, so it must name one (``?account=NAME``).
+    """
+    with st.store.session() as s:
+        if name is None:
+            if p.admin:
+                raise RequestError("the admin must name the account (?account=NAME)")
+            acct = s.get(Account, p.account_id)
+            if acct is None:
+                raise NotFound("account not found")
+            return acct
+        return p.scope(repos.get_account(s, name))
 
 
 def require_host(request: Request) -> str:
