@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgevisor.devices.config import DevicesSettings
 from edgevisor.errors import ConfigError
+from edgevisor.migration.domain_config import DomainsSettings
 from edgevisor.network.config import NetworkSettings
+from edgevisor.storage.config import StorageSettings
 from edgevisor.tasks.sandbox import SandboxSettings
 from edgevisor.tasks.service import CoordinatorSettings
 
@@ -118,6 +120,8 @@ class Settings(_Section):
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     devices: DevicesSettings = Field(default_factory=DevicesSettings)
     network: NetworkSettings = Field(default_factory=NetworkSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    domains: DomainsSettings = Field(default_factory=DomainsSettings)
 
     @field_validator("log_level")
     @classmethod

@@ -16,14 +16,19 @@ Operations (called by the controller):
   default) or the whole set. Bound records translate; any other state, and everything
   in ``removed``, drops its mapping. The answer lists, per record, the generation
   applied or the error; a refused transaction keeps the last good table (the
-  controller's reconciler retries).
+  controller's reconciler retries). The answer comes once the translation is committed
+  (new connections use it); the link-level work and the conntrack flush of the old
+  mapping (~10 ms: the kernel walks its whole hash table) follow right after, before
+  the next update.
 - ``records.state``: what this host translates now (per record id: generation).
 - ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
   a veth holding its logical address (until domains exist). The instances are noted in
   the agent's data dir and reported to the controller for leak collection.
 
-Without root (or with ``network.dataplane_mode = "off"``) the capability logs that
-address translation is unavailable and every operation answers that clearly.
+Without root (or with ``network.dataplane_mode = "off"``, or in ``auto`` mode when the
+controller is on loopback, i.e. a single machine) the capability logs that address
+translation is unavailable and every operation answers that clearly; the host's own
+namespace is then left untouched (no sysctls, no nftables table).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from edgevisor.settings import Settings
 
 if TYPE_CHECKING:
     from edgevisor.agent.daemon import Agent
-    from edgevisor.network.dataplane import AppliedRecord, Dataplane
+    from edgevisor.network.dataplane import AppliedRecord, Dataplane, Pending
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +132,13 @@ class AddressesCapability:
         self.unavailable: str | None = None
         self.applied: dict[int, int] = {}  # record id -> generation this host applied
         self.keys: dict[int, tuple[str, str]] = {}  # record id -> (account, logical)
+        # Newest generation seen per record: pushes may overtake each other, and an older
+        # one must not undo a newer one (generations only grow).
+        self.seen: dict[int, int] = {}
         self.instances: dict[str, dict[str, str]] = {}
         self._agent: Agent | None = None
         self._lock = asyncio.Lock()
+        self._finisher: asyncio.Task[None] | None = None
         self._path: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -157,7 +166,8 @@ class AddressesCapability:
         except (EdgevisorError, OSError) as exc:
             msg = exc.message if isinstance(exc, EdgevisorError) else str(exc)
             self.unavailable = f"address translation is unavailable on host {agent.host}: {msg}"
-            log.error("%s", self.unavailable)
+            expected = isinstance(exc, DataplaneUnavailable)  # a setting, not a fault
+            log.log(logging.WARNING if expected else logging.ERROR, "%s", self.unavailable)
             return
         self._load_instances()
 
@@ -171,6 +181,14 @@ class AddressesCapability:
             if fab is None:
                 raise DataplaneUnavailable("no route towards the controller to pick the "
                                            "fabric interface; set network.dataplane.fabric_if")
+            if fab == "lo" and self.cfg.dataplane_mode == "auto":
+                # A controller on loopback is a single machine (`edgevisor up`): there is
+                # no fabric to translate on, and the host's own namespace is left alone
+                # (no forwarding, no table) unless network.dataplane_mode is "on".
+                raise DataplaneUnavailable(
+                    "the controller is on loopback (single machine); set "
+                    "network.dataplane_mode = \"on\" and network.dataplane.fabric_if to use it"
+                )
             dps = dps.model_copy(update={"fabric_if": fab})
         prepare_host()
         self.dp = Dataplane(agent.host, dps)
@@ -179,6 +197,8 @@ class AddressesCapability:
     async def stop(self) -> None:
         # The kernel table stays: instances keep talking while the agent restarts; the
         # next start rebuilds it from the controller's records.
+        if self._finisher is not None:
+            await asyncio.gather(self._finisher, return_exceptions=True)
         if self.dp is not None:
             self.dp.close()
             self.dp = None
@@ -226,6 +246,8 @@ class AddressesCapability:
         reports: list[dict[str, Any]] = []
         usable: list[tuple[WireRecord, bool]] = []
         for rec, is_removed in [(g, True) for g in gone] + [(r, False) for r in given]:
+            if rec.generation < self.seen.get(rec.id, 0):
+                continue  # overtaken by a newer push of this record
             if ip_address(rec.logical).version != 4:
                 reports.append({"record_id": rec.id, "generation": rec.generation,
                                 "error": "this host translates IPv4 only"})
@@ -236,12 +258,23 @@ class AddressesCapability:
         for rec, is_removed in usable:
             ar = rec.applied(removed=is_removed)
             by_key[ar.key] = ar
-        async with self._lock:
+        await self._lock.acquire()
+        finishing = False
+        try:
             try:
                 if rebuild:
                     res = await asyncio.to_thread(dp.rebuild, by_key.values())
+                    extra = {"element_ops": res.element_ops, "committed_s": res.committed_s,
+                             "warnings": list(res.warnings)}
                 else:
-                    res = await asyncio.to_thread(dp.apply, by_key.values(), full=full)
+                    pending = await asyncio.to_thread(dp.commit, by_key.values(), full=full)
+                    extra = {"element_ops": pending.batch.element_ops,
+                             "committed_s": pending.committed_s, "warnings": []}
+                    # Answer once the translation is in the kernel; addresses, routes, the
+                    # conntrack flush and gratuitous ARPs follow at once, still under the
+                    # lock, so the next update starts after them.
+                    self._finisher = asyncio.create_task(self._finish(dp, pending))
+                    finishing = True
             except ApplyFailed as exc:
                 log.warning("records not applied (last good table kept): %s", exc.message)
                 for rec, _ in usable:
@@ -252,6 +285,7 @@ class AddressesCapability:
                 self.applied.clear()
                 self.keys.clear()
             for rec, is_removed in usable:
+                self.seen[rec.id] = max(rec.generation, self.seen.get(rec.id, 0))
                 if is_removed or rec.state != "bound":
                     self.applied.pop(rec.id, None)
                 else:
@@ -259,9 +293,18 @@ class AddressesCapability:
                     self.keys[rec.id] = (rec.account, rec.logical)
                 reports.append({"record_id": rec.id, "generation": rec.generation,
                                 "error": None})
-        return {"reports": reports, "error": None, "element_ops": res.element_ops,
-                "conntrack_deleted": res.conntrack_deleted, "warnings": list(res.warnings),
-                "committed_s": res.committed_s, "total_s": res.total_s}
+        finally:
+            if not finishing:
+                self._lock.release()
+        return {"reports": reports, "error": None, **extra}
+
+    async def _finish(self, dp: Dataplane, pending: Pending) -> None:
+        try:
+            await asyncio.to_thread(dp.finish, pending)
+        except Exception:  # link work failing must not wedge the lock
+            log.exception("finishing a records update failed")
+        finally:
+            self._lock.release()
 
     async def op_state(self, _payload: dict[str, Any]) -> dict[str, Any]:
         dp = self._need()
@@ -310,7 +353,8 @@ class AddressesCapability:
             raise RequestError(f"logical must be an IPv4 address: {exc}") from exc
         if name in self.instances:
             raise RequestError(f"instance {name!r} already exists on this host")
-        netns = f"{self.cfg.instance_netns_prefix}{name}"
+        # The host name keeps namespaces apart when simulated hosts share one machine.
+        netns = f"{self.cfg.instance_netns_prefix}{dp.host}-{name}"
         if len(netns) > 64 or "/" in netns:
             raise RequestError(f"instance name {name!r} is too long or has a '/'")
         async with self._lock:

@@ -33,6 +33,7 @@ from edgevisor.errors import (
     from_payload,
 )
 from edgevisor.httpserver import QuietServer, bound_port
+from edgevisor.pki import HostIdentity
 from edgevisor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,11 @@ class Agent:
             "physical_address": self._physical(),
             **self._endpoint(),
         }
+        identity = HostIdentity(self.dir / "pki", self.host)
+        body["csr_pem"] = identity.csr_pem()
         out = await self._post("/v1/hosts/join", body)
+        if out.get("host_cert_pem") and out.get("ca_cert_pem"):
+            identity.store(out["host_cert_pem"], out["ca_cert_pem"])
         cred = Credential(self.host, self.cfg.controller_url, out["credential"], self._agent_key)
         self._save_credential(cred)
         self.join_token = None  # spent

@@ -9,7 +9,11 @@ from typing import Any
 
 from edgevisor.agent.addresses import AddressesCapability
 from edgevisor.agent.daemon import Agent
+from edgevisor.agent.devices import DevicesCapability
+from edgevisor.agent.domains import DomainsCapability
+from edgevisor.agent.migration import MigrationCapability
 from edgevisor.agent.tasks import TasksCapability
+from edgevisor.agent.volumes import VolumesCapability
 from edgevisor.lockfile import DataDirLock
 from edgevisor.settings import Settings
 
@@ -21,6 +25,10 @@ def build_agent(settings: Settings) -> Agent:
     agent = Agent(settings)
     agent.add(TasksCapability(settings))
     agent.add(AddressesCapability(settings))
+    agent.add(DevicesCapability(settings))
+    agent.add(VolumesCapability(settings))
+    agent.add(DomainsCapability(settings))  # after volumes: it uses them
+    agent.add(MigrationCapability())  # uses volumes and domains
     return agent
 
 

@@ -11,7 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
-from edgevisor.cli import admin, tasks
+from edgevisor.cli import addresses, admin, tasks
+from edgevisor.cli import devices as devices_cli
+from edgevisor.cli import domains as domains_cli
+from edgevisor.cli import migrations as migrations_cli
+from edgevisor.cli import volumes as volumes_cli
 from edgevisor.cli.output import console, fail, table
 from edgevisor.errors import ConfigError, Conflict, EdgevisorError, StoreUnavailable
 from edgevisor.settings import Settings, describe, load_settings
@@ -24,7 +28,12 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 admin.register(app)
+addresses.register(app)
 tasks.register(app)
+volumes_cli.register(app)
+devices_cli.register(app)
+domains_cli.register(app)
+migrations_cli.register(app)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML settings file.", envvar=None)

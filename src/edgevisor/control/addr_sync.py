@@ -79,6 +79,8 @@ class NetStore:
             self.engine = st.store.engine
             self._own = False
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reconciler back-off per host that keeps failing: host -> (next try, delay s).
+        self.backoff: dict[str, tuple[float, float]] = {}
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -194,9 +196,11 @@ def _report(s: Session, host: str, result: Any) -> None:
 
 
 async def push_host(
-    st: ControllerState, host: str, *, full: bool, record: AddressRecord | None = None
+    st: ControllerState, host: str, *, full: bool, record: AddressRecord | None = None,
+    reports: list[tuple[str, Any]] | None = None,
 ) -> str:
-    """Send ``host`` its full set or one record; store what it reports. "ok" or the error."""
+    """Send ``host`` its full set or one record; "ok" or the error. What the host reports
+    is stored now, or appended to ``reports`` for the caller to store later."""
     if full or record is None:
         payload = await _store(st, host_payload, host)
         body: dict[str, Any] = {"full": True, **payload.model_dump(mode="json")}
@@ -212,25 +216,57 @@ async def push_host(
     except EdgevisorError as exc:
         log.warning("host %s refused records: %s", host, exc.message)
         return exc.message
+    if reports is not None:
+        reports.append((host, result))
+        return _outcome(result)
     try:
         await _store(st, _report, host, result)
     except EdgevisorError as exc:
         log.warning("report of host %s not stored: %s", host, exc.message)
         return exc.message
+    return _outcome(result)
+
+
+def _outcome(result: Any) -> str:
     errors = [r.get("error") for r in (result or {}).get("reports", []) if r.get("error")]
     return "ok" if not errors else str(errors[0])
 
 
+def _report_many(s: Session, got: list[tuple[str, Any]]) -> None:
+    for host, result in got:
+        _report(s, host, result)
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+async def _store_reports(st: ControllerState, got: list[tuple[str, Any]]) -> None:
+    try:
+        await _store(st, _report_many, got)
+    except Exception:  # the reconciler pushes again to a host whose report is missing
+        log.exception("storing what hosts applied failed")
+
+
 async def push(st: ControllerState, change: Push) -> Push:
-    """Push one change to every host concerned; failures are left to the reconciler."""
+    """Push one change to every host concerned; failures are left to the reconciler.
+
+    Returns once every host answered (applied, failed or unreachable); what they applied
+    is stored in one transaction right after, without holding up the caller.
+    """
     targets = change.targets()
+    got: list[tuple[str, Any]] = []
     if targets and targets[0][0] == change.first:
         host, full = targets.pop(0)
-        change.results[host] = await push_host(st, host, full=full, record=change.record)
-    got = await asyncio.gather(
-        *(push_host(st, h, full=f, record=change.record) for h, f in targets)
+        change.results[host] = await push_host(st, host, full=full, record=change.record,
+                                               reports=got)
+    outcomes = await asyncio.gather(
+        *(push_host(st, h, full=f, record=change.record, reports=got) for h, f in targets)
     )
-    change.results.update({h: r for (h, _), r in zip(targets, got, strict=True)})
+    change.results.update({h: r for (h, _), r in zip(targets, outcomes, strict=True)})
+    if got:
+        task = asyncio.create_task(_store_reports(st, got))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
     return change
 
 
@@ -241,10 +277,27 @@ def _lagging_hosts(s: Session) -> list[str]:
     return [h.name for h in repos.list_hosts(s) if h.state == "up" and lagging(s, h.name)]
 
 
+MAX_BACKOFF_S = 60.0
+
+
 async def reconcile_once(st: ControllerState) -> dict[str, str]:
-    """Push the full set to each up host that lags; the result per host pushed."""
-    hosts = await _store(st, _lagging_hosts)
+    """Push the full set to each up host that lags; the result per host pushed.
+
+    A host that keeps failing (unreachable, or refusing a record it cannot translate)
+    is retried with an exponential back-off up to :data:`MAX_BACKOFF_S`.
+    """
+    ns = net_store(st)
+    now = st.clock()
+    hosts = [h for h in await _store(st, _lagging_hosts)
+             if ns.backoff.get(h, (0.0, 0.0))[0] <= now]
     got = await asyncio.gather(*(push_host(st, h, full=True) for h in hosts))
+    interval = st.settings.network.reconcile_interval_s
+    for host, result in zip(hosts, got, strict=True):
+        if result == "ok":
+            ns.backoff.pop(host, None)
+        else:
+            delay = min(MAX_BACKOFF_S, max(interval, 2 * ns.backoff.get(host, (0, 0))[1]))
+            ns.backoff[host] = (now + delay, delay)
     return dict(zip(hosts, got, strict=True))
 
 

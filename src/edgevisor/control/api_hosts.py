@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from edgevisor.control.auth import Principal, require_host, require_principal, state_of
+from edgevisor.control.pki import issue_host_cert
 from edgevisor.errors import Forbidden
 from edgevisor.sdk import models as m
 from edgevisor.store import repos
@@ -54,6 +55,8 @@ def join(body: m.HostJoin, request: Request) -> m.HostJoined:
     now = st.clock()
     with st.store.session() as s:
         repos.spend_join_token(s, body.join_token, body.name, now)
+        # signed inside the transaction: a bad CSR leaves the token unspent
+        cert, ca = issue_host_cert(st, body.name, body.csr_pem) if body.csr_pem else (None, None)
         host, secret = repos.register_host(
             s,
             body.name,
@@ -65,7 +68,7 @@ def join(body: m.HostJoin, request: Request) -> m.HostJoined:
         repos.add_event(
             s, "host.joined", now, subject=host.name, data=host_out(host).model_dump()
         )
-    return m.HostJoined(name=body.name, credential=secret)
+    return m.HostJoined(name=body.name, credential=secret, host_cert_pem=cert, ca_cert_pem=ca)
 
 
 @router.post("/hosts/{name}/heartbeat", response_model=m.HeartbeatAck)

@@ -13,21 +13,31 @@ from edgevisor import __version__
 from edgevisor.control import (
     api_accounts,
     api_addresses,
+    api_devices,
+    api_domains,
     api_events,
     api_hosts,
+    api_migrations,
     api_tasks,
+    api_volumes,
+    deployments,
     http_errors,
+    pki,
 )
 from edgevisor.control.addr_sync import run_leak_collector, run_records_reconciler
 from edgevisor.control.auth import Principal, require_principal
 from edgevisor.control.reconciler import run_liveness
 from edgevisor.control.state import ControllerState
+from edgevisor.migration.runner import run_migrations
 from edgevisor.sdk import models as m
 
 Loop = Callable[[ControllerState], Coroutine[Any, Any, None]]
 # Reconcilers the controller runs for its whole life; each capability adds its own.
 BACKGROUND_LOOPS: list[Loop] = [run_liveness]
 BACKGROUND_LOOPS += [run_records_reconciler, run_leak_collector]
+BACKGROUND_LOOPS += [pki.ensure_fleet_ca]  # a start-up step: returns once the CA exists
+BACKGROUND_LOOPS += [api_domains.run_domain_status]
+BACKGROUND_LOOPS += [run_migrations]
 
 
 def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
@@ -74,4 +84,10 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     app.include_router(api_events.router, tags=["events"])
     app.include_router(api_addresses.router, tags=["addresses"])
     app.include_router(api_tasks.router, tags=["tasks"])
+    app.include_router(api_devices.router, tags=["devices"])
+    app.include_router(deployments.router, tags=["deployments"])
+    app.include_router(api_volumes.router, tags=["volumes"])
+    app.include_router(api_domains.router, tags=["domains"])
+    app.include_router(api_migrations.router, tags=["migrations"])
+    app.include_router(pki.router, tags=["hosts"])
     return app

@@ -73,11 +73,12 @@ class NetworkSettings(BaseModel):
     dataplane_mode: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(
-            "Whether the agent runs the address-translation dataplane: auto = only as root."
+            "Whether the agent runs the address-translation dataplane: auto = only as root "
+            "and only when the controller is not on loopback (not a single machine)."
         ),
     )
     instance_netns_prefix: str = Field(
-        "evi-", max_length=8,
+        "evi-", max_length=32,
         description="Prefix of the network namespaces the agent creates for instances.",
     )
     dataplane: DataplaneSettings = Field(

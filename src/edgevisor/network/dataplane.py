@@ -75,6 +75,7 @@ __all__ = [
     "Dataplane",
     "DataplaneSettings",
     "Key",
+    "Pending",
     "assign_ids",
     "count_accounts",
     "element_lists",
@@ -107,6 +108,15 @@ class ApplyResult:
     warnings: tuple[str, ...] = ()
     committed_s: float = 0.0
     total_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A committed update whose link-level work is still to do (see :meth:`Dataplane.commit`)."""
+
+    batch: Batch
+    started: float
+    committed_s: float
 
 
 class Dataplane:
@@ -176,6 +186,16 @@ class Dataplane:
         In a delta, a record in state preserved/released removes its mapping. Raises
         :class:`ApplyFailed` with the table unchanged when the transaction is refused.
         """
+        return self.finish(self.commit(records, full=full))
+
+    def commit(self, records: Iterable[AppliedRecord], *, full: bool = False) -> Pending:
+        """The first half of :meth:`apply`: the translation, in one nftables transaction.
+
+        New connections use it once this returns. The caller must run :meth:`finish` on
+        the result (addresses, routes, conntrack flush, gratuitous ARPs) before the next
+        ``commit``; the agent does that after answering, so a remap is acknowledged at
+        commit time and old flows are cut right after.
+        """
         t0 = time.perf_counter()
         given = {r.key: r for r in records}
         if full:
@@ -197,6 +217,11 @@ class Dataplane:
             self._run(render_batch(batch, self.settings.table))
         committed = time.perf_counter() - t0
         self._commit(batch)
+        return Pending(batch, t0, committed)
+
+    def finish(self, pending: Pending) -> ApplyResult:
+        """The second half of :meth:`apply`: link-level work and the conntrack flush."""
+        batch = pending.batch
         warnings = self._links(batch)
         deleted = 0
         if batch.flush:
@@ -212,7 +237,7 @@ class Dataplane:
         if warnings:
             log.warning("dataplane %s: %s", self.host, "; ".join(warnings))
         return ApplyResult(batch.generation, batch.element_ops, deleted, tuple(warnings),
-                           committed, time.perf_counter() - t0)
+                           pending.committed_s, time.perf_counter() - pending.started)
 
     def plug(self, account: str, logical: IPv4Address) -> None:
         """(Re)install the route of a local instance whose veth appeared after apply."""

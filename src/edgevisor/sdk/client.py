@@ -20,8 +20,13 @@ import httpx
 from edgevisor.errors import EdgevisorError, PeerUnavailable, Unauthorized, from_payload
 from edgevisor.sdk import calls
 from edgevisor.sdk import models as m
+from edgevisor.sdk.addresses import AddressesMixin, AsyncAddressesMixin
 from edgevisor.sdk.calls import Call
+from edgevisor.sdk.devices import AsyncDevicesMixin, DevicesMixin
+from edgevisor.sdk.domains import AsyncDomainsMixin, DomainsMixin
+from edgevisor.sdk.migrations import AsyncMigrationsMixin, MigrationsMixin
 from edgevisor.sdk.tasks import AsyncTasksMixin, TasksMixin
+from edgevisor.sdk.volumes import AsyncVolumesMixin, VolumesMixin
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:7450"
@@ -79,7 +84,9 @@ def _transport_error(url: str, exc: httpx.TransportError) -> EdgevisorError:
     return PeerUnavailable(f"controller at {url} is unreachable: {exc}")
 
 
-class Client(TasksMixin):
+class Client(
+    TasksMixin, AddressesMixin, VolumesMixin, DevicesMixin, DomainsMixin, MigrationsMixin
+):
     """Synchronous client. ``Client()`` finds the local controller and admin token."""
 
     def __init__(
@@ -171,7 +178,10 @@ class Client(TasksMixin):
             raise _transport_error(self.url, exc) from exc
 
 
-class AsyncClient(AsyncTasksMixin):
+class AsyncClient(
+    AsyncTasksMixin, AsyncAddressesMixin, AsyncVolumesMixin, AsyncDevicesMixin,
+    AsyncDomainsMixin, AsyncMigrationsMixin,
+):
     """Asynchronous client with the same methods as :class:`Client`, awaited."""
 
     def __init__(

@@ -93,11 +93,16 @@ class HostJoin(AgentEndpoint):
     join_token: str = Field(max_length=128)
     capacity: Capacity
     physical_address: str | None = Field(None, max_length=64)
+    csr_pem: str | None = Field(
+        None, max_length=16384, description="PEM CSR for the host's fleet certificate."
+    )
 
 
 class HostJoined(_Model):
     name: str
     credential: str = Field(description="Per-host credential for heartbeats; keep it secret.")
+    host_cert_pem: str | None = Field(None, description="Fleet certificate (CN = host name).")
+    ca_cert_pem: str | None = Field(None, description="The fleet CA certificate.")
 
 
 class Heartbeat(AgentEndpoint):

@@ -135,7 +135,8 @@ class Conn(asyncio.BufferedProtocol):
 
     def start(self) -> None:
         self.sock.setblocking(False)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sock.family != socket.AF_UNIX:  # a unix socket has no Nagle to turn off
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server._conns.add(self)
         self._resume_reading()
         self.write(self.core.data_to_send())

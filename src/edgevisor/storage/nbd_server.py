@@ -19,7 +19,9 @@ available for exports without ``allowed_peers`` (loopback tests with the real to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -183,6 +185,28 @@ class NBDServer:
         loop.add_reader(lsock.fileno(), self._accept)
         name = lsock.getsockname()
         return name[0], name[1]
+
+    async def start_unix(self, path: str, *, mode: int = 0o600) -> str:
+        """Listen on a unix socket (replacing a stale one); only its owner may connect."""
+        loop = asyncio.get_running_loop()
+        self.main_loop = loop
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o777 & ~mode)
+            try:
+                lsock.bind(path)
+            finally:
+                os.umask(old)
+            lsock.listen(128)
+            lsock.setblocking(False)
+        except BaseException:
+            lsock.close()
+            raise
+        self._lsock = lsock
+        loop.add_reader(lsock.fileno(), self._accept)
+        return path
 
     def _accept(self) -> None:
         assert self._lsock is not None

@@ -334,16 +334,22 @@ class Volume:
         view = memoryview(data)
         stored = 0
         nblocks = -(-len(data) // self._bs)
-        for i in range(nblocks):
-            b = first + i
-            if self._present.get(b):
+        i = 0
+        while i < nblocks:  # one pwrite per run of still-missing blocks
+            if self._present.get(first + i):
+                i += 1
                 continue
-            chunk = view[i * self._bs : (i + 1) * self._bs]
+            j = i + 1
+            while j < nblocks and not self._present.get(first + j):
+                j += 1
+            chunk = view[i * self._bs : j * self._bs]
+            at = (first + i) * self._bs
             done = 0
             while done < len(chunk):
-                done += os.pwrite(self._fd, chunk[done:], b * self._bs + done)
-            self._wrote(b * self._bs, len(chunk))
-            stored += 1
+                done += os.pwrite(self._fd, chunk[done:], at + done)
+            self._wrote(at, len(chunk))
+            stored += j - i
+            i = j
         return stored
 
     def is_present(self, block: int) -> bool:

@@ -448,8 +448,8 @@ class StemPool:
             memory_mb=self._settings.stem_memory_mb,
             cpu=0,
             timeout_s=0,
-            network=network,
-            tmp_mb=tmp_mb,  # type: ignore[arg-type]
+            network=network,  # type: ignore[arg-type]
+            tmp_mb=tmp_mb,
         )
         stem = IsolatedEnvironment(spec, self._settings, self._runtime_dir, stem=True)
         await stem.start()

@@ -1,0 +1,415 @@
+"""The ``migration`` capability: the agent operations a migration's commands need.
+
+The controller's runner (:mod:`edgevisor.migration.runner`) performs each command of the
+migration machine as one or more of these ops on the source or the target host. Every op
+is idempotent (a retry after a lost answer or a restart is harmless) and is built from the
+``volumes`` and ``domains`` capabilities' Python APIs.
+
+Ops (payload always has ``account`` and ``name``, the domain):
+
+=========================  ======  ===================================================
+``migration.offer``        source  export the domain's volume to ``peer``; return the
+                                   domain spec, its app files (tar.gz, base64) and the
+                                   NBD endpoint of the export
+``migration.prepare``      target  define the domain here (not started), check that the
+                                   source's export opens with this host's certificate
+                                   (the authenticated link) and remember the source
+``migration.quiesce``      source  freeze, flush, stop the domain; flush the volume
+``migration.set_role``     both    ``primary``/``secondary`` of this host's copy
+``migration.start``        target  create the lazy volume (if absent) and start the domain
+``migration.fill``         target  create the volume if absent (stop-and-copy) and set
+                                   the fill rate; returns progress
+``migration.progress``     target  bytes present / total, done
+``migration.verify``       target  compare both copies block range by block range
+``migration.resync``       target  flush (with the sync mirror, this reaches the source)
+``migration.finish``       target  end mirroring: the filled lazy volume becomes plain
+``migration.release``      source  delete the domain and its volume (after the commit)
+``migration.resume``       source  make the copy primary again and start the domain
+``migration.stop_target``  target  stop the domain
+``migration.discard``      target  delete the domain and its volume
+=========================  ======  ===================================================
+
+Why the lazy volume is created at ``migration.start`` (post-copy) rather than at
+``prepare``: a lazy volume begins its background fill at once, and before the switch the
+source domain is still writing; blocks fetched then would be stale. Created after
+``quiesce``, every fetched block is the final one, and creating it costs a sparse file and
+one NBD handshake inside the downtime.
+
+Why ``resync`` is a flush: the ``volumes`` capability mirrors synchronously (a write the
+source did not take fails instead of being acknowledged), so the source never misses an
+acknowledged write and there is no dirty set to push; the flush makes what it has durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from edgevisor.errors import Conflict, NotFound, PeerUnavailable, RequestError
+from edgevisor.migration.domain_parts import DomainSpec
+from edgevisor.storage.nbd_client import NBDClient
+
+if TYPE_CHECKING:
+    from edgevisor.agent.daemon import Agent
+    from edgevisor.agent.domains import DomainsCapability
+    from edgevisor.agent.volumes import VolumesCapability
+
+__all__ = ["MigrationCapability", "VerifyMismatch"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_VERIFY_CHUNK = 1 << 20
+_VERIFY_RETRIES = 20
+_PAUSED_RATE = 0  # the lazy volume's "unlimited"
+
+
+class VerifyMismatch(Conflict):
+    """The two copies differ (after retries that rule out writes in flight)."""
+
+    code = "verify_mismatch"
+
+
+class MigrationCapability:
+    """Answers ``migration.*`` on one host (see the module docstring)."""
+
+    name = "migration"
+
+    def __init__(self) -> None:
+        self._agent: Agent | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dir = Path()
+
+    # -- capability ------------------------------------------------------------------
+
+    async def start(self, agent: Agent) -> None:
+        self._agent = agent
+        self._loop = asyncio.get_running_loop()
+        self._dir = agent.dir / "migration"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        ops: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]] = {
+            "migration.offer": self.op_offer,
+            "migration.prepare": self.op_prepare,
+            "migration.quiesce": self.op_quiesce,
+            "migration.set_role": self.op_set_role,
+            "migration.start": self.op_start,
+            "migration.fill": self.op_fill,
+            "migration.progress": self.op_progress,
+            "migration.verify": self.op_verify,
+            "migration.resync": self.op_resync,
+            "migration.finish": self.op_finish,
+            "migration.release": self.op_release,
+            "migration.resume": self.op_resume,
+            "migration.stop_target": self.op_stop_target,
+            "migration.discard": self.op_discard,
+        }
+        for op, fn in ops.items():
+            agent.router.add(op, self._on_loop(fn))
+
+    async def stop(self) -> None:
+        return None
+
+    async def connected(self) -> None:
+        return None
+
+    def _on_loop(
+        self, fn: Callable[[dict[str, Any]], Coroutine[Any, Any, T]]
+    ) -> Callable[[dict[str, Any]], Awaitable[T]]:
+        """Run ops on the agent's loop: volumes and domains own tasks bound to it, and an
+        in-process controller calls in from its own loop."""
+
+        async def run(payload: dict[str, Any]) -> T:
+            loop = self._loop
+            if loop is None or loop is asyncio.get_running_loop():
+                return await fn(payload)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(payload), loop))
+
+        return run
+
+    @property
+    def agent(self) -> Agent:
+        assert self._agent is not None, "the migration capability has not started"
+        return self._agent
+
+    @property
+    def volumes(self) -> VolumesCapability:
+        v: VolumesCapability = self.agent.capability("volumes")
+        return v
+
+    @property
+    def domains(self) -> DomainsCapability:
+        d: DomainsCapability = self.agent.capability("domains")
+        return d
+
+    # -- state of an incoming migration (target side) --------------------------------
+
+    def _state_path(self, account: str, name: str) -> Path:
+        return self._dir / f"{account}.{name}.json"
+
+    def _load(self, account: str, name: str) -> dict[str, Any]:
+        try:
+            raw: dict[str, Any] = json.loads(self._state_path(account, name).read_text())
+        except FileNotFoundError:
+            raise NotFound(
+                f"no migration of domain {name!r} is prepared on host {self.agent.host!r}"
+            ) from None
+        return raw
+
+    def _save(self, account: str, name: str, state: dict[str, Any]) -> None:
+        p = self._state_path(account, name)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, sort_keys=True))
+        tmp.replace(p)
+
+    @staticmethod
+    def _who(p: dict[str, Any]) -> tuple[str, str]:
+        try:
+            return str(p["account"]), str(p["name"])
+        except KeyError as exc:
+            raise RequestError(f"payload lacks {exc.args[0]!r}") from None
+
+    def _volume_id(self, account: str, name: str) -> str | None:
+        d = self.domains.domains.get(f"{account}.{name}")
+        return d.spec.volume_id if d is not None else None
+
+    def _has_volume(self, vid: str) -> bool:
+        try:
+            self.volumes.info(vid)
+        except NotFound:
+            return False
+        return True
+
+    # -- source ops --------------------------------------------------------------------
+
+    async def op_offer(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        d = self.domains.get(account, name)
+        endpoint = await self.volumes.export(d.spec.volume_id, peer=str(p["peer"]))
+        app = await asyncio.to_thread(_pack_dir, d.app_dir)
+        return {
+            "spec": d.spec.model_dump(mode="json"),
+            "app_b64": base64.b64encode(app).decode(),
+            "source": endpoint,
+            "size_bytes": self.volumes.info(d.spec.volume_id)["size_bytes"],
+        }
+
+    async def op_quiesce(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        d = self.domains.get(account, name)
+        t0 = time.monotonic()
+        await d.quiesce()
+        with contextlib.suppress(NotFound):
+            await self.volumes.device(d.spec.volume_id).flush()
+        return {"phase": d.phase, "quiesce_s": time.monotonic() - t0}
+
+    async def op_set_role(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        role = str(p["role"])
+        vid = self._volume_id(account, name)
+        if vid is None or not self._has_volume(vid):
+            return {"role": role, "applied": False}  # the volume is created with its role
+        if role == "secondary":
+            d = self.domains.get(account, name)
+            if d.phase not in ("stopped", "exited", "failed"):
+                raise Conflict(f"domain {name!r} is {d.phase}; quiesce it before demoting")
+        await self.volumes.set_role(vid, role)  # type: ignore[arg-type]
+        return {"role": role, "applied": True}
+
+    async def op_release(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        if f"{account}.{name}" not in self.domains.domains:
+            return {"released": False}
+        d = self.domains.get(account, name)
+        with contextlib.suppress(NotFound):
+            await self.volumes.unexport(d.spec.volume_id)
+        await self.domains.remove(account, name)
+        return {"released": True}
+
+    async def op_resume(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        d = self.domains.get(account, name)
+        vid = d.spec.volume_id
+        if self._has_volume(vid):
+            await self.volumes.set_role(vid, "primary")
+            with contextlib.suppress(NotFound):
+                await self.volumes.unexport(vid)
+        await d.start()
+        return self.domains.info(d)
+
+    # -- target ops --------------------------------------------------------------------
+
+    async def op_prepare(self, p: dict[str, Any]) -> dict[str, Any]:
+        spec = DomainSpec.model_validate(p["spec"])
+        source = dict(p["source"])
+        await self._probe(source, int(p["size_bytes"]))
+        if spec.qualified not in self.domains.domains:
+            app = base64.b64decode(p["app_b64"]) if p.get("app_b64") else None
+            await self.domains.create(spec, app, start=False)
+        state = {
+            "source": source,
+            "size_bytes": int(p["size_bytes"]),
+            "rate_bytes_s": p.get("rate_bytes_s"),
+            "volume_id": spec.volume_id,
+            "volume": spec.volume,
+        }
+        self._save(spec.account, spec.name, state)
+        return {"prepared": True}
+
+    async def _probe(self, source: dict[str, Any], size_bytes: int) -> None:
+        client = await self._connect(source)
+        try:
+            if client.size_bytes != size_bytes:
+                raise Conflict(
+                    f"source export is {client.size_bytes} bytes, expected {size_bytes}"
+                )
+        finally:
+            await client.aclose()
+
+    async def _connect(self, source: dict[str, Any]) -> NBDClient:
+        ident = self.volumes.identity
+        if ident is None or not ident.ready:
+            raise PeerUnavailable("this host has no fleet certificate yet; cannot reach peers")
+        return await NBDClient.connect(
+            str(source["address"]), int(source["port"]), str(source["export"]),
+            ssl_context=ident.client_context(), server_hostname=str(source["host"]),
+        )  # fmt: skip
+
+    async def _ensure_volume(self, account: str, name: str) -> dict[str, Any]:
+        """The lazy copy of the source's volume, created on first call."""
+        st = self._load(account, name)
+        vid = str(st["volume_id"])
+        if not self._has_volume(vid):
+            await self.volumes.create_lazy(
+                str(st["volume"]), int(st["size_bytes"]), account=account,
+                source=st["source"], mirror="sync",
+            )  # fmt: skip
+            # Before any await: the fill task has not taken its first tokens yet.
+            self.volumes.set_fill_rate(vid, int(st.get("rate_bytes_s") or _PAUSED_RATE))
+        return st
+
+    async def op_start(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        t0 = time.monotonic()
+        await self._ensure_volume(account, name)
+        d = self.domains.get(account, name)
+        await d.start()
+        out = self.domains.info(d)
+        out["start_s"] = time.monotonic() - t0
+        return out
+
+    async def op_fill(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        st = await self._ensure_volume(account, name)
+        rate = p.get("rate_bytes_s")
+        if rate is not None:
+            self.volumes.set_fill_rate(str(st["volume_id"]), int(rate))
+        return self._progress(str(st["volume_id"]))
+
+    async def op_progress(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        return self._progress(str(self._load(account, name)["volume_id"]))
+
+    def _progress(self, vid: str) -> dict[str, Any]:
+        info = self.volumes.info(vid)
+        lazy = info.get("lazy")
+        total = int(info["size_bytes"])
+        present = int(lazy["bytes_present"]) if lazy else int(info["present_bytes"])
+        return {
+            "present_bytes": present,
+            "total_bytes": total,
+            "rate_bytes_s": lazy["rate_bytes_per_s"] if lazy else None,
+            "done": present >= total,
+        }
+
+    async def op_verify(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Compare both copies range by range. A range that differs is read again (a
+        mirrored write may sit between its local and its remote half); one that keeps
+        differing fails the verification."""
+        account, name = self._who(p)
+        st = self._load(account, name)
+        vid = str(st["volume_id"])
+        await self.volumes.wait_filled(vid, None)
+        dev = self.volumes.device(vid)
+        await dev.flush()
+        client = await self._connect(st["source"])
+        h = hashlib.sha256()
+        rereads = 0
+        try:
+            size = dev.size_bytes
+            for off in range(0, size, _VERIFY_CHUNK):
+                n = min(_VERIFY_CHUNK, size - off)
+                for attempt in range(_VERIFY_RETRIES + 1):
+                    mine, theirs = await asyncio.gather(dev.read(off, n), client.read(off, n))
+                    if mine == theirs:
+                        break
+                    if attempt == _VERIFY_RETRIES:
+                        raise VerifyMismatch(
+                            f"copies of {vid} differ at bytes {off}..{off + n}",
+                            details={"offset": off, "length": n},
+                        )
+                    rereads += 1
+                    await asyncio.sleep(0.02)
+                h.update(mine)
+        finally:
+            await client.aclose()
+        return {"sha256": h.hexdigest(), "rereads": rereads}
+
+    async def op_resync(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        try:
+            vid = str(self._load(account, name)["volume_id"])
+        except NotFound:
+            return {"flushed": False}
+        if not self._has_volume(vid):
+            return {"flushed": False}
+        await self.volumes.device(vid).flush()
+        return {"flushed": True}
+
+    async def op_finish(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        try:
+            vid = str(self._load(account, name)["volume_id"])
+        except NotFound:
+            return {"finished": False}  # done before
+        await self.volumes.promote(vid)
+        self._state_path(account, name).unlink(missing_ok=True)
+        return {"finished": True}
+
+    async def op_stop_target(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        if f"{account}.{name}" not in self.domains.domains:
+            return {"stopped": False}
+        d = self.domains.get(account, name)
+        await d.stop()
+        return {"stopped": True}
+
+    async def op_discard(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        vid: str | None = None
+        with contextlib.suppress(NotFound):
+            vid = str(self._load(account, name)["volume_id"])
+        if f"{account}.{name}" in self.domains.domains:
+            vid = vid or self._volume_id(account, name)
+            await self.domains.remove(account, name)
+        if vid is not None and self._has_volume(vid):
+            await self.volumes.remove(vid)
+        self._state_path(account, name).unlink(missing_ok=True)
+        return {"discarded": True}
+
+
+def _pack_dir(path: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        if path.is_dir():
+            for child in sorted(path.iterdir()):
+                tf.add(child, arcname=child.name)
+    return buf.getvalue()

@@ -1,0 +1,246 @@
+"""The host objects of a domain: volume backend, network namespace, cgroups, stale clearing.
+
+:class:`LocalVolumes` stands in for the ``volumes`` capability (same calling convention)
+where an agent runs without it. :func:`create_domain_netns` is the one place a domain's
+network is built. :func:`clear_stale` runs at agent start and removes what a previous run
+of the same agent left: its domains' cgroups (processes killed first), namespaces, and the
+attachments of their volumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgevisor.errors import NotFound, UnavailableError
+from edgevisor.migration.domain_parts import cgroup_parent, netns_prefix
+from edgevisor.network import netns as nn
+from edgevisor.storage.attach import AttachedVolume, AttachSettings, recover_stale
+from edgevisor.storage.volume import DEFAULT_BLOCK_SIZE, Volume
+from edgevisor.tasks.cgroups import CGROUP_ROOT, CONTROLLERS, CgroupSet
+
+__all__ = [
+    "DomainError",
+    "LocalVolumes",
+    "StaleReport",
+    "VolumeBackend",
+    "clear_stale",
+    "create_domain_netns",
+    "domain_cgroup",
+    "remove_domain_netns",
+    "remove_host_cgroups",
+    "set_freezer",
+    "syncfs",
+]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class DomainError(UnavailableError):
+    """A domain could not be started or stopped (sandbox, network, cgroups, volume)."""
+
+    code = "domain_failed"
+
+
+# -- volumes --------------------------------------------------------------------------------
+
+
+class VolumeBackend(Protocol):
+    """The part of the ``volumes`` capability a domain uses (same signatures)."""
+
+    async def create(
+        self, name: str, size_bytes: int, *, account: str, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> dict[str, Any]: ...
+
+    async def attach(self, name: str, target: Path, *, mount_ns: Path | None = None) -> Any: ...
+
+    async def detach(self, name: str) -> Any: ...
+
+    async def remove(self, name: str) -> Any: ...
+
+    def info(self, name: str) -> dict[str, Any]: ...
+
+
+class LocalVolumes:
+    """Stand-in for the ``volumes`` capability: Volume + AttachedVolume under ``root``.
+
+    Same calling convention: ``create`` takes the name in the account, every other method
+    the id ``<account>.<name>``. ``<root>/<id>/`` is the volume, ``<root>/.attach/<id>/``
+    its attachment state.
+    """
+
+    def __init__(self, root: Path, settings: AttachSettings | None = None) -> None:
+        self.root = root
+        self.attach_dir = root / ".attach"
+        self.settings = settings or AttachSettings()
+
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+    def _attached(self, name: str, target: Path | None = None) -> AttachedVolume:
+        return AttachedVolume(
+            name,
+            state_dir=self.attach_dir,
+            target=target or self.root / name / "unused-target",
+            kind="volume",
+            arg=str(self._path(name)),
+            settings=self.settings,
+        )
+
+    async def create(
+        self, name: str, size_bytes: int, *, account: str, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> dict[str, Any]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        vid = f"{account}.{name}"
+        vol = await asyncio.to_thread(Volume.create, self._path(vid), size_bytes, block_size)
+        vol.close()
+        return self.info(vid)
+
+    async def attach(self, name: str, target: Path, *, mount_ns: Path | None = None) -> Any:
+        return await self._attached(name, target).attach()
+
+    async def detach(self, name: str) -> Any:
+        await self._attached(name).detach()
+
+    async def remove(self, name: str) -> Any:
+        await self.detach(name)
+        await asyncio.to_thread(shutil.rmtree, self._path(name), True)
+
+    def info(self, name: str) -> dict[str, Any]:
+        path = self._path(name)
+        if not (path / "data").exists():
+            raise NotFound(f"volume {name!r} not found")
+        return {"id": name, "path": str(path), "size_bytes": (path / "data").stat().st_size}
+
+    async def clear_stale(self) -> None:
+        if self.attach_dir.is_dir():
+            await recover_stale(self.attach_dir, settings=self.settings)
+
+
+# -- network --------------------------------------------------------------------------------
+
+
+def create_domain_netns(netns: str, account: str, address: IPv4Address) -> str:
+    """The domain's network namespace behind a veth; returns the host-side interface.
+
+    The one place a domain's network is built (the addressing work replaces the test
+    address with the domain's logical one). Inside: ``address/32`` on eth0, default route
+    via the link-local gateway; on the host: a /32 route to ``address`` over the veth.
+    """
+    # Leftovers of the same names are ours (names are per agent). The host end of a veth
+    # outlives its namespace for a moment (the kernel cleans namespaces up asynchronously),
+    # so it is deleted by name; deleting one end removes the pair at once.
+    remove_domain_netns(netns, nn.instance_ifname(account, address))
+    inst = nn.create_instance(netns, None, account, address)
+    try:
+        nn.ip("route", "replace", f"{address}/32", "dev", inst.ifname, "src", str(nn.GATEWAY))
+    except BaseException:
+        remove_domain_netns(netns, inst.ifname)
+        raise
+    return inst.ifname
+
+
+def remove_domain_netns(netns: str, ifname: str | None = None) -> None:
+    """Remove the namespace; with ``ifname``, its veth pair (and host route) right away."""
+    if ifname is not None:
+        nn.ip("link", "del", ifname, check=False)
+    nn.delete_netns(netns)
+
+
+# -- cgroups --------------------------------------------------------------------------------
+
+
+def domain_cgroup(host: str, tag: str, root: Path = CGROUP_ROOT) -> CgroupSet:
+    cg = CgroupSet(tag, root)
+    cg.paths = {c: root / c / cgroup_parent(host) / tag for c in CONTROLLERS}
+    return cg
+
+
+def _freezer_state(cg: CgroupSet) -> str:
+    try:
+        return (cg.paths["freezer"] / "freezer.state").read_text().strip()
+    except OSError:
+        return "THAWED"
+
+
+async def set_freezer(cg: CgroupSet, state: str, timeout_s: float) -> None:
+    path = cg.paths["freezer"] / "freezer.state"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await asyncio.to_thread(path.write_text, state)
+        if _freezer_state(cg) == state:
+            return
+        if time.monotonic() > deadline:
+            raise DomainError(f"cgroup did not reach {state} within {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
+def syncfs(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+# -- agent restart ----------------------------------------------------------------------------
+
+
+@dataclass
+class StaleReport:
+    netns: list[str]
+    cgroups: list[str]
+    volumes: list[str]
+
+
+async def clear_stale(
+    host: str,
+    volumes: VolumeBackend,
+    attached: list[str],
+    *,
+    root: Path = CGROUP_ROOT,
+    timeout_s: float = 20.0,
+) -> StaleReport:
+    """Clear what a previous run of this host's agent left: its domains' cgroups (processes
+    killed), network namespaces, and the attachments of the volumes named in ``attached``.
+
+    Run at agent start before any domain of this host runs: everything found is stale.
+    """
+    report = StaleReport([], [], [])
+    parent = root / "freezer" / cgroup_parent(host)
+    if parent.is_dir():
+        for entry in sorted(parent.iterdir()):
+            if entry.is_dir():
+                await asyncio.to_thread(domain_cgroup(host, entry.name, root).remove, timeout_s)
+                report.cgroups.append(entry.name)
+    prefix = netns_prefix(host)
+    if os.path.isdir(nn.NETNS_DIR):
+        for name in sorted(os.listdir(nn.NETNS_DIR)):
+            if name.startswith(prefix):
+                await asyncio.to_thread(remove_domain_netns, name)
+                report.netns.append(name)
+    for vol in attached:
+        with contextlib.suppress(NotFound):
+            await volumes.detach(vol)
+            report.volumes.append(vol)
+    if isinstance(volumes, LocalVolumes):
+        await volumes.clear_stale()
+    return report
+
+
+def remove_host_cgroups(host: str, root: Path = CGROUP_ROOT) -> None:
+    """Remove the host's (empty) parent groups; at agent stop, once its domains are gone."""
+    for c in CONTROLLERS:
+        with contextlib.suppress(OSError):  # busy: a domain is still there
+            (root / c / cgroup_parent(host)).rmdir()

@@ -1,0 +1,163 @@
+"""A controller and several in-process agents on one machine: tests, demo and benchmark.
+
+Each agent is the full agent of ``edgevisor agent`` (:func:`edgevisor.agent.local.
+build_agent`) with its own data dir, on its own event loop in its own thread, reached by
+the controller in-process (``links.attach_local``) like ``edgevisor up`` does; its NBD
+endpoint listens on loopback. Domains need root (namespaces, cgroups, FUSE).
+
+``stop_agent``/``start_agent`` simulate a host crash and return (the agent's domains die
+with it; its data dir stays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgevisor.agent.daemon import Agent
+from edgevisor.agent.local import build_agent
+from edgevisor.sdk.client import Client
+from edgevisor.settings import load_settings
+from edgevisor.testing.controller import RunningController, running_controller
+
+__all__ = ["LocalAgent", "Testbed", "http", "open_testbed", "wait_serving"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class LocalAgent:
+    host: str
+    agent: Agent
+    loop: asyncio.AbstractEventLoop
+    task: asyncio.Task[None]
+    thread: threading.Thread
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+
+@dataclass
+class Testbed:
+    __test__ = False  # not a pytest test class
+
+    ctl: RunningController
+    admin: Client
+    root: Path
+    agents: dict[str, LocalAgent] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    def start_agent(self, host: str) -> LocalAgent:
+        token = None
+        if not (self.root / host / "agent" / host / "credential.json").exists():
+            token = self.admin.create_join_token(host=host).secret
+        settings = load_settings(
+            overrides={
+                "data_dir": str(self.root / host),
+                "agent.controller_url": self.ctl.url,
+                "agent.host_name": host,
+                "agent.heartbeat_interval_s": 0.2,
+                **({"agent.join_token": token} if token else {}),
+                "storage.nbd.listen_host": "127.0.0.1",
+                "storage.nbd.listen_port": 0,
+                # Simulated hosts share this machine's root namespace: give each its own
+                # domain addresses (the veth names derive from the address).
+                "domains.test_subnet": f"169.254.{192 + 16 * self._index(host)}.0/20",
+                **self.overrides,
+            },
+            environ={},
+        )
+        agent = build_agent(settings)
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def main() -> None:
+            self.ctl.state.links.attach_local(host, agent.router)
+            ready.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await agent.run(serve_api=False)
+
+        task = loop.create_task(main())
+        thread = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
+        thread.start()
+        ready.wait(30)
+        la = LocalAgent(host, agent, loop, task, thread)
+        self.agents[host] = la
+        self.wait_up(host)
+        return la
+
+    def _index(self, host: str) -> int:
+        if host not in self.order:
+            self.order.append(host)
+        return self.order.index(host) % 3  # 169.254.192.0 .. 169.254.239.255
+
+    def wait_up(self, host: str, deadline_s: float = 60) -> None:
+        end = time.monotonic() + deadline_s
+        vols = self.agents[host].agent.capability("volumes")
+        while True:
+            up = any(h.name == host and h.state == "up" for h in self.admin.list_hosts())
+            if up and vols.server is not None and vols.server.ssl_context is not None:
+                return
+            if time.monotonic() > end:
+                raise TimeoutError(f"host {host} did not come up")
+            time.sleep(0.05)
+
+    def stop_agent(self, host: str) -> None:
+        """The host goes away: its agent stops (domains die with it), the link is cut."""
+        la = self.agents.pop(host)
+        self.ctl.state.links.detach_local(host)
+        la.loop.call_soon_threadsafe(la.task.cancel)
+        la.thread.join(120)
+
+    def close(self) -> None:
+        for host in list(self.agents):
+            self.stop_agent(host)
+        self.admin.close()
+
+
+@contextlib.contextmanager
+def open_testbed(
+    root: Path, hosts: list[str], overrides: dict[str, Any] | None = None,
+    controller_overrides: dict[str, Any] | None = None,
+) -> Iterator[Testbed]:  # fmt: skip
+    with running_controller(root / "ctl", controller_overrides) as ctl:
+        tb = Testbed(ctl, Client(ctl.url, ctl.admin_token), root, overrides=overrides or {})
+        try:
+            for h in hosts:
+                tb.start_agent(h)
+            yield tb
+        finally:
+            tb.close()
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, timeout_s: float = 5
+) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+
+
+def wait_serving(address: str, port: int = 8080, deadline_s: float = 60) -> None:
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            if http("GET", f"http://{address}:{port}/healthz", timeout_s=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise TimeoutError(f"nothing serves on {address}:{port}")
+        time.sleep(0.05)
