@@ -18,15 +18,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # (title, script, timeout in seconds); order is the order in the document.
-BENCHMARKS: list[tuple[str, str, int]] = [
-    ("Coordinator: scheduler and service", "bench/coordinator/scheduler.py", 600),
-    ("Coordinator: environments", "bench/coordinator/cold_start.py", 600),
-    ("Devices: MQTT routing", "bench/devices/run.py", 600),
-    ("Storage: NBD server", "bench/storage/run.py", 1200),
-    ("Storage: FUSE image", "bench/fuse/run.py", 600),
-    ("Addresses: allocation", "bench/addresses/allocations.py", 600),
-    ("Addresses: dataplane", "bench/addresses/dataplane.py", 600),
-    ("Migration", "bench/migration/run.py", 1200),
+BENCHMARKS: list[tuple[str, list[str], int]] = [
+    ("Coordinator: HTTP API and agent footprint", ["bench/coordinator/api.py"], 600),
+    (
+        "Coordinator: scheduler and service",
+        ["bench/coordinator/scheduler.py", "--env", "inproc", "plain", "isolated"],
+        600,
+    ),
+    ("Coordinator: environments", ["bench/coordinator/cold_start.py"], 600),
+    ("Devices: MQTT routing (device layer)", ["bench/devices/run.py"], 600),
+    ("Devices: through `edgevisor up` to a real task", ["bench/devices/wired.py"], 600),
+    ("Storage: NBD server", ["bench/storage/run.py", "--rounds", "3"], 1200),
+    ("Storage: lazy volumes", ["bench/storage/lazy.py"], 600),
+    ("Storage: FUSE image", ["bench/fuse/run.py"], 600),
+    ("Migration", ["bench/migration/run.py"], 1200),
+    ("Addresses: allocation", ["bench/addresses/allocations.py"], 600),
+    ("Addresses: dataplane", ["bench/addresses/dataplane.py"], 600),
+    ("Addresses: remap through the API", ["bench/addresses/remap.py"], 600),
 ]
 
 
@@ -54,7 +62,8 @@ def main() -> int:
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}.\n",
     ]
     failed = 0
-    for title, script, timeout in BENCHMARKS:
+    for title, argv, timeout in BENCHMARKS:
+        script = argv[0]
         if args.only and not any(o in script for o in args.only):
             continue
         path = ROOT / script
@@ -65,7 +74,7 @@ def main() -> int:
         started = time.monotonic()
         try:
             proc = subprocess.run(
-                [sys.executable, str(path)],
+                [sys.executable, str(path), *argv[1:]],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,

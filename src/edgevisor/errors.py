@@ -160,6 +160,10 @@ def from_payload(status: int, payload: Any) -> EdgevisorError:
             if cls is TooManyRequests:
                 retry = float((details or {}).get("retry_after_s", 1.0))
                 return TooManyRequests(message, retry_after_s=retry, details=details)
-            return cls(message, details=details)
+            try:
+                return cls(message, details=details)
+            except TypeError:  # a subclass with its own constructor: use its base
+                base = next(b for b in cls.__mro__[1:] if issubclass(b, EdgevisorError))
+                return base(message, details=details)
     by_status = {c.status: c for c in reversed(_all_subclasses(EdgevisorError))}
     return by_status.get(status, EdgevisorError)(message, details=details)

@@ -88,6 +88,17 @@ def device_rm(
     console.print(f"removed device {name}")
 
 
+@device_app.command("stats")
+def device_stats(
+    host: Annotated[str, typer.Option("--host", help="The host.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """A host's device counters, broker refusals, ACL drops and spool losses (admin)."""
+    with client(url, token) as c:
+        emit_json(c.device_stats(host))
+
+
 # --- routes --------------------------------------------------------------------------------
 
 

@@ -507,3 +507,14 @@ def pending_shadows(name: str, request: Request, host: HostAuth) -> list[dict[st
             out.append({**row.doc, "device": qualified(names[row.account_id], row.device)})
             row.pending = 0  # the agent merges it now; its own sync brings the result back
     return out
+
+
+@router.get("/hosts/{name}/devices/stats")
+async def device_stats(name: str, request: Request, p: Auth) -> dict[str, Any]:
+    """A host's device counters: messages, calls, dead letters, broker refusals and
+    ACL drops per device, spool depth and losses (dropped/rejected). Admin only: the counters
+    name every account's devices."""
+    p.require_admin()
+    st = state_of(request)
+    stats: dict[str, Any] = await st.links.call(pick_host(st, name), "devices.stats", {})
+    return stats

@@ -158,6 +158,8 @@ class MigrationRunner:
         self.jobs: dict[str, _Job] = {}
         self.trace: dict[str, list[str]] = {}
         """Kinds of the commands performed, per migration (tests assert the sequence)."""
+        self.timings: dict[str, list[tuple[str, float]]] = {}
+        """Seconds each command that succeeded took, per migration (benchmarks)."""
         self._admit_lock = asyncio.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -260,7 +262,7 @@ class MigrationRunner:
             id=job.m.spec.migration_id, domain=job.name, account=job.account,
             source=job.m.spec.source, target=job.m.spec.target, mode=str(job.m.spec.mode),
             phase=str(s.phase), cause=str(s.cause) if s.cause else None,
-            created_at=job.created_at, updated_at=self.st.clock(),
+            settled=_settled(job.m), created_at=job.created_at, updated_at=self.st.clock(),
         )  # fmt: skip
         return out
 
@@ -300,8 +302,13 @@ class MigrationRunner:
                 )
             )
             if busy is not None:
+                why = (
+                    f"cleanup on {busy.target!r} is pending"
+                    if busy.phase in ("aborted", "failed_back")
+                    else "it is already migrating"
+                )
                 raise MigrationRefused(
-                    f"domain {name!r} is already migrating ({busy.id}, {busy.phase})"
+                    f"domain {name!r} cannot migrate: {why} ({busy.id}, {busy.phase})"
                 )
             spec = MigrationSpec(
                 migration_id=uuid.uuid4().hex[:16],
@@ -346,7 +353,7 @@ class MigrationRunner:
                 return
             row.state = m.to_dict()
             row.phase = str(m.phase)
-            row.settled = m.settled
+            row.settled = _settled(m)
             row.updated_at = now
             d = s.scalar(
                 select(Domain).where(Domain.account_id == job.account_id, Domain.name == job.name)
@@ -376,7 +383,9 @@ class MigrationRunner:
         m = job.m
         try:
             await self._apply(job, first)
-            while not m.settled:
+            # Cleanup skipped on a dead target (leftovers) is done when it returns: its
+            # agent may restart the domain there, so the driver waits for it.
+            while not _settled(m):
                 ev = await job.queue.get()
                 if isinstance(ev, _AbortAsk):
                     try:
@@ -430,9 +439,13 @@ class MigrationRunner:
                 log.warning("migration runner: unknown command %r", cmd)
 
     async def _exec(self, job: _Job, cmd: Command) -> None:
+        t0 = time.monotonic()
         try:
             await self._perform(job, cmd)
             ev: Event = Done(cmd)
+            self.timings.setdefault(job.m.spec.migration_id, []).append(
+                (_label(cmd), time.monotonic() - t0)
+            )
         except asyncio.CancelledError:
             raise
         except UnavailableError as exc:
@@ -548,6 +561,11 @@ class MigrationRunner:
                             data=self.info(job))  # fmt: skip
         except Exception:  # events are best effort; the row is the truth
             log.exception("cannot publish %s", kind)
+
+
+def _settled(m: Migration) -> bool:
+    """The machine's ``settled``, and no cleanup left on a dead target either."""
+    return m.settled and (m.released or not m.leftovers)
 
 
 def _label(cmd: Command) -> str:

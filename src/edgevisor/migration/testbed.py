@@ -55,6 +55,7 @@ class Testbed:
     agents: dict[str, LocalAgent] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
 
     def start_agent(self, host: str) -> LocalAgent:
         token = None
@@ -68,7 +69,7 @@ class Testbed:
                 "agent.heartbeat_interval_s": 0.2,
                 **({"agent.join_token": token} if token else {}),
                 "storage.nbd.listen_host": "127.0.0.1",
-                "storage.nbd.listen_port": 0,
+                "storage.nbd.listen_port": self._nbd_port(host),
                 # Simulated hosts share this machine's root namespace: give each its own
                 # domain addresses (the veth names derive from the address).
                 "domains.test_subnet": f"169.254.{192 + 16 * self._index(host)}.0/20",
@@ -94,6 +95,14 @@ class Testbed:
         self.agents[host] = la
         self.wait_up(host)
         return la
+
+    def _nbd_port(self, host: str) -> int:
+        """A port per host kept across restarts (a lazy volume reconnects to it)."""
+        if host not in self.ports:
+            from edgevisor.testing.controller import free_port
+
+            self.ports[host] = free_port()
+        return self.ports[host]
 
     def _index(self, host: str) -> int:
         if host not in self.order:

@@ -173,6 +173,10 @@ def device_messages(
                 params=_params(after=after, limit=limit, account=account))  # fmt: skip
 
 
+def device_stats(host: str) -> Call[dict[str, Any]]:
+    return Call("GET", f"/v1/hosts/{host}/devices/stats", _one(dict[str, Any]))
+
+
 def apply_deployment(
     spec: dict[str, Any], account: str | None = None
 ) -> Call[list[DeploymentInfo]]:
@@ -307,6 +311,10 @@ class DevicesMixin:
     ) -> list[DeviceMessageInfo]:
         return self.call(device_messages(after, limit, account))
 
+    def device_stats(self, host: str) -> dict[str, Any]:
+        """A host's device counters, spool depth and losses (admin token)."""
+        return self.call(device_stats(host))
+
     def apply_deployment(
         self, spec: dict[str, Any] | Path, account: str | None = None
     ) -> list[DeploymentInfo]:
@@ -369,6 +377,9 @@ class AsyncDevicesMixin:
         self, after: int = 0, limit: int = 1000, account: str | None = None
     ) -> list[DeviceMessageInfo]:
         return await self.call(device_messages(after, limit, account))
+
+    async def device_stats(self, host: str) -> dict[str, Any]:
+        return await self.call(device_stats(host))
 
     async def apply_deployment(
         self, spec: dict[str, Any] | Path, account: str | None = None

@@ -40,6 +40,7 @@ from edgevisor.proto.nbd_wire import (
 __all__ = ["NBDClient", "NBDCommandError"]
 
 _RECV_MIN = 256 * 1024
+_RECV_BUFFER = 8 << 20
 
 
 class NBDCommandError(EdgevisorError):
@@ -77,6 +78,9 @@ class NBDClient:
         # every byte read, which is most of a lazy volume's fill cost.
         transport = writer.transport
         transport.set_protocol(_Replies(self, transport.get_protocol()))
+        # A roomy buffer: with room for several 1 MiB replies, the partial reply at the
+        # end is moved to the front once per several MiB, not once per reply.
+        core.get_buffer(_RECV_BUFFER).release()
 
     # ------------------------------------------------------------ setup
 

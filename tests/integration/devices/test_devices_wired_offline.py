@@ -60,6 +60,9 @@ def test_controller_outage_loses_nothing(tmp_path: Path) -> None:
         assert versions == sorted(versions) and len(versions) == shadows
         assert [m.seq for m in items] == sorted(m.seq for m in items)
         assert svc.spool.stats()["pending"] == 0
+        stats = f.admin.device_stats("local")
+        assert stats["spool"]["delivered"] >= 1 + n + shadows and stats["spool"]["dropped"] == 0
+        assert stats["task_calls"] >= n and stats["broker"]["connections_accepted"] >= 1
         events = [e for e in f.admin.recent_events() if e.kind == "device.message"]
         assert [e.data["body"]["payload"]["n"] for e in events] == [-1, *range(n)]
         final = acme.get_shadow("d1")
