@@ -7,7 +7,6 @@ position), and an oversize body (413, enforced while streaming, not only by the 
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -15,9 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgevisor.errors import EdgevisorError, PayloadTooLarge, TooManyRequests
+from edgevisor.errors import EdgevisorError, TooManyRequests
+from edgevisor.httpserver import BodyLimit
+
+__all__ = ["BodyLimit", "error_response", "install"]
 
 log = logging.getLogger(__name__)
 
@@ -78,76 +79,3 @@ def install(app: FastAPI) -> None:
     async def _bug(_req: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in request")
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
-
-
-def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
-    queue = list(messages)
-
-    async def receive() -> Message:
-        if queue:
-            return queue.pop(0)
-        if then is not None:
-            return await then()  # e.g. http.disconnect while a stream is open
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over the limit with 413, by header or while reading.
-
-    ``exceptions`` maps ``(method, path)`` to its own limit (bundle uploads are larger).
-    """
-
-    def __init__(
-        self, app: ASGIApp, limit: int, exceptions: dict[tuple[str, str], int] | None = None
-    ) -> None:
-        self.app = app
-        self.limit = limit
-        self.exceptions = exceptions or {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.exceptions.get((scope["method"], scope["path"]), self.limit)
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > limit:
-                await _reject(limit, send)
-                return
-        # Read the body up to the limit first and replay it: a parser downstream would turn
-        # an error raised mid-stream into a 400.
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                await self.app(scope, _replay([msg]), send)
-                return
-            chunk = msg.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:
-                await _reject(limit, send)
-                return
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body], receive), send)
-
-
-async def _reject(limit: int, send: Send) -> None:
-    exc = PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-    body = json.dumps(exc.to_payload()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
