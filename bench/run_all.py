@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -85,7 +86,9 @@ def main() -> int:
             ok, out, err = False, "", f"timed out after {timeout}s: {exc}"
         took = time.monotonic() - started
         if ok:
-            parts.append(f"## {title}\n\n`{script}` ({took:.0f} s)\n\n{out.strip()}\n")
+            # Each script's own headings sit one level under this section's.
+            body = re.sub(r"^(#+) ", r"#\1 ", out.strip(), flags=re.MULTILINE)
+            parts.append(f"## {title}\n\n`{' '.join(argv)}` ({took:.0f} s)\n\n{body}\n")
         else:
             failed += 1
             tail = "\n".join((out + "\n" + err).strip().splitlines()[-15:])
