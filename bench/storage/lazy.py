@@ -187,10 +187,15 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=400, help="first reads per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tls", action="store_true", help="TLS with fleet certificates")
-    ap.add_argument("--batch", type=int, default=LazySettings().fill_batch_blocks,
-                    help="blocks per fill request")
-    ap.add_argument("--inflight", type=int, default=LazySettings().fill_inflight,
-                    help="fill requests in flight")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=LazySettings().fill_batch_blocks,
+        help="blocks per fill request",
+    )
+    ap.add_argument(
+        "--inflight", type=int, default=LazySettings().fill_inflight, help="fill requests in flight"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ev-lazy-bench-") as t:
         rows = asyncio.run(run(args, Path(t)))

@@ -27,8 +27,9 @@ def build_agent(settings: Settings) -> Agent:
     agent.add(AddressesCapability(settings))
     agent.add(DevicesCapability(settings))
     agent.add(VolumesCapability(settings))
+    # before domains: it keeps a domain whose migration here is unfinished from restarting
+    agent.add(MigrationCapability())
     agent.add(DomainsCapability(settings))  # after volumes: it uses them
-    agent.add(MigrationCapability())  # uses volumes and domains
     return agent
 
 

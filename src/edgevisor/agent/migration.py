@@ -88,6 +88,9 @@ class MigrationCapability:
         self._agent: Agent | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dir = Path()
+        self._fill_started: dict[str, float] = {}
+        self._fill_took: dict[str, float] = {}
+        self._timers: set[asyncio.Task[None]] = set()
 
     # -- capability ------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class MigrationCapability:
         self._loop = asyncio.get_running_loop()
         self._dir = agent.dir / "migration"
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._hold_incoming(agent.dir / "domains")
         ops: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]] = {
             "migration.offer": self.op_offer,
             "migration.prepare": self.op_prepare,
@@ -115,8 +119,26 @@ class MigrationCapability:
         for op, fn in ops.items():
             agent.router.add(op, self._on_loop(fn))
 
+    def _hold_incoming(self, domains_dir: Path) -> None:
+        """A target restarting in the middle of a migration must not start the domain
+        by itself: the controller decides (it rolls back, or starts it again). Runs before
+        the domains capability reads its ``state.json`` files."""
+        for p in sorted(self._dir.glob("*.json")):
+            state = domains_dir / p.stem / "state.json"
+            try:
+                saved = json.loads(state.read_text())
+            except (OSError, ValueError):
+                continue
+            if saved.get("desired") == "running":
+                saved["desired"] = "stopped"
+                tmp = state.with_suffix(".tmp")
+                tmp.write_text(json.dumps(saved))
+                tmp.replace(state)
+                log.info("domain %s: migration here unfinished; not restarted", p.stem)
+
     async def stop(self) -> None:
-        return None
+        for t in list(self._timers):
+            t.cancel()
 
     async def connected(self) -> None:
         return None
@@ -294,7 +316,16 @@ class MigrationCapability:
             )  # fmt: skip
             # Before any await: the fill task has not taken its first tokens yet.
             self.volumes.set_fill_rate(vid, int(st.get("rate_bytes_s") or _PAUSED_RATE))
+            self._fill_started[vid] = t0 = time.monotonic()
+            task = asyncio.get_running_loop().create_task(self._time_fill(vid, t0))
+            self._timers.add(task)
+            task.add_done_callback(self._timers.discard)
         return st
+
+    async def _time_fill(self, vid: str, t0: float) -> None:
+        with contextlib.suppress(Exception):
+            await self.volumes.wait_filled(vid, None)
+            self._fill_took[vid] = time.monotonic() - t0
 
     async def op_start(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
@@ -323,11 +354,14 @@ class MigrationCapability:
         lazy = info.get("lazy")
         total = int(info["size_bytes"])
         present = int(lazy["bytes_present"]) if lazy else int(info["present_bytes"])
+        done = present >= total
         return {
             "present_bytes": present,
             "total_bytes": total,
             "rate_bytes_s": lazy["rate_bytes_per_s"] if lazy else None,
-            "done": present >= total,
+            "done": done,
+            # from creating the lazy volume (at the switch) to every block present
+            "fill_s": self._fill_took.get(vid),
         }
 
     async def op_verify(self, p: dict[str, Any]) -> dict[str, Any]:

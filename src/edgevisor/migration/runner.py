@@ -160,6 +160,8 @@ class MigrationRunner:
         """Kinds of the commands performed, per migration (tests assert the sequence)."""
         self.timings: dict[str, list[tuple[str, float]]] = {}
         """Seconds each command that succeeded took, per migration (benchmarks)."""
+        self.fill_s: dict[str, float] = {}
+        """Per migration: lazy volume created -> every block present, on the target."""
         self._admit_lock = asyncio.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -517,6 +519,8 @@ class MigrationRunner:
         while True:
             job.queue.put_nowait(Progress(int(p["present_bytes"]), int(p["total_bytes"])))
             if p["done"]:
+                if p.get("fill_s") is not None:
+                    self.fill_s[job.m.spec.migration_id] = float(p["fill_s"])
                 return
             await asyncio.sleep(self.poll_s)
             try:

@@ -85,7 +85,7 @@ async def test_lazy_volume_follows_its_source_over_tls(
     assert set(ep) == {"host", "address", "port", "export"} and ep["host"] == "a"
 
     b.cfg = b.cfg.model_copy(
-        update={"lazy": b.cfg.lazy.model_copy(update={"fill_rate_bytes_per_s": 1 * MiB})}
+        update={"lazy": b.cfg.lazy.model_copy(update={"fill_rate_bytes_per_s": 256 * 1024})}
     )
     linfo = await b.create_lazy("data", size, account="acme", source=ep, mirror="sync")
     assert linfo["kind"] == "lazy" and linfo["lazy"]["done"] is False

@@ -8,6 +8,8 @@ the target, the source released, and the refusals.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import threading
@@ -78,10 +80,8 @@ class Writer:
                 pass
             self.errors += 1
             time.sleep(0.05)
-            try:
+            with contextlib.suppress(Exception):
                 addr = self._addr()
-            except Exception:
-                pass
 
     def __enter__(self) -> Writer:
         self._t.start()
@@ -111,8 +111,6 @@ def _all_present(acme: Client, name: str, acked: dict[str, str]) -> None:
     wait_serving(d.address)
     code, body = http("GET", f"http://{d.address}:8080/kv", timeout_s=10)
     assert code == 200
-    import json
-
     stored = json.loads(body)
     missing = {k: v for k, v in acked.items() if stored.get(k) != v}
     assert not missing, f"{len(missing)} acknowledged writes lost: {list(missing)[:5]}"

@@ -1,0 +1,249 @@
+"""Benchmark: live migration (post-copy) vs the stop-and-copy baseline, same run (root).
+
+    sudo .venv/bin/python bench/migration/run.py [--sizes 64M,1G] [--big]
+
+Setup: a controller and two full agents in this process (:mod:`edgevisor.migration.
+testbed`: own data dirs, NBD over TLS on loopback), the kv example domain (a Python HTTP
+service, fsync'd log on its ext4 volume). For each volume size and mode:
+
+* **switch downtime**: a client probes ``GET /kv/probe`` every 1 ms; downtime is the time
+  from the last answer served by the source to the first served by the target (the domain
+  has a per-host address here, so the answering host is known). Also the runner's own
+  figure (QuiesceSource issued -> StartOnTarget done).
+* **switch -> synced**: post-copy, from StartOnTarget done to every block present (the
+  StartFill command's duration plus the part of the fill already done during the start);
+  compared with ``os.copy_file_range`` of a file of the same size on the same disk.
+* **reads during post-sync**: 4 KiB reads at random offsets of the target's volume (the
+  block device the domain's filesystem sits on) while the fill runs, split by whether
+  the block was present when read; p50/p99.
+
+Prints a markdown table to stdout (progress to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgevisor import Client
+from edgevisor.migration.runner import runner_for
+from edgevisor.migration.testbed import Testbed, http, open_testbed, wait_serving
+from edgevisor.sdk.volumes import parse_size
+from edgevisor.testing.controller import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+KV_APP = ROOT / "examples" / "domains" / "kv"
+PY = os.path.realpath(sys.executable)
+KiB = 1 << 10
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Prober:
+    """GET every 1 ms; remembers the last success per address."""
+
+    def __init__(self, c: Client, name: str) -> None:
+        self.c, self.name = c, name
+        self.last_ok: dict[str, float] = {}
+        self.first_ok: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        addr = self.c.get_domain(self.name).address or ""
+        next_resolve = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            try:
+                code, _ = http("GET", f"http://{addr}:8080/kv/probe", timeout_s=0.5)
+            except OSError:
+                code = 0
+            t = time.monotonic()
+            if code in (200, 404):
+                self.first_ok.setdefault(addr, t)
+                self.last_ok[addr] = t
+            elif now >= next_resolve:
+                next_resolve = now + 0.02  # ask the controller where it went, not too often
+                with contextlib.suppress(Exception):
+                    addr = self.c.get_domain(self.name).address or addr
+            time.sleep(0.001)
+
+    def downtime(self, src_addr: str, dst_addr: str) -> float | None:
+        if src_addr not in self.last_ok or dst_addr not in self.first_ok:
+            return None
+        return self.first_ok[dst_addr] - self.last_ok[src_addr]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def sample_reads(
+    tb: Testbed, host: str, vid: str, stop: threading.Event
+) -> tuple[list[float], list[float]]:
+    """4 KiB reads at random offsets on the target's volume while the fill runs."""
+    vols = tb.agents[host].agent.capability("volumes")
+    dev = vols.device(vid)
+    size = dev.size_bytes
+    present_lat: list[float] = []
+    missing_lat: list[float] = []
+    rng = random.Random(7)
+    while not stop.is_set():
+        off = rng.randrange(0, size // (4 * KiB)) * 4 * KiB
+        was_present = all(p for _o, _l, p in dev.present(off, 4 * KiB))
+        t0 = time.perf_counter()
+        await dev.read(off, 4 * KiB)
+        dt = time.perf_counter() - t0
+        (present_lat if was_present else missing_lat).append(dt)
+        if vols.info(vid).get("lazy") is None or vols.info(vid)["lazy"]["done"]:
+            break
+        await asyncio.sleep(0.002)
+    return present_lat, missing_lat
+
+
+def copy_rate(dirpath: Path, size: int) -> float:
+    """Seconds for os.copy_file_range of ``size`` bytes (a written file, fsync'd)."""
+    src, dst = dirpath / "raw-src", dirpath / "raw-dst"
+    chunk = os.urandom(4 << 20)
+    with open(src, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    t0 = time.perf_counter()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        left = size
+        while left:
+            n = os.copy_file_range(fi.fileno(), fo.fileno(), left)
+            if n == 0:
+                break
+            left -= n
+        os.fsync(fo.fileno())
+    dt = time.perf_counter() - t0
+    src.unlink()
+    dst.unlink()
+    return dt
+
+
+def one(tb: Testbed, c: Client, src: str, dst: str, size: int, mode: str) -> dict[str, Any]:
+    cmd = [PY, "-I", "-S", "/task/kv.py", "--port", "8080"]
+    name = f"b{size >> 20}{'p' if mode == 'post-copy' else 's'}"
+    d = c.create_domain(name, cmd, size, app=KV_APP, host=src)
+    assert d.address
+    wait_serving(d.address)
+    # some data on the volume, then a filled page cache does not flatter the source
+    for i in range(50):
+        http("PUT", f"http://{d.address}:8080/kv/k{i}", os.urandom(512).hex().encode())
+    prober = Prober(c, name)
+    prober.t.start()
+    time.sleep(0.5)
+    t_start = time.monotonic()
+    m = c.migrate_domain(name, dst, mode=mode)  # type: ignore[arg-type]
+    reads: tuple[list[float], list[float]] = ([], [])
+    if mode == "post-copy":
+        end = time.monotonic() + 300
+        while c.get_migration(m.id).phase in ("requested", "preparing", "switching"):
+            assert time.monotonic() < end
+            time.sleep(0.005)
+        vid = f"bench.domain-{name}"
+        stop = threading.Event()
+        try:
+            reads = tb.agents[dst].run(sample_reads(tb, dst, vid, stop), 600)
+        except Exception as exc:  # the fill may end (promote) while sampling
+            log(f"  read sampling ended: {exc}")
+    while not (m := c.get_migration(m.id)).settled:
+        time.sleep(0.02)
+    total = time.monotonic() - t_start
+    time.sleep(0.3)
+    prober.stop.set()
+    prober.t.join(5)
+    moved = c.get_domain(name)
+    client_down = prober.downtime(d.address, moved.address or "")
+    timings = dict(runner_for(tb.ctl.state).timings.get(m.id, []))
+    c.remove_domain(name)
+    return {
+        "phase": m.phase,
+        "client_downtime_s": client_down,
+        "runner_downtime_s": m.downtime_s,
+        "fill_s": runner_for(tb.ctl.state).fill_s.get(m.id),
+        "verify_s": timings.get("Verify"),
+        "total_s": total,
+        "present_lat": reads[0],
+        "missing_lat": reads[1],
+    }
+
+
+def ms(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v * 1000:.0f} ms"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="64M,1G")
+    ap.add_argument("--big", action="store_true", help="also 4G")
+    args = ap.parse_args()
+    sizes = [parse_size(s) for s in args.sizes.split(",")] + ([4 << 30] if args.big else [])
+    if os.geteuid() != 0:
+        log("needs root (namespaces, cgroups, FUSE)")
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="edgevisor-bench-migration-"))
+    tag = f"{os.getpid() % 10000}"
+    src, dst = f"bench-a{tag}", f"bench-b{tag}"
+    rows: list[str] = []
+    try:
+        with open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb:
+            for h in (src, dst):
+                tb.overrides["devices.broker_port"] = free_port()
+                tb.start_agent(h)
+            tb.admin.create_account("bench")
+            with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
+                for size in sizes:
+                    raw_s = copy_rate(root, size)
+                    res = {}
+                    for mode in ("post-copy", "stop-and-copy"):
+                        log(f"{size >> 20} MiB {mode} ...")
+                        res[mode] = one(tb, c, src, dst, size, mode)
+                        log(f"  {res[mode]['phase']}: client downtime "
+                            f"{ms(res[mode]['client_downtime_s'])}")  # fmt: skip
+                    pc, sc = res["post-copy"], res["stop-and-copy"]
+                    fill = pc["fill_s"]
+                    sync_rate = size / fill / 1e6 if fill else float("nan")
+                    raw_rate = size / raw_s / 1e6
+                    pl, ml = pc["present_lat"], pc["missing_lat"]
+                    rows.append(
+                        f"| {size >> 20} MiB | {ms(pc['client_downtime_s'])} "
+                        f"({ms(pc['runner_downtime_s'])}) | {ms(sc['client_downtime_s'])} "
+                        f"({ms(sc['runner_downtime_s'])}) | "
+                        f"{fill or float('nan'):.2f} s ({sync_rate:.0f} MB/s) | "
+                        f"{raw_s:.2f} s ({raw_rate:.0f} MB/s) | "
+                        f"{ms(pct(pl, 0.5))} / {ms(pct(pl, 0.99))} (n={len(pl)}) | "
+                        f"{ms(pct(ml, 0.5))} / {ms(pct(ml, 0.99))} (n={len(ml)}) |"
+                    )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("| volume | post-copy downtime, client (runner) | stop-and-copy downtime, client "
+          "(runner) | switch -> synced (fill) | os.copy_file_range | read p50/p99 present "
+          "| read p50/p99 missing |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(r)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
