@@ -13,16 +13,9 @@ Used on a migration target after the switch. It is a
   retried until the source takes them) or ``sync`` (acknowledged only after the source
   took the write, with FUA when the caller asked for it).
 * **background fill**: runs of missing blocks (``fill_batch_blocks`` per request,
-  ``fill_inflight`` requests in flight) under a token-bucket rate limit, spread over
-  ``fill_connections`` connections of their own, each on its own thread and event loop
-  (:mod:`edgevisor.storage.lazy_lane`): a read miss on the main connection never queues
-  behind fill traffic, and TLS decryption, ``recv_into`` and ``pwrite`` (which release
-  the GIL) use several cores. Replies land straight in reusable buffers (``read_into``
-  when the source has it), are written with one ``pwrite`` per run on the lane's
-  thread, and are made durable by a background ``fdatasync`` every
-  ``flush_every_blocks`` (present bits journaled after it) while the fill goes on.
-  Progress (bytes present / total, rate, ETA) never goes backwards because present
-  blocks never become missing.
+  ``fill_inflight`` requests in flight over the pipelined client) under a token-bucket
+  rate limit; progress (bytes present / total, rate, ETA) never goes backwards because
+  present blocks never become missing.
 * **source outage**: a fetch waits up to ``fetch_timeout_s`` for the source to come back
   (reconnecting every ``reconnect_interval_s``) and then fails with
   :class:`SourceUnavailable` (served as EIO over NBD); the fill keeps retrying and
@@ -42,7 +35,6 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgevisor.errors import PeerUnavailable
-from edgevisor.storage.lazy_lane import Lane, close_all
 from edgevisor.storage.volume import Volume
 
 __all__ = ["LazySettings", "LazyVolume", "Progress", "RemoteSource", "SourceUnavailable"]
@@ -57,12 +49,7 @@ class SourceUnavailable(PeerUnavailable):
 
 
 class RemoteSource(Protocol):
-    """What a lazy volume needs from its source (an :class:`NBDClient` fits).
-
-    The ``connect`` callable given to :class:`LazyVolume` is also awaited on the fill
-    lanes' own event loops (threads), so it must not touch objects bound to the caller's
-    loop; a source may offer ``read_into(offset, buffer)`` for zero-copy fill reads.
-    """
+    """What a lazy volume needs from its source (an :class:`NBDClient` fits)."""
 
     @property
     def size_bytes(self) -> int: ...
@@ -89,12 +76,6 @@ class LazySettings(BaseModel):
         16, ge=1, le=512, description="Blocks per background fill request."
     )
     fill_inflight: int = Field(8, ge=1, le=256, description="Fill requests in flight at once.")
-    fill_connections: int = Field(
-        2,
-        ge=1,
-        le=16,
-        description="Connections to the source used only by the fill, each on its own thread.",
-    )
     fill_rate_bytes_per_s: int = Field(
         0, ge=0, description="Background fill rate limit in bytes/s (0: unlimited)."
     )
@@ -149,12 +130,8 @@ class LazyVolume:
         self.local = local
         self.settings = settings or LazySettings()
         self._connect = connect
-        self._source: RemoteSource | None = None  # main connection: reads, mirroring
+        self._source: RemoteSource | None = None
         self._conn_lock = asyncio.Lock()
-        self._lanes: list[Lane] = []  # the fill's connections, each on its own thread
-        self._lane_closers: set[asyncio.Task[None]] = set()
-        self._buffers: list[bytearray] = []  # fill reply buffers, reused
-        self._flush_task: asyncio.Task[None] | None = None
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._cursor = 0
         self._bucket = _TokenBucket(self.settings.fill_rate_bytes_per_s)
@@ -180,13 +157,12 @@ class LazyVolume:
             self._mirror_task.add_done_callback(_log_crash)
 
     async def aclose(self) -> None:
-        for t in (self._fill_task, self._mirror_task, self._flush_task):
+        for t in (self._fill_task, self._mirror_task):
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
-        self._fill_task = self._mirror_task = self._flush_task = None
-        await self._close_lanes()
+        self._fill_task = self._mirror_task = None
         if self._source is not None:
             with contextlib.suppress(Exception):
                 await self._source.aclose()
@@ -322,11 +298,7 @@ class LazyVolume:
             for b in still:
                 await self._fetch_run(b, 1, deadline)
 
-    async def _fetch_run(
-        self, first: int, count: int, deadline: float, *, lane: Lane | None = None
-    ) -> None:
-        """Fetch blocks ``[first, first + count)``: a read miss with a plain read on the
-        main connection, the fill (``lane``) straight into a reused buffer."""
+    async def _fetch_run(self, first: int, count: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         futs = {}
         for b in range(first, first + count):
@@ -336,12 +308,8 @@ class LazyVolume:
             bs = self.local.block_size
             off = first * bs
             length = min(count * bs, self.size_bytes - off)
-            if lane is None:
-                self.local.fill_blocks(first, await self._source_read(off, length, deadline))
-            else:
-                buf = self._buffers.pop() if self._buffers else self._new_buffer()
-                await self._lane_fetch(lane, first, memoryview(buf)[:length], deadline)
-                self._buffers.append(buf)  # only after success: a late reply may still land
+            data = await self._source_read(off, length, deadline)
+            self.local.fill_blocks(first, data)
             self._since_flush += count
             for f in futs.values():
                 f.set_result(None)
@@ -355,52 +323,6 @@ class LazyVolume:
             for b, f in futs.items():
                 if self._inflight.get(b) is f:
                     del self._inflight[b]
-
-    def _new_buffer(self) -> bytearray:
-        return bytearray(self.settings.fill_batch_blocks * self.local.block_size)
-
-    async def _lane_fetch(self, lane: Lane, first: int, view: memoryview, deadline: float) -> None:
-        """Read into ``view`` and store it, on the lane's thread; reconnect until ``deadline``."""
-        while True:
-            try:
-                await lane.run(self._lane_step(lane, first, view))
-                return
-            except (PeerUnavailable, OSError) as e:
-                if time.monotonic() >= deadline:
-                    raise SourceUnavailable(f"volume source lost: {e}") from e
-                await asyncio.sleep(self.settings.reconnect_interval_s)
-
-    async def _lane_step(self, lane: Lane, first: int, view: memoryview) -> None:
-        """Runs on the lane's loop: its connection only ever lives there."""
-        src = lane.source
-        if src is None:
-            src = lane.source = await self._connect()
-        try:
-            read_into = getattr(src, "read_into", None)
-            if read_into is not None:
-                await read_into(first * self.local.block_size, view)
-            else:  # a source without zero-copy reads
-                view[:] = await src.read(first * self.local.block_size, len(view))
-        except PeerUnavailable:
-            lane.source = None
-            with contextlib.suppress(Exception):
-                await src.aclose()
-            raise
-        # Still on the lane's thread: pwrite releases the GIL, the main loop runs on.
-        self.local.fill_blocks(first, view)
-
-    async def _close_lanes(self) -> None:
-        # Closing runs as its own task, shielded: a cancelled caller (aclose cancelling a
-        # fill that is closing its lanes) cannot leave a lane half closed; the next call
-        # waits for it.
-        lanes, self._lanes = self._lanes, []
-        self._buffers.clear()
-        if lanes:
-            t = asyncio.create_task(close_all(lanes))
-            self._lane_closers.add(t)
-            t.add_done_callback(self._lane_closers.discard)
-        if self._lane_closers:
-            await asyncio.shield(asyncio.gather(*self._lane_closers))
 
     async def _get_source(self, deadline: float) -> RemoteSource:
         while True:
@@ -464,11 +386,6 @@ class LazyVolume:
     async def _fill(self) -> None:
         inflight: set[asyncio.Task[None]] = set()
         bs = self.local.block_size
-        if not self._lanes:
-            self._lanes = [
-                Lane(f"lazy-fill-{i}") for i in range(max(1, self.settings.fill_connections))
-            ]
-        nlane = 0
         try:
             while True:
                 while len(inflight) < self.settings.fill_inflight:
@@ -479,20 +396,13 @@ class LazyVolume:
                     await self._bucket.take(count * bs)
                     if any(self.local.is_present(b) for b in range(first, first + count)):
                         continue  # a reader got there during the rate-limit wait
-                    if any(b in self._inflight for b in range(first, first + count)):
-                        continue  # ... or is fetching it right now
                     deadline = time.monotonic() + self.settings.fetch_timeout_s
-                    lane = self._lanes[nlane % len(self._lanes)]
-                    nlane += 1
-                    t = asyncio.create_task(self._fetch_run(first, count, deadline, lane=lane))
+                    t = asyncio.create_task(self._fetch_run(first, count, deadline))
                     inflight.add(t)
                 if not inflight:
                     if not self.local.missing_blocks():
-                        if self._flush_task is not None:
-                            await self._flush_task
                         await self.local.flush()
                         self.filled.set()
-                        await self._close_lanes()
                         return
                     await asyncio.sleep(self.settings.reconnect_interval_s)
                     continue
@@ -501,18 +411,12 @@ class LazyVolume:
                     if t.exception() is not None:  # source away: keep trying, slower
                         log.info("lazy fill: %s", t.exception())
                         await asyncio.sleep(self.settings.reconnect_interval_s)
-                if self._since_flush >= self.settings.flush_every_blocks and (
-                    self._flush_task is None or self._flush_task.done()
-                ):
-                    # In the background: the fill keeps fetching while the disk catches up.
+                if self._since_flush >= self.settings.flush_every_blocks:
                     self._since_flush = 0
-                    self._flush_task = asyncio.create_task(self.local.flush())
-                    self._flush_task.add_done_callback(_log_crash)
+                    await self.local.flush()
         finally:
             for t in inflight:
                 t.cancel()
-            # Let cancelled fetches finish their stores before the lanes are closed.
-            await asyncio.gather(*inflight, return_exceptions=True)
 
     # ------------------------------------------------------------ mirroring
 

@@ -213,22 +213,14 @@ class NBDClient:
     # ------------------------------------------------------------ commands
 
     async def _call(
-        self,
-        cmd: Cmd,
-        offset: int = 0,
-        length: int = 0,
-        *,
-        flags: int = 0,
-        data: bytes = b"",
-        into: memoryview | None = None,
+        self, cmd: Cmd, offset: int = 0, length: int = 0, *, flags: int = 0, data: bytes = b""
     ) -> Reply:
         if self._dead is not None:
             raise PeerUnavailable(f"nbd connection lost: {self._dead}")
         handle = next(self._handles)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiters[handle] = fut
-        req = self._core.send(Command(handle, cmd, offset, length, flags, data), into=into)
-        self._writer.write(req)
+        self._writer.write(self._core.send(Command(handle, cmd, offset, length, flags, data)))
         if self._writer.transport.get_write_buffer_size() > (4 << 20):
             await self._writer.drain()
         reply = await fut
@@ -251,23 +243,6 @@ class NBDClient:
             *(self._call(Cmd.READ, o, n) for o, n in self._pieces(offset, length))
         )
         return b"".join(p.data for p in parts)
-
-    async def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf`` (no extra copy).
-
-        ``buf`` must not be reused until this returns or the connection is lost: a
-        cancelled call's reply may still land in it.
-        """
-        view = memoryview(buf).cast("B")
-        if len(view) <= self.max_payload:
-            await self._call(Cmd.READ, offset, len(view), into=view)
-            return
-        await asyncio.gather(
-            *(
-                self._call(Cmd.READ, o, n, into=view[o - offset : o - offset + n])
-                for o, n in self._pieces(offset, len(view))
-            )
-        )
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         flags = CMD_FLAG_FUA if fua else 0

@@ -322,7 +322,7 @@ class Volume:
         self._check(offset, length)
         self._wrote(offset, length)
 
-    def fill_blocks(self, first: int, data: bytes | memoryview) -> int:
+    def fill_blocks(self, first: int, data: bytes) -> int:
         """Store fetched content for whole blocks from ``first`` that are still missing.
 
         Blocks that became present meanwhile (a local write won) are left alone; no
