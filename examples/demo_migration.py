@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -145,6 +146,7 @@ def main() -> int:
             console.print(f"volumes left on {src}: {[v['id'] for v in vols] or 'none'}")
             ok = not lost and not seeds and not vols and client.read_mismatch == 0
             c.remove_domain("kv")
+    shutil.rmtree(root, ignore_errors=True)
     console.print("[green]migration demo ok[/]" if ok else "[red]migration demo FAILED[/]")
     return 0 if ok else 1
 

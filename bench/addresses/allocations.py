@@ -1,13 +1,19 @@
 """Allocations per second from a /24 and from a /8 pool: is allocation flat in pool size?
 
-One allocation = one transaction: lock the network row, advance the cursor (or pop the
-free-list), insert the record and one history row, commit. The same program runs on both
-pools: allocate N times; once K addresses are held, release the oldest after each
-allocation (untimed, hold-down 0). On the /24 (253 assignable) the cursor runs out after
-253 and allocations come from the free-list; on the /8 they always come from the cursor.
+One allocation = one transaction: advance the cursor (or pop the free-list), insert the
+record and one history row, commit. Measured on the hot path
+(:class:`~edgevisor.network.fast_alloc.FastAllocator`: one connection, prepared statements),
+one allocation per transaction; also ``allocate_many(100)`` (one transaction per 100) and,
+for reference, the Session path (:func:`edgevisor.network.records.allocate`). The same
+program runs on both pools: allocate N times; once K addresses are held, release the
+oldest (Session path) after each allocation (untimed, hold-down 0); "bursts of 100":
+100 allocations back to back, then the releases (the Session work in between otherwise
+evicts the hot path's CPU caches, which halves its rate). On the /24 (253
+assignable) the cursor runs out after 253 and allocations come from the free-list; on the
+/8 they always come from the cursor.
 
-Baseline in the same run: the floor of the store, a transaction inserting two rows of the
-same shape without any allocation logic.
+Baselines in the same run: the floor of the store, a transaction inserting two rows of the
+same shape without any allocation logic, through a Session and on a raw connection.
 
     .venv/bin/python bench/addresses/allocations.py [--n 3000] [--no-postgres]
 
@@ -31,6 +37,7 @@ from sqlalchemy import Engine, Table, create_engine, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgevisor.network import records as rec
+from edgevisor.network.fast_alloc import FastAllocator
 from edgevisor.store import network_models as nm
 from edgevisor.store.base import Base
 from edgevisor.testing.postgres import PostgresUnavailable, throwaway_postgres
@@ -61,9 +68,15 @@ def _timed(n: int, op: Callable[[int], None], cpu: list[float]) -> list[float]:
 class PoolRun:
     """Allocations from one network; ``step(n)`` continues where the last call stopped."""
 
-    def __init__(self, sessions: sessionmaker[Session], account: str, cidr: str) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], account: str, cidr: str,
+        fast: FastAllocator | None = None, batch: int = 0, burst: int = 0,
+    ) -> None:
         self.sessions = sessions
         self.account = account
+        self.fast = fast
+        self.batch = batch
+        self.burst = burst  # release only after this many allocations in a row
         self.held: deque[int] = deque()
         self.durations: list[float] = []
         self.cpu: list[float] = []
@@ -71,17 +84,35 @@ class PoolRun:
             rec.create_network(s, account=account, name="bench", cidr=cidr)
 
     def step(self, n: int) -> None:
+        if self.batch:
+            self._step_batch(n)
+            return
         for _ in range(n):
             c, t = time.process_time(), time.perf_counter()
-            with self.sessions.begin() as s:
-                r = rec.allocate(s, account=self.account, network="bench")
+            if self.fast is not None:
+                r = self.fast.allocate(account=self.account, network="bench")
+            else:
+                with self.sessions.begin() as s:
+                    r = rec.allocate(s, account=self.account, network="bench")
             self.durations.append(time.perf_counter() - t)
             self.cpu.append(time.process_time() - c)
             self.held.append(r.id)
-            if len(self.held) > KEEP:
-                with self.sessions.begin() as s:
-                    rec.release(s, account=self.account, record=self.held.popleft(),
-                                hold_down_s=0)
+            while len(self.held) > KEEP + self.burst:
+                for _ in range(len(self.held) - KEEP if self.burst else 1):
+                    with self.sessions.begin() as s:
+                        rec.release(s, account=self.account, record=self.held.popleft(),
+                                    hold_down_s=0)
+
+    def _step_batch(self, n: int) -> None:
+        """``allocate_many``: one duration per address (the batch's time divided)."""
+        assert self.fast is not None
+        for _ in range(max(1, n // self.batch)):
+            c, t = time.process_time(), time.perf_counter()
+            got = self.fast.allocate_many(account=self.account, network="bench", n=self.batch)
+            d, dc = time.perf_counter() - t, time.process_time() - c
+            self.durations += [d / self.batch] * self.batch
+            self.cpu += [dc / self.batch] * self.batch
+            self.held.extend(r.id for r in got)
 
 
 def run_floor(sessions: sessionmaker[Session], n: int, cpu: list[float]) -> list[float]:
@@ -99,6 +130,27 @@ def run_floor(sessions: sessionmaker[Session], n: int, cpu: list[float]) -> list
     return _timed(n, op, cpu)
 
 
+def run_raw_floor(engine: Engine, n: int, cpu: list[float]) -> list[float]:
+    """The same two inserts on one raw DBAPI connection (the hot path's floor)."""
+    proxy = engine.raw_connection()
+    conn = proxy.driver_connection
+    assert conn is not None
+    now = "2026-01-01 00:00:00.000000"
+    sql = ("INSERT INTO address_history (record_id, account, network_id, address, event, "
+           "to_state, generation, at) VALUES (?, 'floor', 0, ?, 'allocate', 'allocated', 1, ?)")
+
+    def op(i: int) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(sql, (i, f"r{i}", now))
+        conn.execute(sql, (i, f"r{i}", now))
+        conn.commit()
+
+    try:
+        return _timed(n, op, cpu)
+    finally:
+        proxy.close()
+
+
 def _row(backend: str, what: str, d: list[float], cpu: list[float], ratio: str = "") -> str:
     q = statistics.quantiles(d, n=100)
     return (f"| {backend} | {what} | {len(d)} | {len(d) / sum(d):,.0f} | "
@@ -109,28 +161,48 @@ def _row(backend: str, what: str, d: list[float], cpu: list[float], ratio: str =
 def bench_backend(backend: str, url: str, n: int, rounds: int = 10) -> list[str]:
     engine = _engine(url)
     sessions = sessionmaker(engine, expire_on_commit=False)
+    fast = FastAllocator(engine)
     with engine.connect() as c:  # warm the connection and statement caches
         c.execute(text("SELECT 1"))
-    PoolRun(sessions, "warmup", "10.250.0.0/24").step(300)
-    # Interleave the three in rounds so a change of machine load hits all of them alike.
-    p24 = PoolRun(sessions, "acme", "10.1.0.0/24")
-    p8 = PoolRun(sessions, "globex", "10.0.0.0/8")
+    PoolRun(sessions, "warmup", "10.250.0.0/24", fast).step(300)
+    PoolRun(sessions, "warmup2", "10.250.0.0/24").step(100)
+    # Interleave all of them in rounds so a change of machine load hits them alike.
+    p24 = PoolRun(sessions, "acme", "10.1.0.0/24", fast)
+    p8 = PoolRun(sessions, "globex", "10.0.0.0/8", fast)
+    many = PoolRun(sessions, "initech", "10.0.0.0/8", fast, batch=100)
+    burst = PoolRun(sessions, "hooli", "10.0.0.0/8", fast, burst=100)
+    slow = PoolRun(sessions, "umbrella", "10.0.0.0/8")
     floor: list[float] = []
     floor_cpu: list[float] = []
+    raw: list[float] = []
+    raw_cpu: list[float] = []
     chunk = max(1, n // rounds)
     for _ in range(rounds):
-        floor += run_floor(sessions, chunk, floor_cpu)
+        floor += run_floor(sessions, chunk // 3, floor_cpu)
+        if backend.startswith("SQLite"):
+            raw += run_raw_floor(engine, chunk, raw_cpu)
         p24.step(chunk)
         p8.step(chunk)
+        many.step(chunk)
+        burst.step(chunk)
+        slow.step(chunk // 3)
+    fast.close()
     engine.dispose()
     d24, d8 = p24.durations, p8.durations
     r24, r8 = len(d24) / sum(d24), len(d8) / sum(d8)
     m24, m8 = statistics.median(d24), statistics.median(d8)
+    rows = [_row(backend, "floor: 2-row insert txn, Session", floor, floor_cpu)]
+    if raw:
+        rows.append(_row(backend, "floor: 2-row insert txn, raw connection", raw, raw_cpu))
     return [
-        _row(backend, "floor: 2-row insert txn", floor, floor_cpu),
-        _row(backend, "allocate from /24", d24, p24.cpu),
-        _row(backend, "allocate from /8", d8, p8.cpu,
+        *rows,
+        _row(backend, "allocate from /24 (hot path, 1 per txn)", d24, p24.cpu),
+        _row(backend, "allocate from /8 (hot path, 1 per txn)", d8, p8.cpu,
              f"/8 ÷ /24 = {r8 / r24:.2f} (mean), {m24 / m8:.2f} (p50)"),
+        _row(backend, "allocate from /8 (hot path, 1 per txn, bursts of 100)", burst.durations,
+             burst.cpu),
+        _row(backend, "allocate_many(100) from /8, per address", many.durations, many.cpu),
+        _row(backend, "allocate from /8 (Session path, 1 per txn)", slow.durations, slow.cpu),
     ]
 
 

@@ -116,6 +116,12 @@ def run(rounds: int, tmp: Path) -> list[tuple[str, str, str, str]]:
                 api.append(time.perf_counter() - t0)
         wait(lambda: all(not r.drift for r in admin.list_records(account="bench")),
              "no drift after the moves", 30)
+        # The API floor: a read of the same record through the same client and server.
+        api_get: list[float] = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            admin.get_address("10.0.0.7", account="bench")
+            api_get.append(time.perf_counter() - t0)
         rec = next(r for r in admin.list_addresses(account="bench")
                    if r.logical == "10.0.0.7")
         direct: list[float] = []
@@ -143,6 +149,8 @@ def run(rounds: int, tmp: Path) -> list[tuple[str, str, str, str]]:
     return [
         ("move via API -> applied on both hosts", f"{pct(api, 50) * ms:.2f}",
          f"{pct(api, 99) * ms:.2f}", str(len(api))),
+        ("  API floor: GET of the record (no change, no push)", f"{pct(api_get, 50) * ms:.2f}",
+         f"{pct(api_get, 99) * ms:.2f}", str(len(api_get))),
         ("records.apply on one agent (HTTP round trip)", f"{pct(direct, 50) * ms:.2f}",
          f"{pct(direct, 99) * ms:.2f}", str(len(direct))),
         ("records.state on one agent (HTTP round trip, no work)", f"{pct(noop, 50) * ms:.2f}",

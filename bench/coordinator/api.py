@@ -89,7 +89,12 @@ def pipe_floor(n: int) -> list[float]:
 
 def _wait(pred: object, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not pred():  # type: ignore[operator]
+    while True:
+        try:
+            if pred():  # type: ignore[operator]
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
         if time.monotonic() > deadline:
             raise RuntimeError("timed out")
         time.sleep(0.05)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -102,8 +103,48 @@ def latency(dev: Device, topic: str, n: int, base: int) -> list[float]:
     return out
 
 
-def sustained(dev: Device, topic: str, rate: int, seconds: float, base: int) -> dict[str, Any]:
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants (the agent's sandboxes are among them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (those still alive)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def sustained(
+    dev: Device, topic: str, rate: int, seconds: float, base: int, agent_pid: int | None = None
+) -> dict[str, Any]:
+    """Offer ``rate`` msgs/s for ``seconds``; with ``agent_pid``, also the CPU the agent
+    process (and, separately, its whole process tree) spent per message: a figure that
+    does not depend on how busy the rest of the machine is, unlike msgs/s."""
     n = int(rate * seconds)
+    tree = _tree(agent_pid) if agent_pid is not None else []
+    c0 = cpu_s(tree[:1]), cpu_s(tree)
     t0 = time.perf_counter()
     for i in range(n):
         target = t0 + i / rate
@@ -121,7 +162,10 @@ def sustained(dev: Device, topic: str, rate: int, seconds: float, base: int) -> 
             dev.cond.wait(0.2)
         got = sum(1 for s in range(base, base + n) if s in dev.arrived)
         last = max((dev.arrived[s] for s in range(base, base + n) if s in dev.arrived), default=t0)
+    c1 = cpu_s(tree[:1]), cpu_s(tree)
     return {
+        "agent_cpu_us_per_msg": (c1[0] - c0[0]) / n * 1e6 if tree else float("nan"),
+        "tree_cpu_us_per_msg": (c1[1] - c0[1]) / n * 1e6 if tree else float("nan"),
         "rate": rate,
         "sent": n,
         "received": got,
@@ -205,7 +249,7 @@ def run_config(args: argparse.Namespace, link: str, mosquitto: bool) -> dict[str
                     ("plain", "devices/bench/echo"),
                     ("routed", "devices/bench/req"),
                 ):
-                    row = sustained(dev, topic, rate, args.seconds, base)
+                    row = sustained(dev, topic, rate, args.seconds, base, proc.pid)
                     rows.append({"mode": mode, **row})
                     base += 10_000_000
             dev.close()
@@ -248,7 +292,15 @@ def main() -> int:
     ap.add_argument("--external", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.agent:
-        asyncio.run(agent(args.agent, args.link, args.external))
+        out = os.environ.get("EV_BENCH_PROFILE")  # cProfile the agent into this file
+        if not out:
+            asyncio.run(agent(args.agent, args.link, args.external))
+            return 0
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            asyncio.run(agent(args.agent, args.link, args.external))
+        prof.dump_stats(out)
         return 0
 
     print(
@@ -277,12 +329,16 @@ def main() -> int:
         )
         print(f"| ratio routed / plain | {p50r / p50p:.2f}x | {p99r / p99p:.2f}x | |")
         print(f"\nSustained load, {args.seconds:.0f} s per rate:\n")
-        print("| path | offered msgs/s | sent | received | lost | achieved msgs/s |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "| path | offered msgs/s | sent | received | lost | achieved msgs/s "
+            "| agent CPU µs/msg |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in res["rows"]:
             print(
                 f"| {r['mode']} | {r['offered_per_s']:.0f} | {r['sent']} | {r['received']} | "
-                f"{r['sent'] - r['received']} | {r['achieved_per_s']:.0f} |"
+                f"{r['sent'] - r['received']} | {r['achieved_per_s']:.0f} "
+                f"| {r['agent_cpu_us_per_msg']:.0f} |"
             )
         st = res["stats"]
         print(

@@ -68,8 +68,10 @@ def main() -> int:
         api, mqtt_port = free_port(), free_port()
         env = {**os.environ, "EDGEVISOR_DEVICES__BROKER_PORT": str(mqtt_port)}
         exe = Path(sys.executable).parent / "edgevisor"
+        prof = os.environ.get("EV_BENCH_PROFILE")  # cProfile `edgevisor up` into this file
+        pre = [sys.executable, "-m", "cProfile", "-o", prof] if prof else []
         up = subprocess.Popen(
-            [str(exe), "up", "--data-dir", f"{tmp}/data", "--port", str(api)],
+            [*pre, str(exe), "up", "--data-dir", f"{tmp}/data", "--port", str(api)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
@@ -107,7 +109,8 @@ def main() -> int:
             for rate in (int(r) for r in args.rates.split(",")):
                 for mode, topic in (("plain", "devices/bench.dev/echo"),
                                     ("routed", "devices/bench.dev/req")):  # fmt: skip
-                    rows.append({"mode": mode, **sustained(dev, topic, rate, args.seconds, base)})
+                    row = sustained(dev, topic, rate, args.seconds, base, up.pid)
+                    rows.append({"mode": mode, **row})
                     base += 10_000_000
             dev.close()
             acct.close()
@@ -130,12 +133,17 @@ def main() -> int:
     print(f"| device -> route -> task -> reply | {p50r:.2f} | {p99r:.2f} "
           f"| {statistics.mean(routed):.2f} |")  # fmt: skip
     print(f"\nrouted/plain p50 ratio: {p50r / p50p:.1f}x, p99 ratio: {p99r / p99p:.1f}x\n")
-    print("| mode | offered msg/s | sent | replies | achieved msg/s | lossless |")
-    print("|---|---|---|---|---|---|")
+    print("CPU columns: CPU time per offered message of the `edgevisor up` process, and of it "
+          "plus its children (the task's sandboxes); unlike msg/s they do not depend on how "
+          "busy the rest of the machine is.\n")
+    print("| mode | offered msg/s | sent | replies | achieved msg/s | lossless "
+          "| up CPU µs/msg | up+sandboxes CPU µs/msg |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         lossless = "yes" if r["received"] == r["sent"] else "no"
         print(f"| {r['mode']} | {r['rate']} | {r['sent']} | {r['received']} "
-              f"| {r['achieved_per_s']:.0f} | {lossless} |")  # fmt: skip
+              f"| {r['achieved_per_s']:.0f} | {lossless} | {r['agent_cpu_us_per_msg']:.0f} "
+              f"| {r['tree_cpu_us_per_msg']:.0f} |")  # fmt: skip
     return 0
 
 

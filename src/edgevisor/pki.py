@@ -15,16 +15,21 @@ only proves possession of the key.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING, Any
 
 from edgevisor.errors import RequestError
+
+# cryptography (~10 MiB resident with its Rust extension) is imported where it is used: an
+# agent needs it only for the CSR at join, and a joined agent's TLS goes through ``ssl``.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = ["FleetCA", "HostIdentity", "InvalidCSR", "certificate_cn"]
 
@@ -51,10 +56,14 @@ def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -63,6 +72,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{path}: not an EC private key")
@@ -71,6 +83,9 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def certificate_cn(cert_pem: str | bytes) -> str:
     """The subject CN of a PEM certificate."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
     cert = x509.load_pem_x509_certificate(data)
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -86,10 +101,16 @@ class FleetCA:
 
     @property
     def cert_pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
     @classmethod
     def load_or_create(cls, directory: Path, *, name: str = "edgevisor fleet CA") -> FleetCA:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import NameOID
+
         key_path, cert_path = directory / "ca.key", directory / "ca.crt"
         if key_path.exists() and cert_path.exists():
             os.chmod(key_path, 0o600)  # repair rights widened by hand
@@ -128,6 +149,10 @@ class FleetCA:
 
     def sign_host(self, host: str, csr_pem: str) -> str:
         """A host certificate for ``host`` over the CSR's key (CN and SAN = ``host``)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode())
         except ValueError as exc:
@@ -173,6 +198,13 @@ class HostIdentity:
 
     def csr_pem(self) -> str:
         """A CSR over this host's key (made on first use; the key stays here)."""
+        return _in_child("csr", self)
+
+    def _csr_pem_here(self) -> str:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import NameOID
+
         csr = (
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.host)]))
@@ -185,13 +217,29 @@ class HostIdentity:
         return self.cert_path.exists() and self.ca_path.exists() and self.key_path.exists()
 
     def store(self, cert_pem: str, ca_pem: str) -> None:
-        """Keep the issued certificate, after checking it is ours (CN, key)."""
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
-        if certificate_cn(cert_pem) != self.host:
-            raise InvalidCSR(f"issued certificate names {certificate_cn(cert_pem)!r}")
-        if cert.public_key() != self._key().public_key():
-            raise InvalidCSR("issued certificate is not for this host's key")
-        x509.load_pem_x509_certificate(ca_pem.encode())  # parses, or raises
+        """Keep the issued certificate, after checking it is ours (CN, key).
+
+        Checked with the ``ssl`` module (OpenSSL is loaded anyway), not cryptography: the
+        certificate must parse and name this host, and OpenSSL must accept it together with
+        this host's key; the CA certificate must parse.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cert_tmp = self.dir / "host.crt.check"
+        ca_tmp = self.dir / "ca.crt.check"
+        try:
+            cert_tmp.write_text(cert_pem)
+            ca_tmp.write_text(ca_pem)
+            cn = _file_cn(cert_tmp)
+            if cn != self.host:
+                raise InvalidCSR(f"issued certificate names {cn!r}")
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_tmp, self.key_path)
+            except (ssl.SSLError, FileNotFoundError):  # another key, or none yet
+                raise InvalidCSR("issued certificate is not for this host's key") from None
+            _file_cn(ca_tmp)  # parses, or raises
+        finally:
+            cert_tmp.unlink(missing_ok=True)
+            ca_tmp.unlink(missing_ok=True)
         _write_private(self.ca_path, ca_pem.encode(), 0o644)
         _write_private(self.cert_path, cert_pem.encode(), 0o644)
 
@@ -214,3 +262,70 @@ class HostIdentity:
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
+
+
+# --- the agent's certificate work, in a child interpreter -----------------------------------
+#
+# An agent needs cryptography only to make its key and CSR at join (the certificate it gets
+# back is checked with ``ssl``). Importing it maps ~10 MiB (its Rust extension) that stay
+# resident for the agent's whole life, more than any other single part of an idle agent,
+# so that one step runs in a short-lived child (once per host, ~0.1-0.4 s, before the join
+# request). The controller's CA work stays in-process.
+
+
+def _file_cn(path: Path) -> str:
+    """The subject CN of the PEM certificate in ``path``; ValueError if it does not parse."""
+    decode: Any = getattr(ssl, "_ssl")._test_decode_cert  # noqa: B009 (CPython's own parser)
+    try:
+        info = decode(str(path))
+    except (ssl.SSLError, UnicodeError) as exc:
+        raise ValueError(f"not a PEM certificate: {exc}") from exc
+    for rdn in info.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return ""
+
+
+def _in_child(op: str, ident: HostIdentity, *args: str) -> str:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])  # the directory holding ``edgevisor``
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    request = json.dumps({"op": op, "dir": str(ident.dir), "host": ident.host, "args": args})
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgevisor.pki"],
+        input=request, capture_output=True, text=True, env=env, check=False, timeout=120,
+    )  # fmt: skip
+    try:
+        reply = json.loads(proc.stdout)
+    except ValueError:
+        tail = proc.stderr[-2000:]
+        raise RuntimeError(f"pki helper failed ({proc.returncode}): {tail}") from None
+    if "error" in reply:
+        kind, msg = reply["kind"], reply["error"]
+        if kind == "invalid_csr":
+            raise InvalidCSR(msg)
+        raise OSError(msg) if kind == "os" else ValueError(msg)
+    return str(reply["ok"])
+
+
+def _child_main() -> int:
+    """``python -m edgevisor.pki``: one HostIdentity step, request and reply as JSON."""
+    req = json.loads(sys.stdin.read())
+    ident = HostIdentity(Path(req["dir"]), req["host"])
+    try:
+        out = ident._csr_pem_here()
+    except InvalidCSR as exc:
+        reply: dict[str, str] = {"error": exc.message, "kind": "invalid_csr"}
+    except ValueError as exc:
+        reply = {"error": str(exc), "kind": "value"}
+    except OSError as exc:
+        reply = {"error": str(exc), "kind": "os"}
+    else:
+        reply = {"ok": out}
+    sys.stdout.write(json.dumps(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AddressesCapability", "DataplaneUnavailable", "WireRecord", "fabric_interface"]
 
+#: Deltas of at most this many records are committed on the event loop, not in a thread.
+INLINE_COMMIT_MAX = 16
+
 
 class DataplaneUnavailable(UnavailableError):
     """This host does not run the address-translation dataplane."""
@@ -267,7 +270,13 @@ class AddressesCapability:
                     extra = {"element_ops": res.element_ops, "committed_s": res.committed_s,
                              "warnings": list(res.warnings)}
                 else:
-                    pending = await asyncio.to_thread(dp.commit, by_key.values(), full=full)
+                    if full or len(by_key) > INLINE_COMMIT_MAX:
+                        pending = await asyncio.to_thread(dp.commit, by_key.values(),
+                                                          full=full)
+                    else:
+                        # A small delta commits in well under a millisecond: inline, as a
+                        # thread hop costs more than that on a busy host.
+                        pending = dp.commit(by_key.values(), full=False)
                     extra = {"element_ops": pending.batch.element_ops,
                              "committed_s": pending.committed_s, "warnings": []}
                     # Answer once the translation is in the kernel; addresses, routes, the

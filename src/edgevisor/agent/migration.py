@@ -33,11 +33,15 @@ Why the lazy volume is created at ``migration.start`` (post-copy) rather than at
 ``prepare``: a lazy volume begins its background fill at once, and before the switch the
 source domain is still writing; blocks fetched then would be stale. Created after
 ``quiesce``, every fetched block is the final one, and creating it costs a sparse file and
-one NBD handshake inside the downtime.
+one NBD handshake inside the downtime. Until ``migration.fill`` (StartFill, right after
+the switch) the fill only trickles, so the reads the target's mount and the starting
+domain miss are not queued behind fill traffic: that halves the switch downtime.
 
-Why ``resync`` is a flush: the ``volumes`` capability mirrors synchronously (a write the
-source did not take fails instead of being acknowledged), so the source never misses an
-acknowledged write and there is no dirty set to push; the flush makes what it has durable.
+Why ``resync`` compares instead of replaying a dirty set: the ``volumes`` capability
+mirrors synchronously (a write the source did not take fails instead of being
+acknowledged) but writes the local copy first and keeps no record of what the source
+missed, so after an outage the copies may differ by writes that failed; ``resync`` finds
+them by comparing present blocks and pushes the target's version.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgevisor.errors import Conflict, NotFound, PeerUnavailable, RequestError
+from edgevisor.migration.domain_host import syncfs
 from edgevisor.migration.domain_parts import DomainSpec
 from edgevisor.storage.nbd_client import NBDClient
 
@@ -70,7 +75,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _VERIFY_CHUNK = 1 << 20
 _VERIFY_RETRIES = 20
-_PAUSED_RATE = 0  # the lazy volume's "unlimited"
+_UNLIMITED = 0  # the lazy volume's fill rate meaning "no limit"
+_TRICKLE = 1 << 20
+"""Fill rate during the switch: the mount's on-demand reads get the link to themselves;
+low enough not to compete, high enough that the fill's token-bucket wait (one batch) ends
+within about a second of StartFill raising the rate."""
 
 
 class VerifyMismatch(Conflict):
@@ -305,8 +314,11 @@ class MigrationCapability:
             ssl_context=ident.client_context(), server_hostname=str(source["host"]),
         )  # fmt: skip
 
-    async def _ensure_volume(self, account: str, name: str) -> dict[str, Any]:
-        """The lazy copy of the source's volume, created on first call."""
+    async def _ensure_volume(
+        self, account: str, name: str, *, rate_bytes_s: int | None = None
+    ) -> dict[str, Any]:
+        """The lazy copy of the source's volume, created on first call (its fill at
+        ``rate_bytes_s``; None: the migration's rate)."""
         st = self._load(account, name)
         vid = str(st["volume_id"])
         if not self._has_volume(vid):
@@ -315,7 +327,9 @@ class MigrationCapability:
                 source=st["source"], mirror="sync",
             )  # fmt: skip
             # Before any await: the fill task has not taken its first tokens yet.
-            self.volumes.set_fill_rate(vid, int(st.get("rate_bytes_s") or _PAUSED_RATE))
+            if rate_bytes_s is None:
+                rate_bytes_s = int(st.get("rate_bytes_s") or _UNLIMITED)
+            self.volumes.set_fill_rate(vid, rate_bytes_s)
             self._fill_started[vid] = t0 = time.monotonic()
             task = asyncio.get_running_loop().create_task(self._time_fill(vid, t0))
             self._timers.add(task)
@@ -330,7 +344,7 @@ class MigrationCapability:
     async def op_start(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
         t0 = time.monotonic()
-        await self._ensure_volume(account, name)
+        await self._ensure_volume(account, name, rate_bytes_s=_TRICKLE)
         d = self.domains.get(account, name)
         await d.start()
         out = self.domains.info(d)
@@ -340,9 +354,7 @@ class MigrationCapability:
     async def op_fill(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
         st = await self._ensure_volume(account, name)
-        rate = p.get("rate_bytes_s")
-        if rate is not None:
-            self.volumes.set_fill_rate(str(st["volume_id"]), int(rate))
+        self.volumes.set_fill_rate(str(st["volume_id"]), int(p.get("rate_bytes_s") or _UNLIMITED))
         return self._progress(str(st["volume_id"]))
 
     async def op_progress(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -398,15 +410,45 @@ class MigrationCapability:
         return {"sha256": h.hexdigest(), "rereads": rereads}
 
     async def op_resync(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Make the source hold every block written here: compare each range of present
+        blocks with the source and push the ones that differ. (A missing block was never
+        written here, so the source's is the right one.) Needed because a write the
+        mirror could not deliver fails *after* it reached the local copy: not
+        acknowledged, but present here. A range written while we push is compared again
+        until both sides agree, so a push never overwrites a newer mirrored write."""
         account, name = self._who(p)
         try:
-            vid = str(self._load(account, name)["volume_id"])
+            st = self._load(account, name)
         except NotFound:
-            return {"flushed": False}
+            return {"pushed_bytes": 0}
+        vid = str(st["volume_id"])
         if not self._has_volume(vid):
-            return {"flushed": False}
-        await self.volumes.device(vid).flush()
-        return {"flushed": True}
+            return {"pushed_bytes": 0}
+        dev = self.volumes.device(vid)
+        await dev.flush()
+        client = await self._connect(st["source"])
+        pushed = 0
+        try:
+            for off in range(0, dev.size_bytes, _VERIFY_CHUNK):
+                n = min(_VERIFY_CHUNK, dev.size_bytes - off)
+                for run_off, run_len, present in dev.present(off, n):
+                    if present:
+                        pushed += await self._push_run(dev, client, run_off, run_len)
+            await client.flush()
+        finally:
+            await client.aclose()
+        return {"pushed_bytes": pushed}
+
+    @staticmethod
+    async def _push_run(dev: Any, client: NBDClient, off: int, n: int) -> int:
+        pushed = 0
+        for _attempt in range(_VERIFY_RETRIES + 1):
+            mine, theirs = await asyncio.gather(dev.read(off, n), client.read(off, n))
+            if mine == theirs:
+                return pushed
+            await client.write(off, mine)
+            pushed += n
+        raise VerifyMismatch(f"bytes {off}..{off + n} keep changing; resync again later")
 
     async def op_finish(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
@@ -414,7 +456,24 @@ class MigrationCapability:
             vid = str(self._load(account, name)["volume_id"])
         except NotFound:
             return {"finished": False}  # done before
-        await self.volumes.promote(vid)
+        # Promote closes the lazy volume's link to the source: an I/O in flight on it then
+        # fails (EIO, and ext4 aborts its journal). So hold the domain still and flush
+        # its filesystem first; the pause is the flush.
+        d = self.domains.domains.get(f"{account}.{name}")
+        frozen = False
+        if d is not None and d.phase == "running":
+            await d.freeze()
+            frozen = True
+        try:
+            if d is not None and frozen:
+                try:
+                    await asyncio.to_thread(syncfs, d.mnt)
+                except OSError as exc:  # the filesystem's own trouble: promote regardless
+                    log.warning("domain %s: flush before promote failed: %s", name, exc)
+            await self.volumes.promote(vid)
+        finally:
+            if frozen and d is not None:
+                await d.thaw()
         self._state_path(account, name).unlink(missing_ok=True)
         return {"finished": True}
 

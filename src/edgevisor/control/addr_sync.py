@@ -12,6 +12,13 @@ applied before and no longer needs (:func:`removed_for_host`).
   drop, A's other records). The host that gives up a mapping (old host of a move) is
   pushed first, then the rest concurrently, so two hosts translate one record only while
   the old host is unreachable (then it is down, and its table no longer matters).
+  The agent endpoints are read in the change's own transaction (no store access, no
+  thread hop between the pushes). Why the old host is not pushed concurrently with the
+  new one, even though the physical address changes: both would hold a *local* mapping
+  of the record for up to one round trip (two hosts translating it, each answering for
+  its own physical address), which is exactly what fencing excludes; sequential pushes
+  make the window break-before-make instead (packets to the record are dropped, never
+  delivered to the instance the record is leaving).
 - An agent answers a push with the generation it applied per record (or the error; it
   keeps its last good table); the controller stores that (``address_host_applied``).
 - :func:`run_records_reconciler` pushes the full set again to every up host that lags on
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Iterable, Iterator
@@ -40,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError, PeerUnavailable
 from edgevisor.network import host_reports, records
+from edgevisor.network.fast_alloc import FastAllocator
 from edgevisor.network.lifecycle import State
 from edgevisor.network.pools import REC
 from edgevisor.network.records import AddressRecord
@@ -56,6 +65,7 @@ __all__ = [
     "net_store",
     "push",
     "record_out",
+    "resolve_endpoints",
     "run_leak_collector",
     "run_records_reconciler",
 ]
@@ -82,6 +92,11 @@ class NetStore:
         # Reconciler back-off per host that keeps failing: host -> (next try, delay s).
         self.backoff: dict[str, tuple[float, float]] = {}
 
+    @functools.cached_property
+    def allocator(self) -> FastAllocator:
+        """The allocation hot path on its own connection (bulk callers; see fast_alloc)."""
+        return FastAllocator(self.engine)
+
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any exception."""
@@ -89,6 +104,8 @@ class NetStore:
             yield s
 
     def dispose(self) -> None:
+        if "allocator" in self.__dict__:
+            self.allocator.close()
         if self._own:
             self.engine.dispose()
 
@@ -168,6 +185,9 @@ class Push:
     after: set[str]
     first: str | None = None  # the host giving up a local mapping: pushed before the others
     results: dict[str, str] = field(default_factory=dict)  # host -> "ok" or the error
+    # host -> (agent url, key), or why it cannot be reached; resolved in the change's own
+    # transaction (:func:`resolve_endpoints`) so a push needs no further store access.
+    endpoints: dict[str, tuple[str, str] | str] = field(default_factory=dict)
 
     def targets(self) -> list[tuple[str, bool]]:
         """``(host, full)`` pairs; the ``first`` host first."""
@@ -176,6 +196,17 @@ class Push:
             hosts.remove(self.first)
             hosts.insert(0, self.first)
         return [(h, h not in (self.before & self.after)) for h in hosts]
+
+
+def resolve_endpoints(s: Session, st: ControllerState, change: Push) -> None:
+    """Fill ``change.endpoints`` for the hosts the change goes to (not in-process ones)."""
+    for host, _full in change.targets():
+        if st.links.is_local(host):
+            continue
+        try:
+            change.endpoints[host] = st.links.endpoint_in(s, host)
+        except EdgevisorError as exc:
+            change.endpoints[host] = exc.message
 
 
 async def _store(st: ControllerState, fn: Any, *args: Any) -> Any:
@@ -198,9 +229,14 @@ def _report(s: Session, host: str, result: Any) -> None:
 async def push_host(
     st: ControllerState, host: str, *, full: bool, record: AddressRecord | None = None,
     reports: list[tuple[str, Any]] | None = None,
+    endpoint: tuple[str, str] | str | None = None,
 ) -> str:
     """Send ``host`` its full set or one record; "ok" or the error. What the host reports
-    is stored now, or appended to ``reports`` for the caller to store later."""
+    is stored now, or appended to ``reports`` for the caller to store later. ``endpoint``:
+    the host's agent address as resolved beforehand, or why it is unreachable."""
+    if isinstance(endpoint, str):
+        log.debug("records for %s not pushed: %s", host, endpoint)
+        return endpoint
     if full or record is None:
         payload = await _store(st, host_payload, host)
         body: dict[str, Any] = {"full": True, **payload.model_dump(mode="json")}
@@ -209,7 +245,8 @@ async def push_host(
                 "removed": []}
     timeout = st.settings.network.push_timeout_s
     try:
-        result = await st.links.call(host, "records.apply", body, timeout_s=timeout)
+        result = await st.links.call(host, "records.apply", body, timeout_s=timeout,
+                                     endpoint=endpoint)
     except PeerUnavailable as exc:
         log.debug("records for %s not pushed: %s", host, exc.message)
         return exc.message
@@ -258,9 +295,11 @@ async def push(st: ControllerState, change: Push) -> Push:
     if targets and targets[0][0] == change.first:
         host, full = targets.pop(0)
         change.results[host] = await push_host(st, host, full=full, record=change.record,
-                                               reports=got)
+                                               reports=got,
+                                               endpoint=change.endpoints.get(host))
     outcomes = await asyncio.gather(
-        *(push_host(st, h, full=f, record=change.record, reports=got) for h, f in targets)
+        *(push_host(st, h, full=f, record=change.record, reports=got,
+                    endpoint=change.endpoints.get(h)) for h, f in targets)
     )
     change.results.update({h: r for (h, _), r in zip(targets, outcomes, strict=True)})
     if got:

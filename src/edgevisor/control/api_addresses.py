@@ -195,7 +195,9 @@ async def _change(
         before = account_hosts(s, acct.name)
         rec = op(s, acct, rref)
         _event(s, st, kind, acct, rec)
-        return Push(rec, before, account_hosts(s, acct.name), first=old_host)
+        change = Push(rec, before, account_hosts(s, acct.name), first=old_host)
+        addr_sync.resolve_endpoints(s, st, change)
+        return change
 
     change: Push = await _run(st, fn)
     if change.before or change.after:

@@ -134,6 +134,7 @@ class DeviceService:
             "shadow_rejected": 0,
         }
         self._outputs: set[str] = set()
+        self._chains: set[str] = set()
         self._refresh_grants()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -195,8 +196,9 @@ class DeviceService:
 
     async def _inprocess_loop(self) -> None:
         assert self.broker is not None
-        # The queue keeps arrival order (the broker runs the tap in one task per message,
-        # without waiting for it); its bound caps what is buffered on our side.
+        # The queue keeps arrival order and decouples the broker's session loops from the
+        # routing; its bound caps what is buffered on our side (a full queue makes the
+        # broker wait, which back-pressures the publishing device).
         inbox: asyncio.Queue[ReceivedMessage] = asyncio.Queue(maxsize=1024)
 
         async def tap(topic: str, payload: bytes) -> None:
@@ -255,6 +257,8 @@ class DeviceService:
             elif isinstance(d, ToTopic):
                 outputs.add(d.topic)
         self._outputs = outputs
+        # Most route sets have no task-sourced route; then a result needs no second match.
+        self._chains = {r.source_task for r in routes if r.source_task is not None}
         names = {r.source_device for r in routes if r.source_device}
         self.registry.set_grants({n: grants(routes, n) for n in names})
 
@@ -418,7 +422,7 @@ class DeviceService:
             payload = _dumps(result)
             if action.reply_topic is not None:
                 await self._publish(action.reply_topic, payload)
-            if ok:
+            if ok and action.task in self._chains:
                 if depth >= _MAX_CHAIN:
                     log.warning("route %s: chain deeper than %d cut", action.route, _MAX_CHAIN)
                     return

@@ -474,6 +474,7 @@ class MigrationRunner:
     async def _perform(self, job: _Job, cmd: Command) -> None:
         spec = job.m.spec
         src, dst = spec.source, spec.target
+        bulk = max(120.0, spec.volume_bytes / (20 << 20))  # reads the volume: >= 20 MB/s
         if isinstance(cmd, PrepareTarget):
             offer = await self._call(job, src, "offer", {"peer": dst})
             await self._call(
@@ -496,13 +497,12 @@ class MigrationRunner:
         elif isinstance(cmd, StartFill):
             await self._fill(job, cmd)
         elif isinstance(cmd, Verify):
-            budget = max(120.0, spec.volume_bytes / (20 << 20))  # >= 20 MB/s
-            await self._call(job, dst, "verify", timeout_s=budget)
+            await self._call(job, dst, "verify", timeout_s=bulk)
         elif isinstance(cmd, ReleaseSource):
             await self._call(job, dst, "finish")
             await self._call(job, src, "release")
         elif isinstance(cmd, ResyncSource):
-            await self._call(job, dst, "resync")
+            await self._call(job, dst, "resync", timeout_s=bulk)
         elif isinstance(cmd, StopTarget):
             await self._call(job, dst, "stop_target", timeout_s=_TIMEOUTS["quiesce"])
         elif isinstance(cmd, ResumeOnSource):

@@ -155,6 +155,11 @@ def _pool(cidr: str, gateway: str | None, reserve_edges: bool, name: str) -> Add
     return AddressPool.create(cidr, gateway=gateway, reserve_edges=reserve_edges, name=name)
 
 
+def pool_for(cidr: str, gateway: str | None, reserve_edges: bool, name: str) -> AddressPool:
+    """The (cached) :class:`AddressPool` of a network or pool row's columns."""
+    return _pool(cidr, gateway, reserve_edges, name)
+
+
 def net_pool(row: Row[Any]) -> AddressPool:
     return _pool(row.cidr, row.gateway, row.reserve_edges, f"{row.account}/{row.name}")
 

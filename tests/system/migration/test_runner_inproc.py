@@ -244,3 +244,27 @@ def test_a_restarted_runner_resumes_post_sync_from_the_store(
     assert runner.trace[m.id][-3:] == ["StartFill", "Verify", "ReleaseSource"]
     _all_present(acme, "kv", w.acked)
     assert _volumes(tb, SRC) == []
+
+
+def test_cli_migrate_watch_and_list(bed: tuple[Testbed, Client]) -> None:
+    from typer.testing import CliRunner
+
+    from edgevisor.cli.main import app as cli_app
+
+    tb, acme = bed
+    acme.create_domain("kv", KV_CMD, "16M", app=KV_APP, host=SRC)
+    auth = ["--url", tb.ctl.url, "--token", acme.token or ""]
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["domain", "migrate", "kv", "--to", DST, "--watch", *auth])
+    assert res.exit_code == 0, res.output
+    assert "committed" in res.output and "downtime" in res.output
+    res = runner.invoke(cli_app, ["domain", "migrations", "--json", *auth])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.output)
+    assert (row["phase"], row["source"], row["target"]) == ("committed", SRC, DST)
+    # refusals come back as errors, with nothing changed
+    res = runner.invoke(cli_app, ["domain", "migrate", "kv", "--to", DST, *auth])
+    assert res.exit_code != 0 and "already on" in res.output
+    res = runner.invoke(cli_app, ["domain", "migrate", "kv", "--abort", *auth])
+    assert res.exit_code != 0 and "committed" in res.output
+    assert acme.get_domain("kv").host == DST
