@@ -55,7 +55,7 @@ def _logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     # Per-request lines of the HTTP client and migration chatter are noise at info level.
-    for noisy in ("httpx", "httpcore", "alembic"):
+    for noisy in ("httpx", "httpcore", "alembic", "amqtt", "transitions", "edgevisor.broker"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 
