@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from edgevisor.control.auth import Principal, require_principal, state_of
+from edgevisor.control.auth import Principal, acting_account, require_principal, state_of
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import (
     AlreadyExists,
@@ -46,18 +46,6 @@ router = APIRouter(prefix="/v1")
 Auth = Annotated[Principal, Depends(require_principal)]
 AccountQ = Annotated[str | None, Query(description="Account (admin token only).")]
 CREATE_TIMEOUT_S = 300.0  # mkfs of a large volume through FUSE
-
-
-def _account(st: ControllerState, p: Principal, name: str | None) -> Account:
-    with st.store.session() as s:
-        if name is None:
-            if p.admin:
-                raise RequestError("the admin must name the account (?account=NAME)")
-            acct = s.get(Account, p.account_id)
-            if acct is None:
-                raise NotFound("account not found")
-            return acct
-        return p.scope(repos.get_account(s, name))
 
 
 def _app_bytes(st: ControllerState, app_b64: str | None) -> bytes | None:
@@ -134,7 +122,7 @@ async def create_domain(
 ) -> wire.DomainInfo:
     """Create a domain with a new volume and start it on a host."""
     st = state_of(request)
-    acct = _account(st, p, account)
+    acct = acting_account(st, p, account)
     try:
         size = parse_size(body.volume_size)
     except ValueError as exc:
@@ -211,7 +199,7 @@ async def get_domain(
 ) -> wire.DomainInfo:
     """One domain, with the live state its host reports (stored state if unreachable)."""
     st = state_of(request)
-    acct = _account(st, p, account)
+    acct = acting_account(st, p, account)
     d = _domain(st, acct, name)
     try:
         live = await st.links.call(d.host, "domains.info", {"account": acct.name, "name": name})
@@ -222,7 +210,7 @@ async def get_domain(
 
 async def _act(request: Request, p: Principal, name: str, account: str | None, op: str) -> Any:
     st = state_of(request)
-    acct = _account(st, p, account)
+    acct = acting_account(st, p, account)
     d = _domain(st, acct, name)
     info = await st.links.call(
         d.host, f"domains.{op}", {"account": acct.name, "name": name}, timeout_s=120
@@ -252,7 +240,7 @@ async def stop_domain(
 async def remove_domain(name: str, request: Request, p: Auth, account: AccountQ = None) -> None:
     """Stop the domain and delete it and its volume (refused while its host is down)."""
     st = state_of(request)
-    acct = _account(st, p, account)
+    acct = acting_account(st, p, account)
     d = _domain(st, acct, name)
     with contextlib.suppress(NotFound):  # already gone there
         await st.links.call(

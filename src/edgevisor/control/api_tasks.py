@@ -43,9 +43,6 @@ Auth = Annotated[Principal, Depends(require_principal)]
 MANIFEST = "edgevisor.toml"
 
 
-_account = acting_account
-
-
 def _check_bundle(
     st: ControllerState, archive: bytes, overrides: dict[str, Any]
 ) -> tuple[str, str]:
@@ -125,7 +122,7 @@ async def deploy_task(
 ) -> wire.TaskInfo:
     """Deploy a bundle (.tar.gz or .zip bytes as the request body)."""
     st = state_of(request)
-    acct = await run_in_threadpool(_account, st, p, account)
+    acct = await run_in_threadpool(acting_account, st, p, account)
     archive = await request.body()
     if not archive:
         raise RequestError("the request body must be the bundle (.tar.gz or .zip)")
@@ -227,7 +224,7 @@ def get_task(
     name: str, request: Request, p: Auth, account: Annotated[str | None, Query()] = None
 ) -> wire.TaskInfo:
     st = state_of(request)
-    acct = _account(st, p, account)
+    acct = acting_account(st, p, account)
     return _task_out(_task(st, acct, name), acct.name)
 
 
@@ -236,7 +233,7 @@ async def remove_task(
     name: str, request: Request, p: Auth, account: Annotated[str | None, Query()] = None
 ) -> None:
     st = state_of(request)
-    acct = await run_in_threadpool(_account, st, p, account)
+    acct = await run_in_threadpool(acting_account, st, p, account)
     t = await run_in_threadpool(_task, st, acct, name)
     for h in t.hosts:
         with contextlib.suppress(NotFound):  # already gone there
@@ -279,7 +276,7 @@ def _route(
     st: ControllerState, p: Principal, account: str | None, name: str, host: str | None
 ) -> tuple[str, float, str]:
     """(account name, task timeout, host to run on) for an invoke."""
-    acct = _account(st, p, account)
+    acct = acting_account(st, p, account)
     t = _task(st, acct, name)
     return acct.name, float(t.spec.get("timeout_s", 3.0)), _pick_host(st, t, host)
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from edgevisor.control.auth import Principal, require_principal, state_of
+from edgevisor.control.auth import Principal, acting_account, require_principal, state_of
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import (
     AlreadyExists,
@@ -40,16 +40,8 @@ _OP_TIMEOUT_S = 120.0
 
 
 def _account(st: ControllerState, p: Principal, name: str | None) -> tuple[int, str]:
-    with st.store.session() as s:
-        if name is None:
-            if p.admin:
-                raise RequestError("the admin must name the account (?account=NAME)")
-            acct = s.get(Account, p.account_id)
-            if acct is None:
-                raise NotFound("account not found")
-            return acct.id, acct.name
-        a = p.scope(repos.get_account(s, name))
-        return a.id, a.name
+    a = acting_account(st, p, name)
+    return a.id, a.name
 
 
 def _out(v: VolumeRecord, account: str, live: dict[str, Any] | None = None) -> wire.VolumeInfo:
