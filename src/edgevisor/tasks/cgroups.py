@@ -198,19 +198,6 @@ class CgroupSet:
                         raise CgroupError(f"cannot remove {path}: {exc.strerror}") from exc
                     time.sleep(delay)
                     delay = min(delay * 2, 0.05)
-            _remove_empty_parents(path)
-
-
-def _remove_empty_parents(path: Path) -> None:
-    """Remove the grouping directories above ``path`` that are now empty (up to, not
-    including, the controller's root); one still holding other groups stays."""
-    for parent in path.parents:
-        if parent.name in CONTROLLERS or parent == parent.parent:
-            return
-        try:
-            parent.rmdir()
-        except OSError:  # not empty (another environment), busy, or already gone
-            return
 
 
 def sweep_orphans(root: Path = CGROUP_ROOT) -> list[str]:

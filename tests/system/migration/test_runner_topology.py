@@ -255,6 +255,13 @@ def test_target_killed_in_post_sync_fails_back(fleet: Fleet) -> None:
         acme.remove_domain("kv")
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "known race, issue 6: promote() after the source returns closes the source link "
+        "with I/O in flight; the domain's ext4 can go read-only and later writes fail"
+    ),
+)
 def test_source_killed_in_post_sync_completes_when_it_returns(fleet: Fleet) -> None:
     a, b, _c = fleet.topo.hosts
     with Client(fleet.ctl.url, fleet.admin.create_token("acme").secret) as acme:
