@@ -1,6 +1,6 @@
 """Benchmark: live migration (post-copy) vs the stop-and-copy baseline, same run (root).
 
-    sudo .venv/bin/python bench/migration/run.py [--sizes 64M,1G] [--big]
+    sudo .venv/bin/python bench/migration/run.py [--sizes 64M,1G,4G] [--modes post-copy]
 
 Setup: a controller and two full agents in this process (:mod:`edgevisor.migration.
 testbed`: own data dirs, NBD over TLS on loopback), the kv example domain (a Python HTTP
@@ -17,7 +17,12 @@ service, fsync'd log on its ext4 volume). For each volume size and mode:
   block device the domain's filesystem sits on) while the fill runs, split by whether
   the block was present when read; p50/p99.
 
-Prints a markdown table to stdout (progress to stderr).
+* **where the switch goes** (post-copy): the runner's commands on the client's timeline
+  and the domain runtime's sub-steps on both hosts (``Domain.timings``): the source's
+  quiesce, the target's start (volume attach, network, sandbox), then the service's own
+  start-up until its first answer. Per step on stderr; a summary table on stdout.
+
+Prints markdown tables to stdout (progress and the per-step breakdown to stderr).
 """
 
 from __future__ import annotations
@@ -149,6 +154,8 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, mode: str) -> dic
     # some data on the volume, then a filled page cache does not flatter the source
     for i in range(50):
         http("PUT", f"http://{d.address}:8080/kv/k{i}", os.urandom(512).hex().encode())
+    qualified = f"bench.{name}"
+    src_domain = tb.agents[src].agent.capability("domains").domains[qualified]
     prober = Prober(c, name)
     prober.t.start()
     time.sleep(0.5)
@@ -175,6 +182,14 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, mode: str) -> dic
     moved = c.get_domain(name)
     client_down = prober.downtime(d.address, moved.address or "")
     timings = dict(runner_for(tb.ctl.state).timings.get(m.id, []))
+    dst_domain = tb.agents[dst].agent.capability("domains").domains.get(qualified)
+    steps = breakdown(
+        runner_for(tb.ctl.state).spans.get(m.id, []),
+        prober.last_ok.get(d.address),
+        prober.first_ok.get(moved.address or ""),
+        src_domain.timings.get("quiesce", {}),
+        dst_domain.timings.get("start", {}) if dst_domain is not None else {},
+    )
     c.remove_domain(name)
     return {
         "phase": m.phase,
@@ -185,7 +200,37 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, mode: str) -> dic
         "total_s": total,
         "present_lat": reads[0],
         "missing_lat": reads[1],
+        "steps": steps,
     }
+
+
+def breakdown(
+    spans: list[tuple[str, float, float]],
+    last_src: float | None,
+    first_dst: float | None,
+    quiesce: dict[str, float],
+    start: dict[str, float],
+) -> dict[str, float]:
+    """Where the switch went: runner commands on the client's timeline, the domain
+    runtime's sub-steps on both sides, and the service's own start-up (StartOnTarget
+    done -> first answer on the target)."""
+    out: dict[str, float] = {}
+    switch = [
+        sp
+        for sp in spans
+        if sp[0] in ("QuiesceSource", "StartOnTarget") or sp[0].startswith("SetRoles(")
+    ]
+    prev_end = last_src
+    for label, t0, t1 in switch:
+        if prev_end is not None:
+            out[f"gap before {label}"] = t0 - prev_end
+        out[label] = t1 - t0
+        prev_end = t1
+    if prev_end is not None and first_dst is not None:
+        out["service up (StartOnTarget done -> first answer)"] = first_dst - prev_end
+    out.update({f"source quiesce: {k}": v for k, v in quiesce.items()})
+    out.update({f"target start: {k}": v for k, v in start.items()})
+    return out
 
 
 def ms(v: float | None) -> str:
@@ -194,10 +239,23 @@ def ms(v: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="64M,1G")
-    ap.add_argument("--big", action="store_true", help="also 4G")
+    # 4G included: about 3 min for that size (both modes), so `make bench` runs it
+    ap.add_argument("--sizes", default="64M,1G,4G")
+    ap.add_argument("--big", action="store_true", help="also 4G (when --sizes lacks it)")
+    ap.add_argument("--modes", default="post-copy,stop-and-copy")
+    ap.add_argument(
+        "--cleanup-delay-s",
+        type=float,
+        default=2.0,
+        help="domains.quiesce_cleanup_delay_s of the agents: the two simulated hosts share "
+        "this machine's CPUs, so the source's volume cleanup would slow the target's start "
+        "(on real hosts it runs elsewhere); 0 measures them competing",
+    )
     args = ap.parse_args()
-    sizes = [parse_size(s) for s in args.sizes.split(",")] + ([4 << 30] if args.big else [])
+    modes = args.modes.split(",")
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.big and (4 << 30) not in sizes:
+        sizes.append(4 << 30)
     if os.geteuid() != 0:
         log("needs root (namespaces, cgroups, FUSE)")
         return 2
@@ -205,22 +263,35 @@ def main() -> int:
     tag = f"{os.getpid() % 10000}"
     src, dst = f"bench-a{tag}", f"bench-b{tag}"
     rows: list[str] = []
+    steps_rows: list[str] = []
     try:
         with open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb:
-            for h in (src, dst):
+            for h, subnet in ((src, "169.254.224.0/21"), (dst, "169.254.232.0/21")):
                 tb.overrides["devices.broker_port"] = free_port()
+                # Own test addresses per host, away from the tests' 169.254.192.0/20:
+                # host routes live in the shared root namespace, and the prober tells
+                # the hosts apart by address.
+                tb.overrides["domains.test_subnet"] = subnet
+                tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
                 tb.start_agent(h)
             tb.admin.create_account("bench")
             with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
                 for size in sizes:
+                    t_size = time.monotonic()
                     raw_s = copy_rate(root, size)
                     res = {}
-                    for mode in ("post-copy", "stop-and-copy"):
+                    for mode in modes:
                         log(f"{size >> 20} MiB {mode} ...")
                         res[mode] = one(tb, c, src, dst, size, mode)
                         log(f"  {res[mode]['phase']}: client downtime "
                             f"{ms(res[mode]['client_downtime_s'])}")  # fmt: skip
-                    pc, sc = res["post-copy"], res["stop-and-copy"]
+                        for k, v in res[mode]["steps"].items():
+                            log(f"    {k}: {v * 1000:.1f} ms")
+                    empty: dict[str, Any] = {
+                        "client_downtime_s": None, "runner_downtime_s": None, "fill_s": None,
+                        "present_lat": [], "missing_lat": [],
+                    }  # fmt: skip
+                    pc, sc = res.get("post-copy", empty), res.get("stop-and-copy", empty)
                     fill = pc["fill_s"]
                     sync_rate = size / fill / 1e6 if fill else float("nan")
                     raw_rate = size / raw_s / 1e6
@@ -234,6 +305,16 @@ def main() -> int:
                         f"{ms(pct(pl, 0.5))} / {ms(pct(pl, 0.99))} (n={len(pl)}) | "
                         f"{ms(pct(ml, 0.5))} / {ms(pct(ml, 0.99))} (n={len(ml)}) |"
                     )
+                    pcd, scd = pc["client_downtime_s"], sc["client_downtime_s"]
+                    ratio = f"1/{scd / pcd:.0f}" if pcd and scd else "-"
+                    st: dict[str, float] = pc.get("steps", {})
+                    steps_rows.append(
+                        f"| {size >> 20} MiB | {ratio} | {ms(st.get('QuiesceSource'))} | "
+                        f"{ms(st.get('target start: volume'))} / "
+                        f"{ms(st.get('StartOnTarget'))} | "
+                        f"{ms(st.get('service up (StartOnTarget done -> first answer)'))} | "
+                        f"{time.monotonic() - t_size:.0f} s |"
+                    )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("| volume | post-copy downtime, client (runner) | stop-and-copy downtime, client "
@@ -241,6 +322,15 @@ def main() -> int:
           "| read p50/p99 missing |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        print(r)
+    print()
+    print("Post-copy switch, where it goes: the source's quiesce (freeze, syncfs, SIGKILL, "
+          "unmount), the target's start (of which attaching the lazy volume: FUSE process, "
+          "loop, mount), then the service's own start-up until it answers.\n")  # fmt: skip
+    print("| volume | post-copy / stop-and-copy downtime | quiesce | target volume attach / "
+          "StartOnTarget | service start -> first answer | wall time, both modes |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in steps_rows:
         print(r)
     return 0
 

@@ -1,6 +1,7 @@
 """Lazy-volume benchmark: first-read latency of a missing block, and background fill rate.
 
     .venv/bin/python bench/storage/lazy.py [--size-mib 256] [--reads 400] [--rounds 3] [--tls]
+        [--batch N] [--inflight N] [--connections N] [--workers N]
 
 * **first read of a missing 64 KiB block**: a lazy volume whose fill is not running reads
   64 KiB at random missing blocks (each one fetched from the source over NBD, stored,
@@ -10,7 +11,9 @@
   plus ``fsync``, measured in the same run. Target: >= 60% of the copy rate.
 
 The source is our NBD server in a separate process over loopback (``--tls``: with fleet
-certificates, as between hosts). Source and baseline read the same page-cached file, so
+certificates, as between hosts), with the agent's default worker threads (``--workers``).
+The fill uses the lazy-volume defaults unless ``--batch``/``--inflight``/``--connections``
+say otherwise. Source and baseline read the same page-cached file, so
 both sides compare copying, not the disk. Prints a markdown table to stdout.
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 from edgevisor.pki import FleetCA, HostIdentity
 from edgevisor.storage.lazy import LazySettings, LazyVolume, RemoteSource
 from edgevisor.storage.nbd_client import NBDClient
+from edgevisor.storage.nbd_server import NBDServerSettings
 from edgevisor.storage.volume import Volume
 
 MiB = 1 << 20
@@ -48,7 +52,7 @@ async def main() -> None:
     vol = Volume.open(sys.argv[1])
     pki = sys.argv[3]
     ctx = HostIdentity(Path(pki), "source").server_context() if pki else None
-    srv = NBDServer(ssl_context=ctx, tls_required=bool(pki), workers=1)
+    srv = NBDServer(ssl_context=ctx, tls_required=bool(pki), workers=int(sys.argv[4]))
     peers = frozenset({"target"}) if pki else None
     srv.add_export(Export("vol", vol, allowed_peers=peers))
     await srv.start("127.0.0.1", int(sys.argv[2]))
@@ -115,7 +119,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str, str, 
         client_ctx = HostIdentity(tmp / "target", "target").client_context()
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(src), str(port), pki], stdout=subprocess.PIPE
+        [sys.executable, "-c", SERVE, str(src), str(port), pki, str(args.workers)],
+        stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
     if proc.stdout.readline() != b"ready\n":
@@ -154,7 +159,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str, str, 
             os.unlink(tmp / "copy")
             dst = Volume.create(tmp / f"fill{r}", size, BS, present=False)
             fill_cfg = LazySettings(
-                mirror="off", fill_batch_blocks=args.batch, fill_inflight=args.inflight
+                mirror="off",
+                fill_batch_blocks=args.batch,
+                fill_inflight=args.inflight,
+                fill_connections=args.connections,
             )
             lazy = LazyVolume(dst, connect, fill_cfg)
             t0 = time.perf_counter()
@@ -195,6 +203,18 @@ def main() -> None:
     )
     ap.add_argument(
         "--inflight", type=int, default=LazySettings().fill_inflight, help="fill requests in flight"
+    )
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=LazySettings().fill_connections,
+        help="fill connections of their own (0: share the main one)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=NBDServerSettings().worker_threads,
+        help="source server worker threads (default: the agent's)",
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ev-lazy-bench-") as t:

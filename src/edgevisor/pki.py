@@ -180,6 +180,52 @@ class FleetCA:
         )
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
+    def issue_key_and_cert(
+        self,
+        cn: str,
+        *,
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        server: bool = False,
+        days: int = _CERT_DAYS,
+    ) -> tuple[str, str, int]:
+        """A new key and a certificate for it: (key PEM, certificate PEM, serial).
+
+        For parties that cannot make their own CSR (a device handed its credentials once):
+        the key is made here and returned, never kept. ``server`` adds SERVER_AUTH to the
+        extended key usage (CLIENT_AUTH is always there); ``dns``/``ips`` become SANs.
+        """
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = _new_key()
+        now = dt.datetime.now(dt.UTC)
+        serial = x509.random_serial_number()
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if server:
+            usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        )
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        return _key_pem(key).decode(), cert_pem, serial
+
 
 class HostIdentity:
     """One host's key, certificate and the fleet CA, under ``<dir>`` (the agent's pki dir)."""

@@ -25,6 +25,12 @@ Operations (called by the controller):
   a veth holding its logical address (until domains exist). The instances are noted in
   the agent's data dir and reported to the controller for leak collection.
 
+Domains with a logical address are instances too, built by the domains capability: it
+registers them with :meth:`AddressesCapability.add_instance_source` (reported with the
+host's own while the domain exists on this host, running or not) and calls
+:meth:`AddressesCapability.plug` once a domain's veth is up (its route in the account's
+table: a veth that appears after its record was applied has none yet).
+
 Without root (or with ``network.dataplane_mode = "off"``, or in ``auto`` mode when the
 controller is on loopback, i.e. a single machine) the capability logs that address
 translation is unavailable and every operation answers that clearly; the host's own
@@ -37,8 +43,9 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +100,11 @@ class WireRecord:
         from edgevisor.network.dataplane import AppliedRecord
 
         active = self.state == "bound" and not removed and self.physical and self.host
+        logical = ip_address(self.logical)
+        unspecified = "0.0.0.0" if logical.version == 4 else "::"
         return AppliedRecord(
-            account=self.account, logical=IPv4Address(self.logical),
-            physical=IPv4Address(self.physical if active and self.physical else "0.0.0.0"),
+            account=self.account, logical=logical,
+            physical=ip_address(self.physical if active and self.physical else unspecified),
             host=self.host if active and self.host else "",
             generation=self.generation, state="active" if active else "released",
         )
@@ -143,6 +152,7 @@ class AddressesCapability:
         self._lock = asyncio.Lock()
         self._finisher: asyncio.Task[None] | None = None
         self._path: Path | None = None
+        self._sources: list[Callable[[], Iterable[str]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -203,7 +213,9 @@ class AddressesCapability:
         if self._finisher is not None:
             await asyncio.gather(self._finisher, return_exceptions=True)
         if self.dp is not None:
-            self.dp.close()
+            # In a thread: pyroute2's close runs its own event loop, which cannot run
+            # inside this one ("Cannot run the event loop while another loop is running").
+            await asyncio.to_thread(self.dp.close)
             self.dp = None
 
     async def connected(self) -> None:
@@ -219,7 +231,7 @@ class AddressesCapability:
                                    full=True, rebuild=True)
         await self._agent.request(
             "POST", f"/v1/hosts/{self._agent.host}/records/applied",
-            {"reports": result["reports"], "instances": sorted(self.instances)},
+            {"reports": result["reports"], "instances": self.instance_names()},
         )
         return result
 
@@ -251,15 +263,17 @@ class AddressesCapability:
         for rec, is_removed in [(g, True) for g in gone] + [(r, False) for r in given]:
             if rec.generation < self.seen.get(rec.id, 0):
                 continue  # overtaken by a newer push of this record
-            if ip_address(rec.logical).version != 4:
-                reports.append({"record_id": rec.id, "generation": rec.generation,
-                                "error": "this host translates IPv4 only"})
-                continue
             usable.append((rec, is_removed))
         # Removals first: a live record with the same key (address reused) wins.
-        by_key: dict[tuple[str, IPv4Address], AppliedRecord] = {}
-        for rec, is_removed in usable:
-            ar = rec.applied(removed=is_removed)
+        by_key: dict[tuple[str, IPv4Address | IPv6Address], AppliedRecord] = {}
+        for rec, is_removed in list(usable):
+            try:
+                ar = rec.applied(removed=is_removed)
+            except ValueError as exc:  # a bad address, or logical/physical of two families
+                reports.append({"record_id": rec.id, "generation": rec.generation,
+                                "error": f"record cannot be translated here: {exc}"})
+                usable.remove((rec, is_removed))
+                continue
             by_key[ar.key] = ar
         await self._lock.acquire()
         finishing = False
@@ -319,7 +333,7 @@ class AddressesCapability:
         dp = self._need()
         return {"host": dp.host, "generation": dp.generation, "last_error": dp.last_error,
                 "applied": {str(k): v for k, v in sorted(self.applied.items())},
-                "instances": sorted(self.instances)}
+                "instances": self.instance_names()}
 
     # -- instances -----------------------------------------------------------------------
 
@@ -357,9 +371,9 @@ class AddressesCapability:
         name = self._field(payload, "name")
         account = self._field(payload, "account")
         try:
-            logical = IPv4Address(self._field(payload, "logical"))
+            logical = ip_address(self._field(payload, "logical"))
         except ValueError as exc:
-            raise RequestError(f"logical must be an IPv4 address: {exc}") from exc
+            raise RequestError(f"logical must be an IP address: {exc}") from exc
         if name in self.instances:
             raise RequestError(f"instance {name!r} already exists on this host")
         # The host name keeps namespaces apart when simulated hosts share one machine.
@@ -394,13 +408,38 @@ class AddressesCapability:
         self._need()
         return {"instances": [{"name": n, **v} for n, v in sorted(self.instances.items())]}
 
+    # -- instances of other capabilities (domains) ----------------------------------------
+
+    def add_instance_source(self, source: Callable[[], Iterable[str]]) -> None:
+        """Instances another capability runs (domains with a logical address), reported
+        with this host's own so that leak collection sees them while they exist."""
+        self._sources.append(source)
+
+    def instance_names(self) -> list[str]:
+        names = set(self.instances)
+        for source in self._sources:
+            names.update(source())
+        return sorted(names)
+
+    async def plug(self, account: str, logical: IPv4Address | IPv6Address) -> None:
+        """Route ``logical`` to its instance's veth in the account's table, if its record
+        is local here (a veth that appears after its record was applied has no route)."""
+        if self.dp is None:
+            return
+        async with self._lock:
+            await asyncio.to_thread(self.dp.plug, account, logical)
+
+    async def report_instances(self) -> None:
+        """Tell the controller which instances run here now (best effort)."""
+        await self._report_instances()
+
     async def _report_instances(self) -> None:
         if self._agent is None:
             return
         try:
             await self._agent.request(
                 "POST", f"/v1/hosts/{self._agent.host}/records/applied",
-                {"reports": [], "instances": sorted(self.instances)},
+                {"reports": [], "instances": self.instance_names()},
             )
         except EdgevisorError as exc:  # the next connect reports again
             log.info("instances not reported: %s", exc.message)

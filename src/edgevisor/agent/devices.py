@@ -219,6 +219,8 @@ class DevicesCapability:
         ops = {
             "devices.add": self.op_device_add,
             "devices.remove": self.op_device_remove,
+            "devices.certificate": self.op_device_certificate,
+            "devices.purge": self.op_purge,
             "devices.list": self.op_device_list,
             "devices.stats": self.op_stats,
             "routes.add": self.op_route_add,
@@ -246,6 +248,9 @@ class DevicesCapability:
             self.service = None
 
     async def connected(self) -> None:
+        # Before anything else: objects of accounts deleted while this host was away must
+        # not be synced, re-applied or re-reported.
+        await self._pending_purges()
         if self.service is None:
             return
         svc = self.service
@@ -324,7 +329,23 @@ class DevicesCapability:
         svc = self._svc()
         account, name = str(p["account"]), str(p["name"])
         full = _name(account, name, "device")
+        # A client certificate when asked for, and by default when the broker has TLS.
+        want_cert = p.get("cert")
+        if want_cert is None:
+            want_cert = svc.tls is not None
+        if want_cert and svc.tls is None:
+            raise RequestError(
+                "this host's broker has no TLS listener (devices.tls_port); no certificate"
+            )
         password = svc.add_device(full, p.get("password") or None)
+        tls = None
+        if want_cert:
+            try:
+                cert = svc.issue_certificate(full)
+            except BaseException:
+                svc.remove_device(full)  # all or nothing
+                raise
+            tls = {**cert.to_json(), "url": svc.broker_tls_url}
         return {
             "name": name,
             "account": account,
@@ -332,7 +353,16 @@ class DevicesCapability:
             "password": password,
             "broker_url": svc.broker_url,
             "topic_root": f"devices/{full}",
+            "tls": tls,
         }
+
+    async def op_device_certificate(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A new client certificate for a device; the one it had is revoked."""
+        svc = self._svc()
+        full = qualified(str(p["account"]), str(p["name"]))
+        cert = svc.issue_certificate(full)
+        return {"name": p["name"], "username": full, **cert.to_json(),
+                "url": svc.broker_tls_url}  # fmt: skip
 
     async def op_device_remove(self, p: dict[str, Any]) -> dict[str, Any]:
         self._svc().remove_device(qualified(str(p["account"]), str(p["name"])))
@@ -352,6 +382,56 @@ class DevicesCapability:
             for d in svc.devices()
             if _mine(account, d.name)
         ]
+
+    async def op_purge(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Remove everything of a deleted account on this host: its deployment state (a
+        deployment in flight is cancelled first), timers, routes, devices (credentials
+        revoked, connections closed), shadows, and its tasks. Idempotent."""
+        account = str(p["account"])
+        if not account:
+            raise RequestError("account must be named")
+        removed = {"timers": 0, "routes": 0, "devices": 0, "shadows": 0, "tasks": 0}
+        if self.deployer is not None:
+            await self.deployer.forget(account)
+        svc = self.service
+        if svc is not None:
+            for name in [n for n in svc.timer_core.timers if _mine(account, n)]:
+                svc.remove_timer(name)
+                removed["timers"] += 1
+            for name in [n for n in svc.routes.routes if _mine(account, n)]:
+                await svc.remove_route(name)
+                removed["routes"] += 1
+            for dev in [d.name for d in svc.devices() if _mine(account, d.name)]:
+                svc.remove_device(dev)
+                removed["devices"] += 1
+            for dev in [d for d in svc.shadows.devices() if _mine(account, d)]:
+                svc.shadows.delete(dev)  # shadows of devices already gone
+                removed["shadows"] += 1
+        with contextlib.suppress(UnavailableError):
+            coord = self.coordinator()
+            for tv in coord.list():
+                if _mine(account, tv.name):
+                    with contextlib.suppress(NotFound):
+                        await coord.remove(tv.name)
+                    removed["tasks"] += 1
+        log.info("account %s purged from this host: %s", account, removed)
+        return {"account": account, "removed": removed}
+
+    async def _pending_purges(self) -> None:
+        """Purges the controller recorded while this host was unreachable."""
+        assert self._agent is not None
+        host = self._agent.host
+        try:
+            pending = await self._agent.request("GET", f"/v1/hosts/{host}/purges")
+        except EdgevisorError as exc:
+            log.info("could not fetch pending account purges: %s", exc)
+            return
+        for item in pending or []:
+            try:
+                await self.op_purge({"account": item["account"]})
+                await self._agent.request("POST", f"/v1/hosts/{host}/purges/{item['id']}/done")
+            except EdgevisorError as exc:
+                log.warning("account purge %s not finished: %s", item, exc)
 
     async def op_stats(self, _p: dict[str, Any]) -> dict[str, Any]:
         return self._svc().stats()

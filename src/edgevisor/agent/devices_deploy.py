@@ -13,8 +13,12 @@ as one asyncio task, with these steps, each reported (``running`` -> ``done``/``
 3. ``switch tasks`` — each task is deployed under its real name (the previous version of
    every task is remembered first);
 4. ``devices``, ``routes``, ``timers`` — the account's devices are added, and the routes
-   and timers of the previous deployment are replaced by the new ones;
-5. ``remove old tasks`` — tasks of the previous deployment that the new one drops.
+   and timers of the previous deployment are replaced by the new ones (so routes and
+   timers the new version drops are gone);
+5. ``remove old devices`` — devices of the previous deployment that the new one drops:
+   credentials removed (a certificate revoked), shadow removed, connections closed. The
+   undo puts each back as it was (same password hash, same certificate, same shadow);
+6. ``remove old tasks`` — tasks of the previous deployment that the new one drops.
 
 If a step fails, everything done so far is undone in reverse (tasks back to the versions
 remembered, routes and timers to the snapshot), the deployment is reported ``failed`` with
@@ -155,6 +159,17 @@ class Deployer:
         self._cancelled.add((account, version))
         running[1].cancel()
         return True
+
+    async def forget(self, account: str) -> None:
+        """The account is gone: stop its deployment in flight (its undo runs) and drop its
+        state, so nothing of it is re-applied or reported."""
+        running = self._running.get(account)
+        if running is not None:
+            self._cancel(account, running[0])
+            await asyncio.gather(running[1], return_exceptions=True)
+        async with self._lock:
+            if self.state.pop(account, None) is not None:
+                self._save()
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -304,6 +319,20 @@ class Deployer:
                     svc.remove_timer(timer.name)
                 svc.add_timer(timer)
             current["state"] = "done"
+            kept = {str(d["name"]) for d in spec.get("devices", [])}
+            gone = [str(d["name"]) for d in old_spec.get("devices", [])
+                    if str(d["name"]) not in kept]  # fmt: skip
+            if gone:
+                current = begin("remove old devices")
+                for name in gone:
+                    full = qualified(account, name)
+                    if not svc.registry.exists(full):
+                        continue
+                    # Credentials, certificate and shadow are kept in the undo entry, so a
+                    # rollback brings the device back exactly as it was.
+                    undo.append(("device_back", svc.export_device(full)))
+                    svc.remove_device(full)  # closes its connections
+                current["state"] = "done"
             new_names = {t["name"] for t in spec.get("tasks", [])}
             dropped = [t["name"] for t in old_spec.get("tasks", []) if t["name"] not in new_names]
             if dropped:
@@ -370,6 +399,10 @@ class Deployer:
                 elif kind == "device":
                     with contextlib.suppress(NotFound):
                         svc.remove_device(what)
+                elif kind == "device_back":
+                    rec, shadow = what
+                    if not svc.registry.exists(rec.name):
+                        svc.restore_device(rec, shadow)
                 elif kind == "routes":
                     for name in [n for n in svc.routes.routes if split(n)[0] == account]:
                         await svc.remove_route(name)

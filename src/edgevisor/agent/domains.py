@@ -7,6 +7,11 @@ capability reads every spec, clears what a previous run of this agent left (see
 meant to run. Like tasks, domains of every account share the host and are named
 ``<account>.<name>``; the controller passes only the account it authenticated.
 
+A domain created with a logical ``address`` (and the ``instance`` name its address record
+is bound to) keeps both in ``network.json``: its namespace then holds that address, the
+``addresses`` capability routes it (``plug``) and reports the instance while the domain
+exists here, so the controller's leak collection leaves its record alone.
+
 Operations run on the loop the capability started on: the controller may call in from
 another loop (a test fixture), and a domain's tasks, locks and sandbox processes belong
 to one loop and its thread.
@@ -24,6 +29,7 @@ import os
 import shutil
 import tarfile
 from collections.abc import Awaitable, Callable, Coroutine
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +47,7 @@ from edgevisor.settings import Settings
 from edgevisor.tasks.cgroups import cgroups_available
 
 if TYPE_CHECKING:
+    from edgevisor.agent.addresses import AddressesCapability
     from edgevisor.agent.daemon import Agent
 
 __all__ = ["DomainsCapability"]
@@ -48,6 +55,7 @@ __all__ = ["DomainsCapability"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SPEC_FILE = "spec.json"
+NETWORK_FILE = "network.json"
 
 
 def _unpack_app(archive: bytes, dest: Path, max_bytes: int) -> None:
@@ -79,7 +87,12 @@ class DomainsCapability:
             domains or getattr(settings, "domains", None) or DomainsSettings()
         )
         self.domains: dict[str, Domain] = {}
+        self.timings: dict[str, dict[str, dict[str, float]]] = {}
+        """Per domain: sub-step seconds of its last start/quiesce/stage (kept after remove;
+        benchmarks and the switch breakdown read it)."""
         self.volumes: VolumeBackend | None = None
+        self.addresses: AddressesCapability | None = None
+        self.networks: dict[str, dict[str, str]] = {}  # qualified -> address, instance
         self._host = ""
         self._key = ""
         self._dir = Path()
@@ -103,6 +116,11 @@ class DomainsCapability:
             self.volumes = agent.capability("volumes")
         except NotFound:  # until the volumes capability exists on every agent
             self.volumes = LocalVolumes(agent.dir / "domain-volumes")
+        with contextlib.suppress(NotFound):
+            addresses: AddressesCapability = agent.capability("addresses")
+            if addresses.dp is not None:  # it started first: it knows whether it runs
+                self.addresses = addresses
+                addresses.add_instance_source(self.instance_names)
         for spec_path in sorted(self._dir.glob(f"*/{SPEC_FILE}")):
             try:
                 spec = DomainSpec.model_validate_json(spec_path.read_text())
@@ -176,19 +194,33 @@ class DomainsCapability:
         saved = _saved_slot(path)
         slot = saved if saved is not None and saved not in used else _free_slot(used)
         assert self.volumes is not None
+        net = _load_network(path)
         d = Domain(
             spec,
             host=self._key,
             dir=path,
             slot=slot,
-            address=slot_address(self.cfg.test_subnet, slot),
+            address=(
+                IPv4Address(net["address"]) if net else slot_address(self.cfg.test_subnet, slot)
+            ),
             volumes=self.volumes,
             settings=self.cfg,
             uid=self.settings.sandbox.uid,
             gid=self.settings.sandbox.gid,
+            plug=self.addresses.plug if net and self.addresses is not None else None,
         )
         self.domains[spec.qualified] = d
+        if net:
+            self.networks[spec.qualified] = net
         return d
+
+    def instance_names(self) -> list[str]:
+        """The address-record instances of this host's domains (for leak collection)."""
+        return [n["instance"] for q, n in self.networks.items() if q in self.domains]
+
+    async def _report_instances(self) -> None:
+        if self.addresses is not None:
+            await self.addresses.report_instances()
 
     def get(self, account: str, name: str) -> Domain:
         d = self.domains.get(f"{account}.{name}")
@@ -204,9 +236,13 @@ class DomainsCapability:
             )
 
     async def create(
-        self, spec: DomainSpec, app: bytes | None = None, start: bool = True
+        self, spec: DomainSpec, app: bytes | None = None, start: bool = True,
+        *, address: str | None = None, instance: str | None = None,
     ) -> Domain:
+        """Define (and start) a domain; with ``address``, its logical address (bound to
+        the address record of ``instance``) instead of a test address."""
         self._require_isolation()
+        net = _network(spec, address, instance)
         if spec.qualified in self.domains:
             raise AlreadyExists(f"domain {spec.name!r} already exists on host {self._host!r}")
         path = self._dir / spec.qualified
@@ -218,25 +254,39 @@ class DomainsCapability:
             if app:
                 await asyncio.to_thread(_unpack_app, app, path / "app", self.cfg.app_max_bytes)
             (path / SPEC_FILE).write_text(spec.model_dump_json())
+            if net is not None:
+                (path / NETWORK_FILE).write_text(json.dumps(net))
             d = self._make(spec)
             d._save()
         except BaseException:
             self.domains.pop(spec.qualified, None)
+            self.networks.pop(spec.qualified, None)
             await asyncio.to_thread(shutil.rmtree, path, True)
             raise
+        if net is not None:
+            await self._report_instances()
         if start:
             await d.start()
         return d
 
+    async def stage(self, account: str, name: str) -> None:
+        """Build a stopped domain's network and cgroups ahead of its start (a migration's
+        target, in prepare); see :meth:`Domain.stage`."""
+        self._require_isolation()
+        await self.get(account, name).stage()
+
     async def remove(self, account: str, name: str, *, keep_volume: bool = False) -> None:
         d = self.get(account, name)
         await d.stop()
+        self.timings[d.spec.qualified] = dict(d.timings)
         assert self.volumes is not None
         if not keep_volume:
             with contextlib.suppress(NotFound):
                 await self.volumes.remove(d.spec.volume_id)
         self.domains.pop(d.spec.qualified, None)
         await asyncio.to_thread(shutil.rmtree, d.dir, True)
+        if self.networks.pop(d.spec.qualified, None) is not None:
+            await self._report_instances()
 
     def info(self, d: Domain) -> dict[str, Any]:
         out = d.status()
@@ -272,7 +322,10 @@ class DomainsCapability:
         except ValueError as exc:
             raise RequestError(f"invalid domain: {exc}") from exc
         app = base64.b64decode(p["app_b64"]) if p.get("app_b64") else None
-        d = await self.create(spec, app, start=bool(p.get("start", True)))
+        d = await self.create(
+            spec, app, start=bool(p.get("start", True)),
+            address=p.get("address") or None, instance=p.get("instance") or None,
+        )  # fmt: skip
         return self.info(d)
 
     def _of(self, p: dict[str, Any]) -> Domain:
@@ -329,6 +382,27 @@ def _missing_isolation() -> str:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return ""
+
+
+def _network(spec: DomainSpec, address: str | None, instance: str | None) -> dict[str, str] | None:
+    if address is None:
+        return None
+    try:
+        logical = IPv4Address(address)
+    except ValueError as exc:
+        raise RequestError(f"address must be an IPv4 address: {exc}") from exc
+    return {"address": str(logical), "instance": instance or f"domain:{spec.qualified}"}
+
+
+def _load_network(path: Path) -> dict[str, str] | None:
+    try:
+        raw = json.loads((path / NETWORK_FILE).read_text())
+        return {"address": str(IPv4Address(raw["address"])), "instance": str(raw["instance"])}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("domain %s: ignoring a bad %s: %s", path.name, NETWORK_FILE, exc)
+        return None
 
 
 def _saved_slot(path: Path) -> int | None:

@@ -252,6 +252,7 @@ class MigrationCapability:
             d = self.domains.get(account, name)
             if d.phase not in ("stopped", "exited", "failed"):
                 raise Conflict(f"domain {name!r} is {d.phase}; quiesce it before demoting")
+            await d.wait_torn_down()  # quiesce detaches the volume in the background
         await self.volumes.set_role(vid, role)  # type: ignore[arg-type]
         return {"role": role, "applied": True}
 
@@ -284,7 +285,13 @@ class MigrationCapability:
         await self._probe(source, int(p["size_bytes"]))
         if spec.qualified not in self.domains.domains:
             app = base64.b64decode(p["app_b64"]) if p.get("app_b64") else None
-            await self.domains.create(spec, app, start=False)
+            # a logical address travels with the domain (the controller passes it)
+            await self.domains.create(
+                spec, app, start=False, address=p.get("address") or None,
+                instance=p.get("instance") or None,
+            )  # fmt: skip
+        # network and cgroups now, so the switch only attaches the volume and spawns
+        await self.domains.stage(spec.account, spec.name)
         state = {
             "source": source,
             "size_bytes": int(p["size_bytes"]),

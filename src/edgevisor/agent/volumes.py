@@ -65,6 +65,7 @@ from edgevisor.settings import Settings
 from edgevisor.storage.attach import AttachedVolume
 from edgevisor.storage.blockdev import BlockDevice
 from edgevisor.storage.config import StorageSettings
+from edgevisor.storage.fuse_spare import SpareFuse
 from edgevisor.storage.lazy import LazyVolume, RemoteSource
 from edgevisor.storage.nbd_client import NBDClient
 from edgevisor.storage.nbd_server import Export, NBDServer
@@ -172,6 +173,7 @@ class VolumesCapability:
         self.vol_dir = Path()
         self.attach_dir = Path()
         self._lock = asyncio.Lock()
+        self.spares: SpareFuse | None = None  # a pre-started FUSE process for attaches
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,6 +211,10 @@ class VolumesCapability:
                     await self._reopen(d)
                 except (EdgevisorError, OSError, ValueError, KeyError) as exc:
                     log.error("volumes: cannot reopen %s: %s", d.name, exc)
+        if self.cfg.attach.fuse_spare:
+            # started a little later, not in the agent's start-up
+            self.spares = SpareFuse(settings=self.cfg.attach, preload=(volume_fuse.KIND,))
+            self.spares.schedule_refill()
         self._register(agent)
 
     def _register(self, agent: Agent) -> None:
@@ -228,6 +234,9 @@ class VolumesCapability:
         for e in list(self._entries.values()):
             await self._close(e)
         self._entries.clear()
+        if self.spares is not None:
+            self.spares.close()
+            self.spares = None
         if self.local_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.local_socket.unlink()
@@ -330,6 +339,7 @@ class VolumesCapability:
             av = AttachedVolume(
                 e.id, state_dir=self.attach_dir, target=target, kind=volume_fuse.KIND,
                 arg=self._fuse_arg(e), settings=self.cfg.attach, mount_ns=mount_ns,
+                spares=self.spares,
             )  # fmt: skip
             await av.attach()
             e.attached = av
@@ -571,6 +581,7 @@ class VolumesCapability:
         return AttachedVolume(
             e.id, state_dir=self.attach_dir, target=Path(att["target"]), kind=volume_fuse.KIND,
             arg=self._fuse_arg(e), settings=self.cfg.attach, mount_ns=Path(ns) if ns else None,
+            spares=self.spares,
         )  # fmt: skip
 
     def _fuse_arg(self, e: _Entry) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ import typer
 
 from edgevisor.cli.admin import JsonOpt, TokenOpt, UrlOpt, client
 from edgevisor.cli.output import console, emit_json, fail, table
-from edgevisor.sdk.devices import DeploymentInfo, load_deployment_file
+from edgevisor.sdk.devices import DeploymentInfo, DeviceTLS, load_deployment_file
 
 device_app = typer.Typer(help="Coordinated devices (MQTT clients).", no_args_is_help=True)
 route_app = typer.Typer(help="Routes: device messages to tasks, topics, shadows.",
@@ -51,12 +52,21 @@ def _json_arg(text: str | None, what: str) -> Any:
 def device_add(
     name: str,
     password: Annotated[str | None, typer.Option(help="Default: generated.")] = None,
+    cert: Annotated[bool | None, typer.Option(
+        "--cert/--no-cert",
+        help="Issue a TLS client certificate (default: when the host's broker has TLS).",
+    )] = None,
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Where the certificate files go: NAME.key (0600), NAME.crt, ca.crt.",
+    )] = Path("."),
     host: HostOpt = None, account: AccountOpt = None,
     url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
-    """Register a device; prints its MQTT username and password (shown only once)."""
+    """Register a device; prints its MQTT username and password (shown only once) and
+    writes its client certificate and key to files when TLS is on."""
     with client(url, token) as c:
-        d = c.add_device(name, password=password, host=host, account=account)
+        d = c.add_device(name, password=password, host=host, account=account, cert=cert)
+    files = _write_tls(d.tls, name, out_dir) if d.tls is not None else None
     if as_json:
         emit_json(d)
         return
@@ -65,6 +75,36 @@ def device_add(
     console.print(f"  username: {d.username}")
     console.print(f"  password: {d.password}   (shown only once)")
     console.print(f"  topics:   {d.topic_root}/#")
+    if d.tls is not None and files is not None:
+        key, crt, ca = files
+        console.print(f"  tls:      {d.tls.url}")
+        console.print(f"  key:      {key}   (0600; shown only once)")
+        console.print(f"  cert:     {crt}")
+        console.print(f"  ca:       {ca}")
+        console.print(
+            f"  try:      mosquitto_pub --cafile {ca} --cert {crt} --key {key} "
+            f"-h HOST -p PORT -t {d.topic_root}/hello -m hi"
+        )
+
+
+def _write_tls(tls: DeviceTLS, name: str, out_dir: Path) -> tuple[Path, Path, Path]:
+    """Write key (0600 from its first byte), certificate and CA certificate."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key, crt, ca = out_dir / f"{name}.key", out_dir / f"{name}.crt", out_dir / "ca.crt"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        os.write(fd, tls.key_pem.encode())
+    finally:
+        os.close(fd)
+    for path, text in ((crt, tls.cert_pem), (ca, tls.ca_pem)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    return key, crt, ca
 
 
 @device_app.command("list")
@@ -77,6 +117,26 @@ def device_list(
         emit_json(devices)
     else:
         table(["name", "username", "host"], [[d.name, d.username, d.host] for d in devices])
+
+
+@device_app.command("cert")
+def device_cert(
+    name: str,
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Where the files go: NAME.key (0600), NAME.crt, ca.crt.",
+    )] = Path("."),
+    account: AccountOpt = None, url: UrlOpt = None, token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Issue a new TLS client certificate for a device; the previous one is revoked."""
+    with client(url, token) as c:
+        tls = c.issue_device_certificate(name, account)
+    key, crt, ca = _write_tls(tls, name, out_dir)
+    if as_json:
+        emit_json(tls)
+        return
+    console.print(f"new certificate for {name} (serial {tls.serial}); the old one is revoked")
+    console.print(f"  key: {key} (0600)  cert: {crt}  ca: {ca}  broker: {tls.url}")
 
 
 @device_app.command("rm")

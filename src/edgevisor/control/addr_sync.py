@@ -7,20 +7,34 @@ account that has a bound instance on it (:func:`records_for_host`), and must dro
 applied before and no longer needs (:func:`removed_for_host`).
 
 - After a change of record R of account A, the API pushes (best effort) to the hosts that
-  needed A's records before or after the change. Hosts in both sets get the one-record
-  delta; hosts that just joined or left A's set get their full set (they lack, or must
-  drop, A's other records). The host that gives up a mapping (old host of a move) is
-  pushed first, then the rest concurrently, so two hosts translate one record only while
-  the old host is unreachable (then it is down, and its table no longer matters).
-  The agent endpoints are read in the change's own transaction (no store access, no
-  thread hop between the pushes). Why the old host is not pushed concurrently with the
-  new one, even though the physical address changes: both would hold a *local* mapping
-  of the record for up to one round trip (two hosts translating it, each answering for
-  its own physical address), which is exactly what fencing excludes; sequential pushes
-  make the window break-before-make instead (packets to the record are dropped, never
-  delivered to the instance the record is leaving).
+  needed A's records before or after the change. Every push is a delta: hosts in both
+  sets get R alone; a host that just joined A's set gets A's bound records; a host that
+  left it gets A's records as removals (what it may hold of A, R included). The bodies
+  and the agent endpoints are computed in the change's own transaction
+  (:func:`resolve_endpoints`), so the pushes need no store access and no thread hop.
+- Fencing ("at most one host translates R at any moment"). A host *translates* R when
+  it holds R's local mapping (R's physical address on its fabric, ``in_dnat`` to R's
+  instance, ``out_snat`` from it). The old host of a move (``Push.first``) is pushed
+  first and alone; only when it acknowledged that the mapping is gone (or is
+  unreachable: then it is down or cut off, and what it holds reaches nobody through
+  the hosts we can reach) do the new host and the peers get R. Pushing the old and the
+  new host concurrently was measured and rejected: the physical address changes on a
+  move, so the two mappings do not collide, but for up to one round trip both hosts
+  would answer for R, each delivering to its own instance (peers updated early reach
+  the new one, peers updated late the old one): two hosts translating, which is
+  exactly what fencing excludes, and a generation number does not help because a host
+  cannot tell from its own push whether the other has applied its own. Sequential
+  pushes make the window break-before-make instead: packets to R are dropped for that
+  window, never delivered to the instance R is leaving. Peers are not part of the
+  fence (their ``out_dnat`` only chooses where packets go; with no local mapping at the
+  destination they are dropped), so they go with the new host. The fence costs one
+  round trip to the old host (~1 ms on a kept-alive connection); the API call returns
+  after both pushes were acknowledged, so a caller (the migration's switch) can rely on
+  it.
 - An agent answers a push with the generation it applied per record (or the error; it
-  keeps its last good table); the controller stores that (``address_host_applied``).
+  keeps its last good table); the controller stores that (``address_host_applied``),
+  in order, in one transaction per burst of pushes, right after the API call answered
+  (:class:`ReportWriter`): a report lost to a crash is repaired by the reconciler.
 - :func:`run_records_reconciler` pushes the full set again to every up host that lags on
   any record (failed or missed push, restart); hosts that are down are skipped.
 - :func:`run_leak_collector` releases bound addresses whose instance has been missing
@@ -41,7 +55,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, create_engine, select
+from sqlalchemy import Table, create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -54,17 +68,20 @@ from edgevisor.network.pools import REC
 from edgevisor.network.records import AddressRecord
 from edgevisor.sdk import addresses as w
 from edgevisor.store import repos
-from edgevisor.store.models import Account
+from edgevisor.store.models import Account, Host
 from edgevisor.store.network_models import HostApplied
 
 __all__ = [
     "NetStore",
     "Push",
+    "ReportWriter",
     "account_hosts",
+    "bound_per_host",
     "host_payload",
     "net_store",
     "push",
     "record_out",
+    "report_writer",
     "resolve_endpoints",
     "run_leak_collector",
     "run_records_reconciler",
@@ -91,6 +108,7 @@ class NetStore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Reconciler back-off per host that keeps failing: host -> (next try, delay s).
         self.backoff: dict[str, tuple[float, float]] = {}
+        self.reports: ReportWriter | None = None
 
     @functools.cached_property
     def allocator(self) -> FastAllocator:
@@ -188,6 +206,8 @@ class Push:
     # host -> (agent url, key), or why it cannot be reached; resolved in the change's own
     # transaction (:func:`resolve_endpoints`) so a push needs no further store access.
     endpoints: dict[str, tuple[str, str] | str] = field(default_factory=dict)
+    # host -> the ``records.apply`` body for it, made in the same transaction.
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def targets(self) -> list[tuple[str, bool]]:
         """``(host, full)`` pairs; the ``first`` host first."""
@@ -199,14 +219,75 @@ class Push:
 
 
 def resolve_endpoints(s: Session, st: ControllerState, change: Push) -> None:
-    """Fill ``change.endpoints`` for the hosts the change goes to (not in-process ones)."""
-    for host, _full in change.targets():
-        if st.links.is_local(host):
-            continue
-        try:
-            change.endpoints[host] = st.links.endpoint_in(s, host)
-        except EdgevisorError as exc:
-            change.endpoints[host] = exc.message
+    """Fill ``change.endpoints`` and ``change.bodies`` for the hosts the change goes to,
+    in the change's own transaction (see the theory of operation)."""
+    joined = change.after - change.before
+    left = change.before - change.after
+    account_bound: list[dict[str, Any]] | None = None
+    if joined or left:
+        rows = s.execute(select(REC).where(REC.c.account == change.record.account,
+                                           REC.c.state == State.BOUND.value)
+                         .order_by(REC.c.id))
+        account_bound = [_wire(records.record_view(r)) for r in rows]
+    one = [_wire(change.record)]
+    targets = change.targets()
+    remote = [h for h, _ in targets if not st.links.is_local(h)]
+    hosts = {r.name: r for r in s.execute(
+        select(Host.name, Host.agent_url, Host.agent_key, Host.state)
+        .where(Host.name.in_(remote)))} if remote else {}
+    for host, _full in targets:
+        if host in joined:
+            assert account_bound is not None
+            body = {"full": False, "records": account_bound, "removed": []}
+        elif host in left:
+            assert account_bound is not None
+            gone = {r["id"]: r for r in account_bound}
+            gone[change.record.id] = one[0]
+            for r in _applied_of_account(s, host, change.record.account):
+                gone.setdefault(r.id, _wire(r))
+            body = {"full": False, "records": [], "removed": list(gone.values())}
+        else:
+            body = {"full": False, "records": one, "removed": []}
+        change.bodies[host] = body
+        if host in remote:
+            change.endpoints[host] = _endpoint(host, hosts.get(host))
+
+
+def _endpoint(host: str, h: Any) -> tuple[str, str] | str:
+    """``(agent url, key)`` of an up host, or why it cannot be called (as
+    :meth:`~edgevisor.control.links.AgentLinks.endpoint_in` says it)."""
+    if h is None:
+        return f"host {host!r} not found"
+    if not h.agent_url or not h.agent_key:
+        return f"host {host!r} has not reported an agent address yet"
+    if h.state != "up":
+        return f"host {host!r} is down"
+    return str(h.agent_url), str(h.agent_key)
+
+
+def bound_per_host(s: Session, account: str) -> dict[str, int]:
+    """Bound records of ``account`` per host (its hosts: :func:`account_hosts`)."""
+    rows = s.execute(
+        select(REC.c.host, func.count()).where(REC.c.account == account,
+                                               REC.c.state == State.BOUND.value)
+        .group_by(REC.c.host)
+    )
+    return {h: int(n) for h, n in rows if h}
+
+
+def _wire(r: AddressRecord) -> dict[str, Any]:
+    """A record as ``records.apply`` takes it (what the agent's ``WireRecord`` reads)."""
+    return {"id": r.id, "account": r.account, "logical": r.logical, "physical": r.physical,
+            "host": r.host, "state": r.state.value, "generation": r.generation}
+
+
+def _applied_of_account(s: Session, host: str, account: str) -> list[AddressRecord]:
+    """Records of ``account`` that ``host`` reported applying (it may still hold them)."""
+    rows = s.execute(
+        select(REC).join(_APPLIED, _APPLIED.c.record_id == REC.c.id)
+        .where(_APPLIED.c.host == host, REC.c.account == account)
+    )
+    return [records.record_view(r) for r in rows]
 
 
 async def _store(st: ControllerState, fn: Any, *args: Any) -> Any:
@@ -230,19 +311,21 @@ async def push_host(
     st: ControllerState, host: str, *, full: bool, record: AddressRecord | None = None,
     reports: list[tuple[str, Any]] | None = None,
     endpoint: tuple[str, str] | str | None = None,
+    body: dict[str, Any] | None = None,
 ) -> str:
-    """Send ``host`` its full set or one record; "ok" or the error. What the host reports
-    is stored now, or appended to ``reports`` for the caller to store later. ``endpoint``:
-    the host's agent address as resolved beforehand, or why it is unreachable."""
+    """Send ``host`` its full set, one record, or ``body`` as made beforehand; "ok" or the
+    error. What the host reports is stored now, or appended to ``reports`` for the caller
+    to store later. ``endpoint``: the host's agent address as resolved beforehand, or why
+    it is unreachable."""
     if isinstance(endpoint, str):
         log.debug("records for %s not pushed: %s", host, endpoint)
         return endpoint
-    if full or record is None:
+    if body is None and (full or record is None):
         payload = await _store(st, host_payload, host)
-        body: dict[str, Any] = {"full": True, **payload.model_dump(mode="json")}
-    else:
-        body = {"full": False, "records": [record_out(record).model_dump(mode="json")],
-                "removed": []}
+        body = {"full": True, **payload.model_dump(mode="json")}
+    elif body is None:
+        assert record is not None
+        body = {"full": False, "records": [_wire(record)], "removed": []}
     timeout = st.settings.network.push_timeout_s
     try:
         result = await st.links.call(host, "records.apply", body, timeout_s=timeout,
@@ -274,21 +357,68 @@ def _report_many(s: Session, got: list[tuple[str, Any]]) -> None:
         _report(s, host, result)
 
 
-_BACKGROUND: set[asyncio.Task[Any]] = set()
+class ReportWriter:
+    """Stores what hosts reported after pushes, off the API call's path.
+
+    Reports queue in arrival order and are written in one transaction per burst, a short
+    moment after the first of the burst (:data:`REPORT_DELAY_S`): the API call that
+    pushed has answered by then, so the write neither delays it nor competes with it
+    for the interpreter, and a stream of changes costs one commit per burst instead of
+    one per change. A crash loses at most the queued reports; the hosts then look
+    behind and the reconciler pushes to them again (nothing else depends on them).
+    """
+
+    def __init__(self, st: ControllerState) -> None:
+        self._st = st
+        self._queue: list[tuple[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, got: list[tuple[str, Any]]) -> None:
+        self._queue.extend(got)
+        loop = asyncio.get_running_loop()
+        # A drain started in another event loop (a test client's loop per request) may
+        # never run again: start one in this loop.
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._task = loop.create_task(self._drain())
+            _BACKGROUND.add(self._task)
+            self._task.add_done_callback(_BACKGROUND.discard)
+
+    async def flush(self) -> None:
+        """Wait until every queued report is stored (tests, shutdown)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def _store_reports(st: ControllerState, got: list[tuple[str, Any]]) -> None:
-    try:
-        await _store(st, _report_many, got)
-    except Exception:  # the reconciler pushes again to a host whose report is missing
-        log.exception("storing what hosts applied failed")
+    async def _drain(self) -> None:
+        while self._queue:
+            await asyncio.sleep(REPORT_DELAY_S)
+            batch, self._queue = self._queue, []
+            try:
+                await _store(self._st, _report_many, batch)
+            except Exception:  # the reconciler pushes again to a host whose report is missing
+                log.exception("storing what hosts applied failed")
+
+
+#: How long after a burst's first report it is stored (see :class:`ReportWriter`).
+REPORT_DELAY_S = 0.02
+_BACKGROUND: set[asyncio.Task[Any]] = set()  # strong references to running drains
+
+
+def report_writer(st: ControllerState) -> ReportWriter:
+    ns = net_store(st)
+    if ns.reports is None:
+        ns.reports = ReportWriter(st)
+    return ns.reports
 
 
 async def push(st: ControllerState, change: Push) -> Push:
     """Push one change to every host concerned; failures are left to the reconciler.
 
-    Returns once every host answered (applied, failed or unreachable); what they applied
-    is stored in one transaction right after, without holding up the caller.
+    Returns once every host answered (applied, failed or unreachable), the ``first`` host
+    before any other was sent anything (fencing); what they applied is stored right
+    after (:class:`ReportWriter`), without holding up the caller.
     """
     targets = change.targets()
     got: list[tuple[str, Any]] = []
@@ -296,16 +426,22 @@ async def push(st: ControllerState, change: Push) -> Push:
         host, full = targets.pop(0)
         change.results[host] = await push_host(st, host, full=full, record=change.record,
                                                reports=got,
-                                               endpoint=change.endpoints.get(host))
-    outcomes = await asyncio.gather(
-        *(push_host(st, h, full=f, record=change.record, reports=got,
-                    endpoint=change.endpoints.get(h)) for h, f in targets)
-    )
+                                               endpoint=change.endpoints.get(host),
+                                               body=change.bodies.get(host))
+    if len(targets) == 1:  # the common case: no gather (one task less per change)
+        (h, f), = targets
+        outcomes = [await push_host(st, h, full=f, record=change.record, reports=got,
+                                    endpoint=change.endpoints.get(h),
+                                    body=change.bodies.get(h))]
+    else:
+        outcomes = await asyncio.gather(
+            *(push_host(st, h, full=f, record=change.record, reports=got,
+                        endpoint=change.endpoints.get(h), body=change.bodies.get(h))
+              for h, f in targets)
+        )
     change.results.update({h: r for (h, _), r in zip(targets, outcomes, strict=True)})
     if got:
-        task = asyncio.create_task(_store_reports(st, got))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
+        report_writer(st).add(got)
     return change
 
 

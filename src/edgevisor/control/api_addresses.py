@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -29,7 +29,7 @@ from edgevisor.network.pools import REC
 from edgevisor.network.records import AddressRecord
 from edgevisor.sdk import addresses as w
 from edgevisor.store import repos
-from edgevisor.store.models import Account
+from edgevisor.store.models import Account, Event, Host
 
 __all__ = ["router"]
 
@@ -60,11 +60,17 @@ def _network_out(n: records.NetworkInfo) -> w.Network:
                      gateway=n.gateway, size=n.size, assignable=n.assignable)
 
 
+_EVENTS: Table = Event.__table__  # type: ignore[assignment]
+
+
+def _event_data(rec: AddressRecord) -> dict[str, Any]:
+    return {"record": rec.id, "state": rec.state.value, "generation": rec.generation,
+            "host": rec.host, "instance": rec.instance, "physical": rec.physical}
+
+
 def _event(s: Session, st: ControllerState, kind: str, acct: Account, rec: AddressRecord) -> None:
-    repos.add_event(s, kind, st.clock(), subject=rec.logical, account_id=acct.id, data={
-        "record": rec.id, "state": rec.state.value, "generation": rec.generation,
-        "host": rec.host, "instance": rec.instance, "physical": rec.physical,
-    })
+    repos.add_event(s, kind, st.clock(), subject=rec.logical, account_id=acct.id,
+                    data=_event_data(rec))
 
 
 async def _run(st: ControllerState, fn: Callable[[Session], Any]) -> Any:
@@ -169,12 +175,16 @@ def _ensure_pool(s: Session, st: ControllerState, logical: str) -> None:
 
 def _scoped_load(s: Session, acct: Account, ref: records.RecordRef, *, claim: bool) -> None:
     """Refuse another account's record given by id: 403 for a claim, else 404."""
+    _scoped_ref(s, acct.name, ref, claim=claim)
+
+
+def _scoped_ref(s: Session, account: str, ref: records.RecordRef, *, claim: bool) -> None:
     if isinstance(ref, int):
         owner = s.execute(select(REC.c.account).where(REC.c.id == ref)).scalar_one_or_none()
-        if owner is not None and owner != acct.name:
+        if owner is not None and owner != account:
             if claim:
                 raise Forbidden(f"record {ref} belongs to another account; it cannot be "
-                                f"claimed by account {acct.name!r}")
+                                f"claimed by account {account!r}")
             raise NotFound(f"record {ref} not found")
 
 
@@ -267,18 +277,61 @@ async def release(
     return await _change(request, p, body.account, ref, "address.released", op)
 
 
+def _account_id(s: Session, p: Principal, given: str | None) -> tuple[int, str]:
+    """:func:`_account` without loading the ORM object: ``(id, name)``."""
+    if not p.admin:
+        if p.account_id is None or p.account_name is None:
+            raise NotFound(f"account {given!r} not found")
+        if given is not None and given != p.account_name:
+            raise NotFound(f"account {given!r} not found")
+        return p.account_id, p.account_name
+    if not given:
+        raise RequestError("the admin token must name the account (account=...)")
+    aid = s.execute(select(Account.id).where(Account.name == given)).scalar()
+    if aid is None:
+        raise NotFound(f"account {given!r} not found")
+    return int(aid), given
+
+
 @router.post("/addresses/{ref}/move", response_model=w.AddressRecord)
 async def move(ref: str, body: w.AddressMove, p: Auth, request: Request) -> w.AddressRecord:
-    """The migration hook: the record's one host changes (fencing), with a new physical."""
+    """The migration hook: the record's one host changes (fencing), with a new physical.
+
+    The remap hot path (``bench/addresses/remap.py``), so its transaction is lean: Core
+    statements only (no ORM objects), the account's bound records counted per host once
+    (the hosts after the move follow from the counts), the push bodies and endpoints
+    made in the same transaction, one commit.
+    """
     st = state_of(request)
 
-    def op(s: Session, acct: Account, r: Any) -> AddressRecord:
-        repos.get_host(s, body.host)
-        return records.move(s, account=acct.name, record=r, host=body.host,
-                            host_group=st.settings.network.host_group,
-                            expected_generation=body.expected_generation)
+    def fn(s: Session) -> Push:
+        acct_id, acct = _account_id(s, p, body.account)
+        rref = _ref(ref)
+        if isinstance(rref, int):
+            _scoped_ref(s, acct, rref, claim=False)
+        if not s.execute(select(Host.id).where(Host.name == body.host)).first():
+            raise NotFound(f"host {body.host!r} not found")
+        per_host = addr_sync.bound_per_host(s, acct)
+        old, rec = records.move_from(s, account=acct, record=rref, host=body.host,
+                                     host_group=st.settings.network.host_group,
+                                     expected_generation=body.expected_generation)
+        s.execute(insert(_EVENTS).values(at=st.clock(), kind="address.moved",
+                                         subject=rec.logical, account_id=acct_id,
+                                         data=_event_data(rec)))
+        before = set(per_host)
+        after = set(per_host)
+        if old.host is not None and per_host.get(old.host, 0) <= 1:
+            after.discard(old.host)
+        if rec.host is not None:
+            after.add(rec.host)
+        change = Push(rec, before, after, first=old.host)
+        addr_sync.resolve_endpoints(s, st, change)
+        return change
 
-    return await _change(request, p, body.account, ref, "address.moved", op)
+    change: Push = await _run(st, fn)
+    if change.before or change.after:
+        await push(st, change)
+    return record_out(change.record)
 
 
 @router.get("/addresses", response_model=list[w.AddressRecord])

@@ -101,7 +101,8 @@ async def add_device(
     account: AccountQ = None,
     body: Annotated[dict[str, Any], Body()] = ...,  # type: ignore[assignment]
 ) -> wire.DeviceCreated:
-    """Register a device on a host; the answer holds its password, shown only this once."""
+    """Register a device on a host; the answer holds its password (and, with TLS on, its
+    client certificate and key), shown only this once."""
     st = state_of(request)
     acct_id, acct = account_of(st, p, account)
     name = body.get("name")
@@ -114,8 +115,13 @@ async def add_device(
         ):
             raise Conflict(f"device {name!r} already exists")
     host = pick_host(st, body.get("host"))
+    cert = body.get("cert")
+    if cert is not None and not isinstance(cert, bool):
+        raise RequestError("'cert' must be true or false")
     out = await st.links.call(
-        host, "devices.add", {"account": acct, "name": name, "password": body.get("password")}
+        host,
+        "devices.add",
+        {"account": acct, "name": name, "password": body.get("password"), "cert": cert},
     )
     now = st.clock()
     with st.store.session() as s:
@@ -125,6 +131,7 @@ async def add_device(
     return wire.DeviceCreated(
         name=name, account=acct, host=host, username=out["username"], created_at=now,
         password=out["password"], broker_url=out["broker_url"], topic_root=out["topic_root"],
+        tls=wire.DeviceTLS.model_validate(out["tls"]) if out.get("tls") else None,
     )  # fmt: skip
 
 
@@ -159,6 +166,23 @@ async def remove_device(name: str, request: Request, p: Auth, account: AccountQ 
         if shadow is not None:
             s.delete(shadow)
         repos.add_event(s, "device.removed", st.clock(), subject=name, account_id=acct_id)
+
+
+@router.post("/devices/{name}/certificate", response_model=wire.DeviceTLS)
+async def device_certificate(
+    name: str, request: Request, p: Auth, account: AccountQ = None
+) -> wire.DeviceTLS:
+    """A new TLS client certificate for a device (key shown once); the old one is revoked
+    and the device's open connections are closed."""
+    st = state_of(request)
+    acct_id, acct = account_of(st, p, account)
+    with st.store.session() as s:
+        host = _device_row(s, acct_id, name).host
+    out = await st.links.call(host, "devices.certificate", {"account": acct, "name": name})
+    with st.store.session() as s:
+        repos.add_event(s, "device.certificate", st.clock(), subject=name, account_id=acct_id,
+                        data={"host": host, "serial": out["serial"]})  # fmt: skip
+    return wire.DeviceTLS.model_validate(out)
 
 
 # --- routes and timers ---------------------------------------------------------------------

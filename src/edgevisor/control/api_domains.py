@@ -7,6 +7,16 @@ claims the name in the store first (the unique constraint settles races), then a
 host; if the host refuses, the claim is dropped, so a refused create leaves nothing behind.
 ``show`` asks the host for the live state and records it; when the host is unreachable it
 answers from the store.
+
+Logical addresses (:mod:`.domain_net`): with a network (or a preserved address to
+claim), create reserves the address record bound to the domain's instance on its host
+*before* anything else is written (a bad network, an address outside it or taken, another
+account's network or address: refused with nothing changed), then passes the address to
+the host, which puts it on the domain's network namespace. A failed create gives it back.
+``rm`` preserves the address for the account by default (``release=true`` releases it):
+an address is what peers know a service by, so removing the domain must not lose it by
+accident; a preserved one can be claimed by the next domain or released later, a released
+one cannot be got back.
 """
 
 from __future__ import annotations
@@ -22,7 +32,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
+from edgevisor.control import domain_net
+from edgevisor.control.addr_sync import net_store
 from edgevisor.control.auth import Principal, acting_account, require_principal, state_of
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import (
@@ -34,6 +47,8 @@ from edgevisor.errors import (
     RequestError,
     UnavailableError,
 )
+from edgevisor.network import records
+from edgevisor.network.records import AddressRecord
 from edgevisor.sdk import domains as wire
 from edgevisor.sdk.volumes import parse_size
 from edgevisor.store import repos
@@ -84,7 +99,8 @@ def _out(d: Domain, account: str, live: dict[str, Any] | None = None) -> wire.Do
         name=d.name, account=account, host=d.host, command=list(d.command), volume=d.volume,
         volume_size_bytes=d.volume_size_bytes, restart=d.restart, memory_mb=d.memory_mb,
         cpu=d.cpu, role=d.role, phase=d.phase, desired=d.desired,
-        restart_count=d.restart_count, address=d.address, created_at=d.created_at,
+        restart_count=d.restart_count, address=d.address, network=d.network,
+        address_record_id=d.address_record_id, created_at=d.created_at,
         updated_at=d.updated_at, app_digest=d.app_digest, live=live,
     )  # fmt: skip
 
@@ -98,7 +114,8 @@ def _record(st: ControllerState, domain_id: int, info: dict[str, Any]) -> Domain
         d.phase = str(info.get("phase", d.phase))[:16]
         d.desired = str(info.get("desired", d.desired))[:16]
         d.restart_count = int(info.get("restarts", d.restart_count))
-        d.address = info.get("address") or d.address
+        if d.address_record_id is None:  # a logical address is the controller's to set
+            d.address = info.get("address") or d.address
         d.memory_mb = int(info.get("memory_mb", d.memory_mb))
         d.cpu = float(info.get("cpu", d.cpu))
         d.updated_at = st.clock()
@@ -130,33 +147,36 @@ async def create_domain(
     if size < 16 << 20:
         raise RequestError(f"volume size {size} is too small: a domain needs at least 16M")
     app = _app_bytes(st, body.app_b64)
+    req = domain_net.AddressRequest(network=body.network, address=body.address,
+                                    claim=body.claim)  # fmt: skip
     host = _pick_host(st, body.host)
-    now = st.clock()
     volume = f"domain-{body.name}"
     digest = hashlib.sha256(app).hexdigest() if app is not None else None
     with st.store.session() as s:
-        if digest is not None and s.get(Bundle, digest) is None:
-            s.add(Bundle(digest=digest, size_bytes=len(app or b""), data=app, created_at=now))
         if s.scalar(select(Domain).where(Domain.account_id == acct.id, Domain.name == body.name)):
             raise AlreadyExists(f"domain {body.name!r} already exists in account {acct.name!r}")
-        row = Domain(
-            account_id=acct.id, name=body.name, host=host, command=list(body.command),
-            volume=volume, volume_size_bytes=size, restart=body.restart,
-            memory_mb=body.memory_mb or 0, cpu=body.cpu if body.cpu is not None else -1.0,
-            role="primary", phase="creating", desired="running", restart_count=0,
-            env=dict(body.env), app_digest=digest, created_at=now, updated_at=now,
-        )  # fmt: skip
-        s.add(row)
-        try:
-            s.flush()
-        except IntegrityError as exc:
-            raise AlreadyExists(f"domain {body.name!r} already exists") from exc
-        domain_id = row.id
+    rec = None
+    if req.wanted:  # the first write: a refusal here leaves nothing changed
+        rec = await domain_net.reserve(
+            st, acct.name, req, host=host, instance=domain_net.instance_name(acct.name, body.name)
+        )
+    try:
+        network = None
+        if rec is not None:  # (before the store session: on SQLite both take write locks)
+            network = body.network or await run_in_threadpool(
+                _network_name, st, acct, rec.network_id
+            )
+        domain_id = _insert(st, acct, body, host, volume, size, app, digest, rec, network)
+    except BaseException:
+        if rec is not None:
+            await domain_net.undo_reserve(st, acct.name, rec.id, claimed=req.claim is not None)
+        raise
     payload = {
         "account": acct.name, "name": body.name, "command": list(body.command),
         "volume": volume, "volume_size_bytes": size, "restart": body.restart,
         "memory_mb": body.memory_mb, "cpu": body.cpu, "env": dict(body.env),
-        "app_b64": body.app_b64,
+        "app_b64": body.app_b64, "address": rec.logical if rec is not None else None,
+        "instance": rec.instance if rec is not None else None,
     }  # fmt: skip
     try:
         info = await st.links.call(host, "domains.create", payload, timeout_s=CREATE_TIMEOUT_S)
@@ -170,6 +190,11 @@ async def create_domain(
             gone = s.get(Domain, domain_id)
             if gone is not None:
                 s.delete(gone)
+        if rec is not None:
+            with contextlib.suppress(EdgevisorError):
+                await domain_net.undo_reserve(
+                    st, acct.name, rec.id, claimed=req.claim is not None
+                )
         if isinstance(exc, EdgevisorError):
             exc.message = f"creating domain on host {host!r} failed: {exc.message}"
             exc.args = (exc.message,)
@@ -180,6 +205,43 @@ async def create_domain(
         data={"host": host, "phase": d.phase, "address": d.address},
     )  # fmt: skip
     return _out(d, acct.name, info)
+
+
+def _insert(
+    st: ControllerState, acct: Account, body: wire.DomainCreate, host: str, volume: str,
+    size: int, app: bytes | None, digest: str | None, rec: AddressRecord | None,
+    network: str | None,
+) -> int:
+    """Claim the domain's name in the store (the unique constraint settles races)."""
+    now = st.clock()
+    with st.store.session() as s:
+        if digest is not None and s.get(Bundle, digest) is None:
+            s.add(Bundle(digest=digest, size_bytes=len(app or b""), data=app, created_at=now))
+        if s.scalar(select(Domain).where(Domain.account_id == acct.id, Domain.name == body.name)):
+            raise AlreadyExists(f"domain {body.name!r} already exists in account {acct.name!r}")
+        row = Domain(
+            account_id=acct.id, name=body.name, host=host, command=list(body.command),
+            volume=volume, volume_size_bytes=size, restart=body.restart,
+            memory_mb=body.memory_mb or 0, cpu=body.cpu if body.cpu is not None else -1.0,
+            role="primary", phase="creating", desired="running", restart_count=0,
+            env=dict(body.env), app_digest=digest, created_at=now, updated_at=now,
+            address=rec.logical if rec is not None else None,
+            network=network, address_record_id=rec.id if rec is not None else None,
+        )  # fmt: skip
+        s.add(row)
+        try:
+            s.flush()
+        except IntegrityError as exc:
+            raise AlreadyExists(f"domain {body.name!r} already exists") from exc
+        return row.id
+
+
+def _network_name(st: ControllerState, acct: Account, network_id: int) -> str | None:
+    with net_store(st).session() as s:
+        for n in records.list_networks(s, account=acct.name):
+            if n.id == network_id:
+                return n.name
+    return None
 
 
 @router.get("/domains", response_model=list[wire.DomainInfo])
@@ -237,8 +299,16 @@ async def stop_domain(
 
 
 @router.delete("/domains/{name}", status_code=204)
-async def remove_domain(name: str, request: Request, p: Auth, account: AccountQ = None) -> None:
-    """Stop the domain and delete it and its volume (refused while its host is down)."""
+async def remove_domain(
+    name: str, request: Request, p: Auth, account: AccountQ = None,
+    release: Annotated[
+        bool, Query(description="Release the logical address (default: preserve it).")
+    ] = False,
+) -> None:
+    """Stop the domain and delete it and its volume (refused while its host is down).
+
+    Its logical address is preserved for the account unless ``release``.
+    """
     st = state_of(request)
     acct = acting_account(st, p, account)
     d = _domain(st, acct, name)
@@ -246,11 +316,14 @@ async def remove_domain(name: str, request: Request, p: Auth, account: AccountQ 
         await st.links.call(
             d.host, "domains.remove", {"account": acct.name, "name": name}, timeout_s=120
         )
+    if d.address_record_id is not None:
+        await domain_net.let_go(st, acct.name, d.address_record_id, release=release)
     with st.store.session() as s:
         row = s.get(Domain, d.id)
         if row is not None:
             s.delete(row)
-    st.publish("domain.removed", subject=name, account_id=acct.id)
+    st.publish("domain.removed", subject=name, account_id=acct.id,
+               data={"address": d.address, "released": release} if d.network else None)
 
 
 # -- status refresh ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError, Forbidden, NotFound, RequestError
 from edgevisor.sdk import devices as wire
 from edgevisor.store import repos
-from edgevisor.store.device_models import Deployment, DeviceRow, RouteRow, TimerRow
+from edgevisor.store.device_models import Deployment, DeviceRow, RouteRow, ShadowRow, TimerRow
 from edgevisor.store.models import Account
 from edgevisor.store.task_models import Bundle, Task
 
@@ -318,6 +318,7 @@ def report(
             d.error = body.get("error")  # keep the controller's reason for a cancel
         d.updated_at = now
         if state == "succeeded":
+            _drop_previous(s, acct, host, version, d.spec)
             _record(s, acct, host, d.spec, now)
             _record_tasks(s, acct, host, d.spec, list(body.get("tasks") or []), now)
         if state != "applying":
@@ -350,6 +351,39 @@ def _record_tasks(
         row.overrides = overrides.get(name, {})
         row.hosts = sorted(set(row.hosts or []) | {host})
         row.deployed_at = now
+
+
+def _drop_previous(
+    s: Session, acct: Account, host: str, version: int, spec: dict[str, Any]
+) -> None:
+    """Forget the devices, routes and timers the previous good version on ``host`` had and
+    this one drops (the agent removed them: step ``remove old devices`` and the route and
+    timer replacement); rows of the same name on another host are not this version's."""
+    prev = s.scalar(
+        select(Deployment)
+        .where(Deployment.account_id == acct.id, Deployment.host == host,
+               Deployment.state == "succeeded", Deployment.version < version)
+        .order_by(Deployment.version.desc())
+        .limit(1)
+    )  # fmt: skip
+    if prev is None:
+        return
+
+    def dropped(kind: str) -> set[str]:
+        keep = {str(x["name"]) for x in spec.get(kind, [])}
+        return {str(x["name"]) for x in prev.spec.get(kind, [])} - keep
+
+    for table, kind in ((DeviceRow, "devices"), (RouteRow, "routes"), (TimerRow, "timers")):
+        for name in dropped(kind):
+            row = s.scalar(select(table).where(table.account_id == acct.id, table.name == name,
+                                               table.host == host))  # fmt: skip
+            if row is not None:
+                s.delete(row)
+                if kind == "devices":
+                    shadow = s.scalar(select(ShadowRow).where(
+                        ShadowRow.account_id == acct.id, ShadowRow.device == name))  # fmt: skip
+                    if shadow is not None:
+                        s.delete(shadow)
 
 
 def _record(s: Session, acct: Account, host: str, spec: dict[str, Any], now: float) -> None:

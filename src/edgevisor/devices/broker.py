@@ -26,6 +26,14 @@ takes messages without a task and an ``asyncio.wait`` each. The decisions are
 the same :class:`BrokerPolicy` ones; the plugins stay registered and are what runs on an
 amqtt whose internals differ (see :data:`_FAST_PATH`).
 
+TLS listener (``devices.tls_port``): the same broker also listens with TLS and *requires*
+a client certificate of the agent's devices CA (:mod:`edgevisor.devices.tls`; amqtt's own
+context would make it optional). There the certificate is the credential: its CN must be a
+registered device whose current certificate serial it carries, not on the revocation list
+(:meth:`BrokerPolicy.authenticate_cert`); the CN becomes the session's username, so ACLs
+and counters work as for a password login. A removed device's connections are closed
+(:meth:`EmbeddedBroker.disconnect`).
+
 What they may do: the agent anything; a device what its ACL says
 (:meth:`edgevisor.devices.registry.DeviceRegistry.acl`). A PUBLISH outside the ACL is
 acknowledged as MQTT requires and dropped (counted per device in ``stats``); a SUBSCRIBE
@@ -44,7 +52,7 @@ import socket
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
@@ -53,6 +61,11 @@ from amqtt.session import Session
 
 from edgevisor.devices.registry import DeviceRegistry, verify_password
 from edgevisor.errors import UnavailableError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from edgevisor.devices.tls import DevicesTLS
 
 __all__ = ["AGENT_USERNAME", "BrokerPolicy", "BrokerStats", "EmbeddedBroker", "Tap"]
 
@@ -102,6 +115,27 @@ class BrokerPolicy:
             log.info("mqtt connection refused for username %r", username)
         return ok
 
+    def authenticate_cert(
+        self, peercert: dict[str, Any] | None, username: str | None
+    ) -> str | None:
+        """A TLS login: the device the verified client certificate names, or None."""
+        from edgevisor.devices.tls import check_peer, peer_identity
+
+        ident = peer_identity(peercert)
+        cn = ident[0] if ident else None
+        verdict = check_peer(
+            ident,
+            current_serial=self.registry.cert_serial(cn) if cn else None,
+            revoked=ident is not None and self.registry.is_revoked(ident[1]),
+            username=username,
+        )
+        if verdict.ok:
+            self.stats.connections_accepted += 1
+            return verdict.device
+        self.stats.connections_refused += 1
+        log.info("mqtt TLS connection refused for %r: %s", cn, verdict.reason)
+        return None
+
     async def _check(self, username: str | None, password: str | None) -> bool:
         if not username or password is None:
             return False
@@ -147,7 +181,17 @@ class RegistryAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         policy_key: str = ""
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        return await _policy(self.context).authenticate(session.username, session.password)
+        policy = _policy(self.context)
+        ssl_object = getattr(session, "ssl_object", None)
+        if ssl_object is not None:
+            # Only the TLS listener has TLS, and it demands a verified certificate: the
+            # certificate is the credential and its CN becomes the username (for ACLs).
+            device = policy.authenticate_cert(ssl_object.getpeercert(), session.username)
+            if device is None:
+                return False
+            session.username = device
+            return True
+        return await policy.authenticate(session.username, session.password)
 
 
 class RegistryTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
@@ -207,9 +251,16 @@ class _FastBroker(Broker):  # type: ignore[misc]
     checked messages are tapped, as with the plugin hook (MESSAGE_BROADCAST).
     """
 
-    def __init__(self, config: dict[str, Any], policy: BrokerPolicy, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        policy: BrokerPolicy,
+        tls: DevicesTLS | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(config, **kwargs)
         self._policy = policy
+        self._tls = tls
         self._accepted: dict[int, str] = {}
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -272,6 +323,35 @@ class _FastBroker(Broker):  # type: ignore[misc]
             self._accepted.pop(id(session), None)
         await super()._stop_handler(handler)
 
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        return _tls_context(self, listener)
+
+
+class _PlainBroker(Broker):  # type: ignore[misc]
+    """amqtt's broker as is, except for the TLS listener's context (see _tls_context)."""
+
+    def __init__(self, config: dict[str, Any], tls: DevicesTLS | None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._tls = tls
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        return _tls_context(self, listener)
+
+
+def _tls_context(broker: Any, listener: Any) -> ssl.SSLContext:
+    # amqtt's own context makes client certificates optional; ours requires them.
+    tls: DevicesTLS | None = getattr(broker, "_tls", None)
+    if tls is None:
+        return Broker._create_ssl_context(listener)  # type: ignore[no-any-return]
+    return tls.server_context()
+
+
+async def _close_writer(writer: Any) -> None:
+    try:
+        await writer.close()
+    except Exception as exc:  # the peer may be gone already
+        log.debug("closing an MQTT connection: %r", exc)
+
 
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -282,13 +362,24 @@ def _free_port(host: str) -> int:
 class EmbeddedBroker:
     """An amqtt broker run inside the agent's event loop."""
 
-    def __init__(self, registry: DeviceRegistry, *, host: str = "127.0.0.1", port: int = 1883):
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        tls: DevicesTLS | None = None,
+        tls_port: int | None = None,
+    ):
         self.host = host
         self.port = port
+        self.tls = tls
+        self.tls_port = tls_port if tls is not None else None
         self.agent_password = secrets.token_urlsafe(24)
         self.policy = BrokerPolicy(registry, self.agent_password)
         self._key = secrets.token_hex(8)
         self._broker: Broker | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def stats(self) -> BrokerStats:
@@ -298,13 +389,29 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @property
+    def tls_url(self) -> str | None:
+        return None if self.tls_port is None else f"mqtts://{self.host}:{self.tls_port}"
+
     async def start(self) -> None:
         if self.port == 0:
             # amqtt does not expose the bound port; pick one (tiny race, tests only).
             self.port = _free_port(self.host)
+        if self.tls_port == 0:
+            self.tls_port = _free_port(self.host)
         _POLICIES[self._key] = self.policy
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}
+        if self.tls is not None and self.tls_port is not None:
+            listeners["tls"] = {
+                "type": "tcp",
+                "bind": f"{self.host}:{self.tls_port}",
+                "ssl": True,
+                "certfile": str(self.tls.cert_path),
+                "keyfile": str(self.tls.key_path),
+                "cafile": str(self.tls.ca_path),
+            }
         config: dict[str, Any] = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "listeners": listeners,
             "plugins": {
                 f"{__name__}.RegistryAuthPlugin": {"policy_key": self._key},
                 f"{__name__}.RegistryTopicPlugin": {"policy_key": self._key},
@@ -315,9 +422,9 @@ class EmbeddedBroker:
         if _FAST_PATH:
             # The tap plugin would hand every message over a second time.
             del config["plugins"][f"{__name__}.AgentTapPlugin"]
-            broker: Broker = _FastBroker(config, self.policy, plugin_namespace=namespace)
+            broker: Broker = _FastBroker(config, self.policy, self.tls, plugin_namespace=namespace)
         else:
-            broker = Broker(config, plugin_namespace=namespace)
+            broker = _PlainBroker(config, self.tls, plugin_namespace=namespace)
         try:
             await broker.start()
         except Exception as exc:
@@ -327,6 +434,28 @@ class EmbeddedBroker:
             ) from exc
         self._broker = broker
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
+
+    def disconnect(self, username: str) -> int:
+        """Close the connections logged in as ``username`` (a removed device); returns how
+        many. The close runs as tasks; new logins are already refused by then."""
+        broker = self._broker
+        if broker is None:
+            return 0
+        sessions: dict[str, tuple[Session, Any]] = getattr(broker, "_sessions", {})
+        closing = 0
+        for session, handler in list(sessions.values()):
+            if session.username != username or handler is None:
+                continue
+            writer = getattr(handler, "writer", None)
+            if writer is None:
+                continue
+            closing += 1
+            task = asyncio.get_running_loop().create_task(_close_writer(writer))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if closing:
+            log.info("closed %d MQTT connection(s) of %s", closing, username)
+        return closing
 
     def attach(self, tap: Tap | None) -> None:
         """Receive every delivered message in-process (None detaches)."""

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from amqtt.client import MQTTClient
@@ -27,11 +30,20 @@ from amqtt.errors import AMQTTError, ClientError, ConnectError
 
 from edgevisor.errors import PeerUnavailable, Unauthorized
 
-__all__ = ["MqttClient", "ReceivedMessage", "with_credentials"]
+__all__ = ["ClientTLS", "MqttClient", "ReceivedMessage", "with_credentials"]
 
 log = logging.getLogger(__name__)
 
 _NOT_AUTHORIZED = (4, 5)  # CONNACK: bad user name or password, not authorized
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS material for an ``mqtts://`` broker: CA bundle and an optional client cert."""
+
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,27 +65,43 @@ def with_credentials(url: str, username: str, password: str) -> str:
 class MqttClient:
     """One connection; ``messages()`` yields what the subscriptions deliver."""
 
-    def __init__(self, client_id: str, *, keep_alive_s: int = 30) -> None:
-        self._client = MQTTClient(
-            client_id=client_id,
-            config={
-                "keep_alive": keep_alive_s,
-                "auto_reconnect": False,
-                "default_qos": 0,
-                "cleansession": True,
-            },
-        )
+    def __init__(
+        self, client_id: str, *, keep_alive_s: int = 30, tls: ClientTLS | None = None
+    ) -> None:
+        config: dict[str, Any] = {
+            "keep_alive": keep_alive_s,
+            "auto_reconnect": False,
+            "default_qos": 0,
+            "cleansession": True,
+        }
+        if tls is not None:
+            # Used by amqtt only for an ``mqtts://`` URL: the broker is verified against
+            # ``cafile`` (system CAs when empty) and the certificate, if any, is presented.
+            conn: dict[str, Any] = {}
+            if tls.cafile is not None:
+                conn["cafile"] = str(tls.cafile)
+            if tls.certfile is not None and tls.keyfile is not None:
+                conn["certfile"] = str(tls.certfile)
+                conn["keyfile"] = str(tls.keyfile)
+            config["connection"] = conn
+        self._client = MQTTClient(client_id=client_id, config=config)
+        self._tls = tls
         self._connected = False
 
     async def connect(self, url: str, *, timeout_s: float = 10.0) -> None:
         try:
             async with asyncio.timeout(timeout_s):
-                await self._client.connect(url)
+                cafile = None
+                if self._tls is not None and self._tls.cafile is not None:
+                    cafile = str(self._tls.cafile)
+                await self._client.connect(url, cafile=cafile)
         except ConnectError as exc:
             code = getattr(exc, "return_code", None)
             if code in _NOT_AUTHORIZED:
                 raise Unauthorized(f"MQTT broker refused the credentials (code {code})") from exc
             raise PeerUnavailable(f"cannot connect to MQTT broker: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise PeerUnavailable(f"TLS with the MQTT broker failed: {exc}") from exc
         except (TimeoutError, OSError, AMQTTError) as exc:
             raise PeerUnavailable(f"cannot connect to MQTT broker: {exc!r}") from exc
         self._connected = True

@@ -26,6 +26,38 @@ class DevicesSettings(BaseModel):
     broker_port: int = Field(
         1883, ge=0, le=65535, description="TCP port of the embedded MQTT broker (MQTT 3.1.1)."
     )
+    tls_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "TCP port of the embedded broker's TLS listener (MQTT over TLS, client "
+            "certificates required); empty: no TLS listener. Devices then get a client "
+            "certificate from the agent's devices CA on `device add`."
+        ),
+    )
+    tls_dir: Path | None = Field(
+        None,
+        description="Devices CA and broker certificate. Empty: `<devices data_dir>/tls`.",
+    )
+    tls_names: tuple[str, ...] = Field(
+        (),
+        description=(
+            "Extra DNS names (or addresses) for the broker's server certificate, besides "
+            "`localhost`, 127.0.0.1 and `broker_host`."
+        ),
+    )
+    external_broker_cafile: Path | None = Field(
+        None,
+        description="CA bundle that verifies an external broker given as `mqtts://` (PEM).",
+    )
+    external_broker_certfile: Path | None = Field(
+        None,
+        description="Client certificate the agent presents to an `mqtts://` broker (PEM).",
+    )
+    external_broker_keyfile: Path | None = Field(
+        None, description="Key of `external_broker_certfile` (PEM)."
+    )
     external_broker_url: str | None = Field(
         None,
         description=(

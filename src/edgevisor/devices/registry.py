@@ -4,6 +4,10 @@ Credentials. The MQTT username is the device name; the password is stored only a
 scrypt hash (``scrypt$N$r$p$salt$hash``, base64 parts; stdlib :func:`hashlib.scrypt`,
 N=2**14, r=8, p=1: ~16 MiB and tens of ms per check, paid once per connection).
 
+Client certificates (TLS listener): the registry keeps the serial of each device's current
+certificate (``cert_serial``) and a revocation list (``revoked_certs``) of the serials of
+removed devices and replaced certificates; the broker refuses both.
+
 ACL of device ``<n>`` (topic scheme in :mod:`edgevisor.devices.topics`):
 
 =========  =============================================================================
@@ -36,6 +40,7 @@ from edgevisor.errors import AlreadyExists, NotFound, RequestError
 __all__ = [
     "Acl",
     "Device",
+    "DeviceRecord",
     "DeviceRegistry",
     "hash_password",
     "own_acl",
@@ -106,6 +111,16 @@ class Device:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """Everything the registry holds about a device, to put it back exactly (rollback)."""
+
+    name: str
+    password_hash: str
+    created_at: float
+    cert_serial: str | None
+
+
 class DeviceRegistry:
     """Devices and their credential hashes; ACLs are computed, grants come from routes."""
 
@@ -114,6 +129,14 @@ class DeviceRegistry:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS devices ("
             " name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, created_at REAL NOT NULL)"
+        )
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(devices)")}
+        if "cert_serial" not in cols:  # databases made before client certificates
+            conn.execute("ALTER TABLE devices ADD COLUMN cert_serial TEXT")
+        # Serials that must never log in again: removed devices', replaced certificates'.
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS revoked_certs ("
+            " serial TEXT PRIMARY KEY, device TEXT NOT NULL, revoked_at REAL NOT NULL)"
         )
         self._grants: dict[str, tuple[list[str], list[str]]] = {}
         self._acl_cache: dict[str, Acl] = {}
@@ -142,10 +165,76 @@ class DeviceRegistry:
             raise NotFound(f"no device named {name!r}")
 
     def remove(self, name: str) -> None:
+        serial = self.cert_serial(name)
         cur = self._conn.execute("DELETE FROM devices WHERE name = ?", (name,))
         if cur.rowcount == 0:
             raise NotFound(f"no device named {name!r}")
+        if serial is not None:
+            self._revoke(name, serial)
         self._acl_cache.pop(name, None)
+
+    # --- client certificates -------------------------------------------------------------
+
+    def set_cert_serial(self, name: str, serial: str) -> None:
+        """Record the device's (new) certificate; a replaced one is revoked."""
+        old = self.cert_serial(name)
+        cur = self._conn.execute(
+            "UPDATE devices SET cert_serial = ? WHERE name = ?", (serial, name)
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"no device named {name!r}")
+        if old is not None and old != serial:
+            self._revoke(name, old)
+
+    def cert_serial(self, name: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT cert_serial FROM devices WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def is_revoked(self, serial: str) -> bool:
+        return (
+            self._conn.execute("SELECT 1 FROM revoked_certs WHERE serial = ?", (serial,)).fetchone()
+            is not None
+        )
+
+    def revoked(self) -> list[tuple[str, str, float]]:
+        """The revocation list: (serial, device, revoked_at), oldest first."""
+        rows = self._conn.execute(
+            "SELECT serial, device, revoked_at FROM revoked_certs ORDER BY revoked_at, serial"
+        )
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def _revoke(self, name: str, serial: str) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO revoked_certs (serial, device, revoked_at) VALUES (?, ?, ?)",
+            (serial, name, time.time()),
+        )
+
+    # --- whole records (deployment rollback) ---------------------------------------------
+
+    def export(self, name: str) -> DeviceRecord:
+        row = self._conn.execute(
+            "SELECT name, password_hash, created_at, cert_serial FROM devices WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no device named {name!r}")
+        return DeviceRecord(row[0], row[1], row[2], row[3])
+
+    def restore(self, rec: DeviceRecord) -> None:
+        """Put a removed device back as it was: same credentials, same certificate."""
+        try:
+            self._conn.execute(
+                "INSERT INTO devices (name, password_hash, created_at, cert_serial)"
+                " VALUES (?, ?, ?, ?)",
+                (rec.name, rec.password_hash, rec.created_at, rec.cert_serial),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"device {rec.name!r} already exists") from exc
+        if rec.cert_serial is not None:
+            self._conn.execute("DELETE FROM revoked_certs WHERE serial = ?", (rec.cert_serial,))
+        self._acl_cache.pop(rec.name, None)
 
     def get(self, name: str) -> Device:
         row = self._conn.execute(

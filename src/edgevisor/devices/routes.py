@@ -364,7 +364,7 @@ def _parse(payload: bytes) -> tuple[Any, str | None]:
     except UnicodeDecodeError as exc:
         return None, f"payload is not UTF-8: {exc.reason} at byte {exc.start}"
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         return None, f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
     except ValueError as exc:
@@ -374,6 +374,10 @@ def _parse(payload: bytes) -> tuple[Any, str | None]:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every message: ``json.loads`` with an option builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 @dataclass

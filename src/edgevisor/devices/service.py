@@ -19,6 +19,12 @@ ACL check, and injects its own publishes into the broker), which halves the MQTT
 routed message; ``agent_link = "client"`` makes it connect over TCP as the privileged
 client instead. With an external broker it is always a client.
 
+TLS: with ``tls_port`` set the embedded broker also listens with TLS and requires client
+certificates from the agent's devices CA (:mod:`.tls`); :meth:`DeviceService.issue_certificate`
+makes one for a registered device (the key is returned, never kept). With an external broker
+given as ``mqtts://`` the agent connects with TLS (``external_broker_cafile`` and an optional
+client certificate).
+
 Message flow: as a client the agent subscribes to every route filter and to
 ``edgevisor/shadow/+/update`` and ``.../get``. A received message is matched; task calls run
 concurrently (at most ``max_concurrent_calls``; the reader waits when that many are in
@@ -36,16 +42,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgevisor.devices.broker import AGENT_USERNAME, EmbeddedBroker
-from edgevisor.devices.client import MqttClient, ReceivedMessage, with_credentials
+from edgevisor.devices.client import ClientTLS, MqttClient, ReceivedMessage, with_credentials
 from edgevisor.devices.config import DevicesSettings
 from edgevisor.devices.db import open_db
-from edgevisor.devices.registry import Device, DeviceRegistry
+from edgevisor.devices.registry import Device, DeviceRecord, DeviceRegistry
 from edgevisor.devices.routes import (
     Action,
     CallTask,
@@ -71,7 +78,11 @@ from edgevisor.errors import (
     PeerUnavailable,
     RequestError,
     Unauthorized,
+    UnavailableError,
 )
+
+if TYPE_CHECKING:
+    from edgevisor.devices.tls import DeviceCertificate, DevicesTLS
 
 __all__ = ["DeviceService", "DevicesSettings"]
 
@@ -117,6 +128,7 @@ class DeviceService:
             policy=settings.spool_drop_policy,
         )
         self.broker: EmbeddedBroker | None = None
+        self.tls: DevicesTLS | None = None
         self.client: MqttClient | None = None
         self.timers = TimerRunner(self.timer_core, self._timer_store, call_task, clock=clock)
         self._sem = asyncio.Semaphore(settings.max_concurrent_calls)
@@ -141,8 +153,17 @@ class DeviceService:
 
     async def start(self) -> None:
         if self.settings.external_broker_url is None:
+            if self.settings.tls_port is not None:
+                try:
+                    self.tls = await asyncio.to_thread(self._load_tls)
+                except (OSError, ValueError) as exc:
+                    raise UnavailableError(f"devices TLS material: {exc}") from exc
             self.broker = EmbeddedBroker(
-                self.registry, host=self.settings.broker_host, port=self.settings.broker_port
+                self.registry,
+                host=self.settings.broker_host,
+                port=self.settings.broker_port,
+                tls=self.tls,
+                tls_port=self.settings.tls_port,
             )
             await self.broker.start()
         link = (
@@ -182,6 +203,27 @@ class DeviceService:
             return self.broker.url
         return self.settings.external_broker_url or ""
 
+    @property
+    def broker_tls_url(self) -> str | None:
+        """``mqtts://host:port`` of the embedded broker's TLS listener (None: no TLS)."""
+        return self.broker.tls_url if self.broker is not None else None
+
+    def _load_tls(self) -> DevicesTLS:
+        from edgevisor.devices.tls import DevicesTLS
+
+        s = self.settings
+        directory = s.tls_dir or self.data_dir / "tls"
+        return DevicesTLS.load_or_create(
+            directory, names=(socket.gethostname(), *s.tls_names), ips=(s.broker_host,)
+        )
+
+    def _client_tls(self) -> ClientTLS | None:
+        s = self.settings
+        if self.broker is not None or not (s.external_broker_url or "").startswith("mqtts:"):
+            return None
+        return ClientTLS(s.external_broker_cafile, s.external_broker_certfile,
+                         s.external_broker_keyfile)  # fmt: skip
+
     def _client_url(self) -> str:
         if self.broker is not None:
             return with_credentials(self.broker.url, AGENT_USERNAME, self.broker.agent_password)
@@ -215,7 +257,7 @@ class DeviceService:
 
     async def _mqtt_loop(self) -> None:
         while True:
-            client = MqttClient(f"edgevisor-agent-{id(self):x}")
+            client = MqttClient(f"edgevisor-agent-{id(self):x}", tls=self._client_tls())
             try:
                 await client.connect(self._client_url())
                 await client.subscribe(sorted(self._filters()))
@@ -240,8 +282,35 @@ class DeviceService:
         return self.registry.add(name, password)
 
     def remove_device(self, name: str) -> None:
+        """Remove credentials (a certificate goes on the revocation list) and shadow, and
+        close the device's open connections."""
         self.registry.remove(name)
         self.shadows.delete(name)
+        if self.broker is not None:
+            self.broker.disconnect(name)
+
+    def issue_certificate(self, name: str) -> DeviceCertificate:
+        """A new client certificate for a registered device (the previous one is revoked);
+        the key is returned, never kept."""
+        if self.tls is None:
+            raise UnavailableError(
+                "TLS is off on this host's broker (set devices.tls_port to turn it on)"
+            )
+        self.registry.get(name)
+        cert = self.tls.issue_device(name)
+        self.registry.set_cert_serial(name, cert.serial)
+        if self.broker is not None:
+            self.broker.disconnect(name)  # whoever held the old certificate
+        return cert
+
+    def export_device(self, name: str) -> tuple[DeviceRecord, Shadow]:
+        """Credentials and shadow of a device, for :meth:`restore_device` (rollback)."""
+        return self.registry.export(name), self.shadows.get(name)
+
+    def restore_device(self, rec: DeviceRecord, shadow: Shadow) -> None:
+        self.registry.restore(rec)
+        if shadow.version > 0:
+            self.shadows.put(shadow, previous_version=self.shadows.get(rec.name).version)
 
     def devices(self) -> list[Device]:
         return self.registry.devices()

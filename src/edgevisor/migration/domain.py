@@ -13,17 +13,25 @@ Theory of operation (one :class:`Domain`)::
 1. volume: created on first start (through the ``volumes`` backend), attached on the host
    at ``<domain dir>/mnt`` (FUSE image -> loop -> ext4), its root chowned to the domain uid;
 2. network: a namespace behind a veth (:func:`create_domain_netns`, the one place that
-   builds it), holding a test address reachable from the host;
+   builds it), holding a test address reachable from the host, or the domain's logical
+   address, which the address dataplane routes in the account's table (``plug``);
 3. cgroups (memory, pids, cpu, freezer) under ``edgevisor-domains/<host tag>/``;
 4. the process: ``nsenter --net=<netns> bwrap ...`` (pid, mount, ipc, uts namespaces,
    the volume bound at ``/data``, uid 65534, no capabilities). bwrap's namespace init
    blocks until it sits in the cgroups, so everything the domain runs is limited.
 
+Layers 1-3 are independent, so ``start`` builds them concurrently (the volume's attach
+is the long one); ``stage`` builds the cgroups ahead (a migration's target, in prepare).
+
 An exit while not stopping goes to the restart policy (:func:`restart_delay`); the
 volume, network and cgroups stay up across restarts. A domain that is not restarted is
-torn down like a stop. ``quiesce`` (the migration's QuiesceSource) is freeze -> syncfs on
-the volume -> stop, so nothing the domain wrote after the freeze can exist, and every
-write it completed is on the volume when ``quiesce`` returns.
+torn down like a stop. ``quiesce`` (the migration's QuiesceSource, on the switch's
+critical path) is freeze -> syncfs -> SIGKILL -> cgroups and network removed, ext4
+unmounted: nothing the domain wrote after the freeze can exist, every write it completed
+is on the volume, and nothing on this host writes the volume any more when it returns.
+The loop device and FUSE process go in the background; every later lifecycle call (and
+:meth:`Domain.wait_torn_down`) waits for that first. Each operation's sub-step durations
+are kept in ``Domain.timings`` (benchmarks report them).
 
 bwrap runs with ``--die-with-parent`` from the event loop's thread, so domains die with
 the agent: :func:`clear_stale` (agent start) finds what a previous run left (namespaces by
@@ -38,8 +46,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -54,12 +64,15 @@ from edgevisor.migration.domain_host import (
     create_domain_netns,
     domain_cgroup,
     remove_domain_netns,
+    route_domain_address,
     set_freezer,
     syncfs,
+    unmount,
 )
 from edgevisor.migration.domain_parts import (
     DomainSpec,
     DomainsSettings,
+    StepClock,
     domain_argv,
     domain_env,
     domain_tag,
@@ -67,7 +80,7 @@ from edgevisor.migration.domain_parts import (
     restart_delay,
 )
 from edgevisor.network import netns as nn
-from edgevisor.tasks.cgroups import CgroupLimits
+from edgevisor.tasks.cgroups import CgroupError, CgroupLimits
 
 __all__ = [
     "Domain",
@@ -79,6 +92,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+Plug = Callable[[str, IPv4Address], Awaitable[None]]
+"""Routes a domain's logical address to its veth: ``plug(account, address)``."""
 
 
 # -- state on disk ----------------------------------------------------------------------------
@@ -127,8 +143,12 @@ class Domain:
         settings: DomainsSettings,
         uid: int = 65534,
         gid: int = 65534,
+        plug: Plug | None = None,
     ) -> None:
         self.spec = spec
+        # With ``plug``, ``address`` is the domain's logical address: the address
+        # dataplane routes it (``plug`` once the veth exists), not the host's main table.
+        self.plug = plug
         self.host = host
         self.dir = dir
         self.address = address
@@ -154,6 +174,11 @@ class Domain:
         self._stopping = False
         self._failures = 0
         self._lock = asyncio.Lock()
+        self._staged = False  # network and cgroups are up while stopped (see ``stage``)
+        self._teardown: asyncio.Task[None] | None = None  # quiesce's deferred part
+        self._hurry = asyncio.Event()  # someone waits for that part: no more delay
+        self.timings: dict[str, dict[str, float]] = {}
+        """Seconds per sub-step of the last ``start``/``quiesce``/``stage`` (benchmarks)."""
 
     @property
     def restarts(self) -> int:
@@ -200,20 +225,44 @@ class Domain:
                 return
             if self.phase == "frozen":
                 raise Conflict(f"domain {self.spec.name!r} is frozen; thaw it first")
+            await self._settle()
             self.phase = "starting"
             self._stopping = False
             self._failures = 0
             self._saved.desired = "running"
             self._save()
+            clock = StepClock()
             try:
-                await self._bring_up()
-                await self._spawn()
+                await self._bring_up(clock)
+                await self._spawn(clock)
             except BaseException:
                 await self._tear_down()
                 self.phase = "failed"
                 raise
             self.phase = "running"
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+            self.timings["start"] = clock.done()
+
+    async def stage(self) -> None:
+        """Build what a start needs that touches neither the volume's data nor the
+        address (directories, cgroups) while the domain is stopped: a migration's target
+        does this in *prepare*, before the source stops, so the switch does less.
+        Idempotent; ``stop`` removes it again. (The network is built at the start, next
+        to the volume's attach, see :meth:`_bring_up_network`.)
+        """
+        async with self._lock:
+            await self._settle()
+            if self.phase != "stopped" or self._staged:
+                return
+            clock = StepClock()
+            try:
+                self._make_dirs()
+                await self._bring_up_cgroups(clock)
+            except BaseException:
+                await self._tear_down()
+                raise
+            self._staged = True
+            self.timings["stage"] = clock.done()
 
     async def stop(self, *, keep_desired: bool = False) -> None:
         """Stop every process and tear down volume, network and cgroups (idempotent).
@@ -224,6 +273,7 @@ class Domain:
             if not keep_desired:
                 self._saved.desired = "stopped"
                 self._save()
+            await self._settle()
             await self._stop_locked()
 
     async def freeze(self) -> None:
@@ -241,82 +291,231 @@ class Domain:
             self.phase = "running"
 
     async def quiesce(self) -> None:
-        """Freeze, flush the volume, stop: every completed write is on the volume after."""
+        """Freeze, flush, kill, unmount: when it returns, every write the domain completed
+        is on the volume and nothing on this host writes to the volume any more.
+
+        This is the source's share of a migration's downtime, so only that is waited for:
+        the processes get SIGKILL while frozen (their writes are flushed and they are
+        discarded anyway), cgroups and network go at once, the filesystem is unmounted
+        with umount(2); the volume's loop device and FUSE process go in the background,
+        and every later lifecycle call, and :meth:`wait_torn_down`, waits for that. If a
+        step fails, everything is torn down the ordinary way before the error is raised.
+        """
         async with self._lock:
+            clock = StepClock()
             self._saved.desired = "stopped"
             self._save()
+            clock.mark("save_state")
             if self.phase == "running":
                 await set_freezer(self._cg, "FROZEN", self.settings.stop_timeout_s)
                 self.phase = "frozen"
-            if self.phase == "frozen":
-                await asyncio.to_thread(syncfs, self.mnt)
-            await self._stop_locked()
+                clock.mark("freeze")
+            if self.phase != "frozen":  # not running: the plain stop (idempotent)
+                await self._settle()
+                await self._stop_locked(clock)
+                self.timings["quiesce"] = clock.done()
+                return
+            await asyncio.to_thread(syncfs, self.mnt)
+            clock.mark("syncfs")
+            self._stopping = True
+            self.phase = "stopping"
+            await self._kill()
+            sup, self._supervisor = self._supervisor, None
+            if sup is not None and sup is not asyncio.current_task():
+                sup.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sup
+            self._reap()  # killed and waited for: only forgets it
+            clock.mark("kill")
+            # cgroup.procs hides a process once its exit began, but it holds its mount
+            # namespace (a reference to the filesystem) a little longer; removing the
+            # groups succeeds only when every task has fully exited. After that, our
+            # unmount is the filesystem's last reference: it writes the superblock now,
+            # before the target mounts its copy (which reads ours), not at some later
+            # moment when the sandbox's namespace goes.
+            t0 = clock.now()
 
-    async def _stop_locked(self) -> None:
+            async def filesystem() -> None:
+                await asyncio.to_thread(self._cg.remove, self.settings.stop_timeout_s)
+                clock.since(t0, "cgroups")
+                await asyncio.to_thread(unmount, self.mnt)
+                clock.since(t0, "unmount")
+
+            async def network() -> None:
+                # Now, not later: the target builds a veth of the same name (it derives
+                # from the address, which moves with the domain) when it starts.
+                ifname = nn.instance_ifname(self.spec.account, self.address)
+                await asyncio.to_thread(remove_domain_netns, self.netns, ifname)
+                self.ifname = None
+                clock.since(t0, "netns")
+
+            results = await asyncio.gather(filesystem(), network(), return_exceptions=True)
+            clock.skip()
+            for r in results:
+                if isinstance(r, BaseException):
+                    with contextlib.suppress(EdgevisorError):
+                        await self._tear_down()
+                    self.phase = "stopped"
+                    raise r
+            self.phase = "stopped"
+            self._hurry.clear()
+            self._teardown = asyncio.get_running_loop().create_task(self._tear_down_later())
+            self.timings["quiesce"] = clock.done()
+
+    async def wait_torn_down(self) -> None:
+        """Wait until a quiesce's background teardown ended (at once if none runs)."""
+        async with self._lock:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        task, self._teardown = self._teardown, None
+        if task is not None:
+            self._hurry.set()
+            with contextlib.suppress(Exception):  # logged by the task; the next stop retries
+                await task
+
+    async def _tear_down_later(self) -> None:
+        clock = StepClock()
+        try:
+            delay = self.settings.quiesce_cleanup_delay_s
+            if delay:  # cut short by whoever waits for the teardown (``_settle``)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), delay)
+            await self._tear_down(clock)
+        except EdgevisorError as exc:
+            log.warning("domain %s: teardown after quiesce: %s", self.spec.qualified, exc)
+        finally:
+            self.timings["teardown"] = clock.done()
+
+    async def _stop_locked(self, clock: StepClock | None = None) -> None:
+        clock = clock or StepClock()
         self._stopping = True
         if self.phase == "stopped":
-            await self._tear_down()  # leftovers of a failed start are cleared too
+            await self._tear_down(clock)  # leftovers of a failed start are cleared too
             return
         self.phase = "stopping"
         await self._kill()
+        clock.mark("kill")
         sup, self._supervisor = self._supervisor, None
         if sup is not None and sup is not asyncio.current_task():
             sup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sup
-        await self._tear_down()
+        await self._tear_down(clock)
         self.phase = "stopped"
 
     # -- the layers ---------------------------------------------------------------------
 
-    async def _bring_up(self) -> None:
-        s = self.settings
+    def _make_dirs(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.app_dir.mkdir(exist_ok=True)
         self.app_dir.chmod(0o755)
         (self.dir / "empty").mkdir(exist_ok=True)
+        self.mnt.mkdir(exist_ok=True)
+
+    async def _bring_up(self, clock: StepClock) -> None:
+        """The volume, and (unless staged) network and cgroups, concurrently: they are
+        independent, and each is mostly waiting for a tool or the kernel."""
+        self._make_dirs()
+        clock.mark("dirs")
+        t0 = clock.now()
+
+        layers = [self._bring_up_volume(clock, t0), self._bring_up_network(clock)]
+        if not self._staged:
+            layers.append(self._bring_up_cgroups(clock))
+        results = await asyncio.gather(*layers, return_exceptions=True)
+        clock.skip()
+        for r in results:  # the caller tears down whatever did come up
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _bring_up_volume(self, clock: StepClock, t0: float) -> None:
         try:
             self.volumes.info(self.spec.volume_id)
         except NotFound:
             await self.volumes.create(
                 self.spec.volume, self.spec.volume_size_bytes, account=self.spec.account
             )
-        self.mnt.mkdir(exist_ok=True)
         await self.volumes.attach(self.spec.volume_id, self.mnt)
         await asyncio.to_thread(os.chown, self.mnt, self.uid, self.gid)
-        self.ifname = await asyncio.to_thread(
-            create_domain_netns, self.netns, self.spec.account, self.address
-        )
-        self._cg.remove(s.stop_timeout_s)  # a leftover of ours, if any
-        limits = CgroupLimits(self.spec.memory_mb, self.spec.pids_max, self.spec.cpu)
-        await asyncio.to_thread(self._cg.create, limits)
+        clock.since(t0, "volume")
 
-    async def _tear_down(self) -> None:
+    async def _bring_up_network(self, clock: StepClock) -> None:
+        """The namespace behind its veth, then the route of the address to it: the host
+        route of a test address, or the address dataplane's route of a logical one
+        (``plug``).
+
+        Not staged ahead of a start: the veth's name derives from (account, address), and
+        a migrating domain keeps its address, so on one machine (simulated hosts share
+        the root namespace) the target's veth would replace the running source's.
+        """
+        t0 = clock.now()
+        self.ifname = await asyncio.to_thread(
+            create_domain_netns, self.netns, self.spec.account, self.address, host_route=False
+        )
+        if self.plug is not None:
+            await self.plug(self.spec.account, self.address)
+        else:
+            await asyncio.to_thread(route_domain_address, self.address, self.ifname)
+        clock.since(t0, "netns")
+
+    async def _bring_up_cgroups(self, clock: StepClock) -> None:
+        t0 = clock.now()
+        await asyncio.to_thread(self._create_cgroups, self._limits())
+        clock.since(t0, "cgroups")
+
+    def _limits(self) -> CgroupLimits:
+        return CgroupLimits(self.spec.memory_mb, self.spec.pids_max, self.spec.cpu)
+
+    def _create_cgroups(self, limits: CgroupLimits) -> None:
+        self._cg.remove(self.settings.stop_timeout_s)  # a leftover of ours, if any
+        self._cg.create(limits)
+
+    async def _tear_down(self, clock: StepClock | None = None) -> None:
+        """Remove cgroups (killing what is left), network and volume attachment. The
+        three are independent once no process of the domain runs, so they go at once."""
+        clock = clock or StepClock()
         errors: list[str] = []
         s = self.settings
-        try:
-            await asyncio.to_thread(self._cg.remove, s.stop_timeout_s)
-        except EdgevisorError as exc:
-            errors.append(exc.message)
-        self._reap()
-        try:
-            await asyncio.to_thread(
-                remove_domain_netns, self.netns, nn.instance_ifname(self.spec.account, self.address)
-            )
-        except EdgevisorError as exc:
-            errors.append(exc.message)
-        self.ifname = None
-        try:
-            await self.volumes.detach(self.spec.volume_id)
-        except NotFound:
-            pass
-        except EdgevisorError as exc:
-            errors.append(exc.message)
+        t0 = clock.now()
+
+        async def cgroups() -> None:
+            try:
+                await asyncio.to_thread(self._cg.remove, s.stop_timeout_s)
+            except EdgevisorError as exc:
+                errors.append(exc.message)
+            self._reap()
+            clock.since(t0, "cgroups")
+
+        async def network() -> None:
+            ifname = nn.instance_ifname(self.spec.account, self.address)
+            try:
+                await asyncio.to_thread(remove_domain_netns, self.netns, ifname)
+            except EdgevisorError as exc:
+                errors.append(exc.message)
+            self.ifname = None
+            clock.since(t0, "netns")
+
+        async def volume() -> None:
+            try:
+                await self.volumes.detach(self.spec.volume_id)
+            except NotFound:
+                pass
+            except EdgevisorError as exc:
+                errors.append(exc.message)
+            clock.since(t0, "volume")
+
+        results = await asyncio.gather(cgroups(), network(), volume(), return_exceptions=True)
+        clock.skip()
+        self._staged = False
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         self.started_at = None
         if errors:
             raise DomainError(f"domain {self.spec.name!r}: cleanup failed: {'; '.join(errors)}")
 
-    async def _spawn(self) -> None:
+    async def _spawn(self, clock: StepClock | None = None) -> None:
         """Start the sandbox in the namespace and cgroups (from the loop's thread: the
         parent-death signal bwrap asks for follows the thread that forked it)."""
         s = self.settings
@@ -361,6 +560,7 @@ class Domain:
             raise DomainError(f"cannot start the domain sandbox: {exc}") from exc
         os.close(block_r)
         os.close(info_w)
+        child: int | None = None
         try:
             os.set_blocking(info_r, False)
             info = await asyncio.wait_for(_read_all(info_r), s.start_timeout_s)
@@ -369,9 +569,24 @@ class Domain:
                 raise DomainError(
                     f"domain {self.spec.name!r}: sandbox did not start: {self._log_tail()}"
                 )
-            self._cg.add(child)
+            if clock is not None:
+                clock.mark("sandbox")  # nsenter + bwrap up, the child waits for the cgroups
+            try:
+                self._cg.add(child)
+            except CgroupError:
+                # Empty groups may be cleared by others (a staged one waits empty until
+                # the start); the sandbox still waits for us, so build them again once.
+                log.info("domain %s: cgroups vanished; creating them again", self.spec.name)
+                await asyncio.to_thread(self._create_cgroups, self._limits())
+                self._cg.add(child)
             os.write(block_w, b"1")
         except BaseException:
+            # The sandbox's init waits on the block fd, and runs the command when it is
+            # closed, not only when it reads "1": kill it before that fd closes, as it is
+            # in no cgroup of ours yet (regression: a failed start left the command running).
+            if child is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 await self._kill()
             raise

@@ -47,3 +47,12 @@ class DomainsSettings(BaseModel):
     app_max_bytes: int = Field(
         16 * 1024 * 1024, gt=0, description="Largest app archive a domain may be given."
     )
+    quiesce_cleanup_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="After a quiesce, wait this long before detaching the volume's loop "
+        "device and FUSE process (anything that needs them gone waits for it). 0 on real "
+        "hosts; a single machine simulating several hosts sets it so the source's cleanup "
+        "does not compete with the target's start for the same CPUs.",
+    )

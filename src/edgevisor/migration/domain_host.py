@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import time
@@ -25,6 +26,7 @@ from edgevisor.errors import NotFound, UnavailableError
 from edgevisor.migration.domain_parts import cgroup_parent, netns_prefix
 from edgevisor.network import netns as nn
 from edgevisor.storage.attach import AttachedVolume, AttachSettings, recover_stale
+from edgevisor.storage.fuse_spare import SpareFuse
 from edgevisor.storage.volume import DEFAULT_BLOCK_SIZE, Volume
 from edgevisor.tasks.cgroups import CGROUP_ROOT, CONTROLLERS, CgroupSet
 
@@ -38,8 +40,10 @@ __all__ = [
     "domain_cgroup",
     "remove_domain_netns",
     "remove_host_cgroups",
+    "route_domain_address",
     "set_freezer",
     "syncfs",
+    "unmount",
 ]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -78,10 +82,18 @@ class LocalVolumes:
     its attachment state.
     """
 
-    def __init__(self, root: Path, settings: AttachSettings | None = None) -> None:
+    def __init__(
+        self, root: Path, settings: AttachSettings | None = None, spares: SpareFuse | None = None
+    ) -> None:
         self.root = root
         self.attach_dir = root / ".attach"
         self.settings = settings or AttachSettings()
+        self.spares = spares  # owned by the caller, who closes it (or :meth:`close`)
+
+    def close(self) -> None:
+        """Kill the spare FUSE process, if one was given; attachments stay."""
+        if self.spares is not None:
+            self.spares.close()
 
     def _path(self, name: str) -> Path:
         return self.root / name
@@ -94,6 +106,7 @@ class LocalVolumes:
             kind="volume",
             arg=str(self._path(name)),
             settings=self.settings,
+            spares=self.spares,
         )
 
     async def create(
@@ -129,24 +142,39 @@ class LocalVolumes:
 # -- network --------------------------------------------------------------------------------
 
 
-def create_domain_netns(netns: str, account: str, address: IPv4Address) -> str:
+def create_domain_netns(
+    netns: str, account: str, address: IPv4Address, *, host_route: bool = True
+) -> str:
     """The domain's network namespace behind a veth; returns the host-side interface.
 
-    The one place a domain's network is built (the addressing work replaces the test
-    address with the domain's logical one). Inside: ``address/32`` on eth0, default route
-    via the link-local gateway; on the host: a /32 route to ``address`` over the veth.
+    The one place a domain's network is built. Inside: ``address/32`` on eth0, default
+    route via the link-local gateway. With ``host_route`` (a test address): a /32 route
+    to ``address`` over the veth in the host's main table. Without (a logical address):
+    the address dataplane routes to the veth in the account's own table (logical
+    addresses of different accounts may overlap), see ``AddressesCapability.plug``.
     """
     # Leftovers of the same names are ours (names are per agent). The host end of a veth
     # outlives its namespace for a moment (the kernel cleans namespaces up asynchronously),
     # so it is deleted by name; deleting one end removes the pair at once.
     remove_domain_netns(netns, nn.instance_ifname(account, address))
     inst = nn.create_instance(netns, None, account, address)
+    if not host_route:
+        return inst.ifname
     try:
-        nn.ip("route", "replace", f"{address}/32", "dev", inst.ifname, "src", str(nn.GATEWAY))
+        route_domain_address(address, inst.ifname)
     except BaseException:
         remove_domain_netns(netns, inst.ifname)
         raise
     return inst.ifname
+
+
+def route_domain_address(address: IPv4Address, ifname: str) -> None:
+    """The host's /32 route to a domain's test address over its veth ``ifname``.
+
+    Separate from :func:`create_domain_netns` so a namespace can be built ahead of time
+    (a migration's target) and draw the address's traffic only when the domain starts.
+    """
+    nn.ip("route", "replace", f"{address}/32", "dev", ifname, "src", str(nn.GATEWAY))
 
 
 def remove_domain_netns(netns: str, ifname: str | None = None) -> None:
@@ -175,13 +203,15 @@ def _freezer_state(cg: CgroupSet) -> str:
 async def set_freezer(cg: CgroupSet, state: str, timeout_s: float) -> None:
     path = cg.paths["freezer"] / "freezer.state"
     deadline = time.monotonic() + timeout_s
+    delay = 0.0005  # on the switch's critical path: poll finely, back off if it takes long
     while True:
-        await asyncio.to_thread(path.write_text, state)
+        path.write_text(state)  # a sysfs write: no blocking I/O worth a thread hop
         if _freezer_state(cg) == state:
             return
         if time.monotonic() > deadline:
             raise DomainError(f"cgroup did not reach {state} within {timeout_s} s")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
 
 
 def syncfs(path: Path) -> None:
@@ -192,6 +222,17 @@ def syncfs(path: Path) -> None:
             raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
+
+
+def unmount(path: Path) -> bool:
+    """Unmount the filesystem at ``path`` with umount(2) (no tool to start: this is on the
+    switch's critical path); False when nothing is mounted there."""
+    if _libc.umount2(os.fsencode(os.path.abspath(path)), 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # not a mount point
+        return False
+    raise DomainError(f"cannot unmount {path}: {os.strerror(err)}")
 
 
 # -- agent restart ----------------------------------------------------------------------------

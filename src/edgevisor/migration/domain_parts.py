@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,7 @@ __all__ = [
     "DomainSpec",
     "DomainsSettings",
     "RestartPolicy",
+    "StepClock",
     "cgroup_parent",
     "domain_argv",
     "domain_tag",
@@ -69,6 +71,39 @@ class DomainSpec(BaseModel):
     def volume_id(self) -> str:
         """The volume's id on the host (what the ``volumes`` capability is called with)."""
         return f"{self.account}.{self.volume}"
+
+
+class StepClock:
+    """Per-step durations of one operation (a start, a quiesce): ``mark(step)`` records
+    the seconds since the previous mark; ``steps`` keeps them in order, plus ``total``.
+
+    Steps that run concurrently are timed with ``since(t0, step)`` from a common start.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.t0 = self._last = clock()
+        self.steps: dict[str, float] = {}
+
+    def now(self) -> float:
+        return self._clock()
+
+    def mark(self, step: str) -> None:
+        now = self._clock()
+        self.steps[step] = now - self._last
+        self._last = now
+
+    def since(self, t0: float, step: str) -> None:
+        """Record ``step`` as the time from ``t0`` (one branch of concurrent steps)."""
+        self.steps[step] = self._clock() - t0
+
+    def skip(self) -> None:
+        """The next ``mark`` counts from now (after concurrent steps timed by ``since``)."""
+        self._last = self._clock()
+
+    def done(self) -> dict[str, float]:
+        self.steps["total"] = self._clock() - self.t0
+        return dict(self.steps)
 
 
 def validate_name(kind: str, name: str) -> str:

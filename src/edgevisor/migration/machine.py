@@ -13,13 +13,19 @@ Forward path (post-copy, the product's mode), one step at a time (``table.PLANS`
     requested ─▶ preparing   PrepareTarget(lazy)          target volume reads through
               ─▶ switching   QuiesceSource                 ┐ downtime: from issuing
                              SetRoles(target primary)      │ QuiesceSource to
-                             StartOnTarget [+ MoveRecord]  ┘ StartOnTarget done
+                               [+ MoveRecord(target)]      │ StartOnTarget done
+                             StartOnTarget                 ┘
               ─▶ post_sync   StartFill (ResyncSource first if the source fell behind)
               ─▶ verifying   Verify
               ─▶ committed   ReleaseSource                 ◀── the one commit point
 
+MoveRecord (only for a domain with a logical address) runs with SetRoles, after the stop
+on the source and before the start on the target: the source stops translating for the
+address before the target does (fencing), and the domain is reachable at its logical
+address as soon as it runs on the target.
+
 The baseline ``stop-and-copy`` mode uses the same machine with another plan: quiesce,
-fill, verify, set roles, start, commit.
+fill, verify, set roles (+ move the record), start, commit.
 
 Why rollback is always possible before the commit: the source copy is never written
 after ``QuiesceSource``, except by the target's synchronous mirror, so it holds every

@@ -31,10 +31,16 @@ the machine decides whether to continue or roll back.
 
 How commands map to agent ops (:mod:`edgevisor.agent.migration`): PrepareTarget =
 ``offer`` on the source then ``prepare`` on the target; SetRoles = ``set_role`` on the
-new primary (the fence; its answer decides ``Done``) then, best effort, on the other;
+new primary (the fence; its answer decides ``Done``) then, best effort and in the
+background (off the switch's critical path), on the other;
 StartFill = ``fill`` then ``progress`` polls (``Progress`` events) until every block is
 present; ReleaseSource = ``finish`` on the target (mirroring ends) then ``release`` on the
-source. MoveRecord is answered at once: domains carry no address record yet.
+source. MoveRecord moves the domain's address record to the host named (the address
+API's move, with fencing: the host giving the record up is pushed first); a record already
+there is left alone, so a retry or an undo of a move that never happened is harmless.
+Only domains with a logical address get MoveRecord (``MigrationSpec.has_address``); the
+target learns the address at ``prepare`` (from the controller's domain row), so the
+domain's namespace there carries the same logical address.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from typing import Any, Final
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from edgevisor.control import domain_net
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError, NotFound, UnavailableError
 from edgevisor.migration.commands import (
@@ -160,6 +167,9 @@ class MigrationRunner:
         """Kinds of the commands performed, per migration (tests assert the sequence)."""
         self.timings: dict[str, list[tuple[str, float]]] = {}
         """Seconds each command that succeeded took, per migration (benchmarks)."""
+        self.spans: dict[str, list[tuple[str, float, float]]] = {}
+        """Per migration: (command, issued, done) on ``time.monotonic`` for each command
+        that succeeded (benchmarks line them up with a client's view of the switch)."""
         self.fill_s: dict[str, float] = {}
         """Per migration: lazy volume created -> every block present, on the target."""
         self._admit_lock = asyncio.Lock()
@@ -319,6 +329,7 @@ class MigrationRunner:
                 target=target,
                 volume_bytes=d.volume_size_bytes,
                 mode=mode,
+                has_address=d.address_record_id is not None,
                 rate_bytes_s=rate,
             )
             admit(
@@ -364,6 +375,16 @@ class MigrationRunner:
                 d.host = m.spec.target if m.phase in _ON_TARGET_PHASES else m.spec.source
                 d.role = "primary"
                 d.updated_at = now
+
+    def _address(self, job: _Job) -> tuple[int, str] | None:
+        """The domain's address record id and logical address (None: it has none)."""
+        with self.st.store.session() as s:
+            d = s.scalar(
+                select(Domain).where(Domain.account_id == job.account_id, Domain.name == job.name)
+            )
+            if d is None or d.address_record_id is None or d.address is None:
+                return None
+            return d.address_record_id, d.address
 
     def _row_info(self, migration_id: str) -> dict[str, Any]:
         with self.st.store.session() as s:
@@ -445,9 +466,10 @@ class MigrationRunner:
         try:
             await self._perform(job, cmd)
             ev: Event = Done(cmd)
-            self.timings.setdefault(job.m.spec.migration_id, []).append(
-                (_label(cmd), time.monotonic() - t0)
-            )
+            t1 = time.monotonic()
+            mid = job.m.spec.migration_id
+            self.timings.setdefault(mid, []).append((_label(cmd), t1 - t0))
+            self.spans.setdefault(mid, []).append((_label(cmd), t0, t1))
         except asyncio.CancelledError:
             raise
         except UnavailableError as exc:
@@ -477,23 +499,29 @@ class MigrationRunner:
         bulk = max(120.0, spec.volume_bytes / (20 << 20))  # reads the volume: >= 20 MB/s
         if isinstance(cmd, PrepareTarget):
             offer = await self._call(job, src, "offer", {"peer": dst})
+            addr = await run_in_threadpool(self._address, job) if spec.has_address else None
             await self._call(
                 job, dst, "prepare",
-                {**offer, "rate_bytes_s": spec.rate_bytes_s, "lazy": cmd.lazy},
+                {**offer, "rate_bytes_s": spec.rate_bytes_s, "lazy": cmd.lazy,
+                 "address": addr[1] if addr else None,
+                 "instance": domain_net.instance_name(job.account, job.name)},
             )  # fmt: skip
         elif isinstance(cmd, QuiesceSource):
             await self._call(job, src, "quiesce")
         elif isinstance(cmd, SetRoles):
+            # The fence is on the primary and its answer alone decides Done; the other
+            # side follows when it can, off the switch's critical path (its host lock,
+            # taken before any later command's, keeps its order on that host).
             await self._call(job, cmd.primary, "set_role", {"role": "primary"})
-            try:  # the fence is on the primary; the other side follows when it can
-                await self._call(job, cmd.secondary, "set_role", {"role": "secondary"})
-            except EdgevisorError as exc:
-                log.info("migration %s: %s stays as it was for now: %s",
-                         spec.migration_id, cmd.secondary, exc)  # fmt: skip
+            t = asyncio.get_running_loop().create_task(self._demote(job, cmd.secondary))
+            job.tasks.add(t)
+            t.add_done_callback(job.tasks.discard)
         elif isinstance(cmd, StartOnTarget):
             await self._call(job, dst, "start")
         elif isinstance(cmd, MoveRecord):
-            return  # domains carry no address record yet
+            addr = await run_in_threadpool(self._address, job)
+            if addr is not None:
+                await domain_net.move_record(self.st, job.account, addr[0], cmd.to_host)
         elif isinstance(cmd, StartFill):
             await self._fill(job, cmd)
         elif isinstance(cmd, Verify):
@@ -511,6 +539,13 @@ class MigrationRunner:
             await self._call(job, dst, "discard")
         else:
             raise AssertionError(f"no way to perform {cmd!r}")
+
+    async def _demote(self, job: _Job, host: str) -> None:
+        try:
+            await self._call(job, host, "set_role", {"role": "secondary"})
+        except EdgevisorError as exc:
+            log.info("migration %s: %s stays as it was for now: %s",
+                     job.m.spec.migration_id, host, exc)  # fmt: skip
 
     async def _fill(self, job: _Job, cmd: StartFill) -> None:
         dst = job.m.spec.target

@@ -19,8 +19,11 @@ PLANS: Final[Mapping[Mode, tuple[tuple[Phase, tuple[str, ...]], ...]]] = {
     Mode.POST_COPY: (
         (Phase.PREPARING, ("PrepareTarget",)),
         (Phase.SWITCHING, ("QuiesceSource",)),
-        (Phase.SWITCHING, ("SetRoles",)),
-        (Phase.SWITCHING, ("StartOnTarget", "MoveRecord")),
+        # The record moves while the roles switch (both controller-side, so the downtime
+        # grows by neither): the domain starts on the target already reachable at its
+        # logical address, and the source stopped translating for it before (fencing).
+        (Phase.SWITCHING, ("SetRoles", "MoveRecord")),
+        (Phase.SWITCHING, ("StartOnTarget",)),
         (Phase.POST_SYNC, ("StartFill",)),
         (Phase.VERIFYING, ("Verify",)),
         (Phase.COMMITTED, ("ReleaseSource",)),
@@ -30,8 +33,8 @@ PLANS: Final[Mapping[Mode, tuple[tuple[Phase, tuple[str, ...]], ...]]] = {
         (Phase.SWITCHING, ("QuiesceSource",)),
         (Phase.SWITCHING, ("StartFill",)),
         (Phase.SWITCHING, ("Verify",)),
-        (Phase.SWITCHING, ("SetRoles",)),
-        (Phase.SWITCHING, ("StartOnTarget", "MoveRecord")),
+        (Phase.SWITCHING, ("SetRoles", "MoveRecord")),
+        (Phase.SWITCHING, ("StartOnTarget",)),
         (Phase.COMMITTED, ("ReleaseSource",)),
     ),
 }

@@ -73,6 +73,8 @@ class Testbed:
                 # Simulated hosts share this machine's root namespace: give each its own
                 # domain addresses (the veth names derive from the address).
                 "domains.test_subnet": f"169.254.{192 + 16 * self._index(host)}.0/20",
+                "devices.broker_port": 0,  # no fixed MQTT port: runs side by side stay apart
+                "network.dataplane_mode": "off",  # the root namespace is not ours to route
                 **self.overrides,
             },
             environ={},

@@ -28,7 +28,7 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Literal
 
 from edgevisor.errors import UnavailableError
@@ -49,10 +49,12 @@ class FlushTarget:
 
     zone: int
     side: Literal["src", "dst"]
-    address: IPv4Address
+    address: IPv4Address | IPv6Address
 
 
-def flush_targets(zone: int, logical: IPv4Address, physical: IPv4Address) -> set[FlushTarget]:
+def flush_targets(
+    zone: int, logical: IPv4Address | IPv6Address, physical: IPv4Address | IPv6Address
+) -> set[FlushTarget]:
     """The entries to delete for one old mapping ``logical <-> physical`` in ``zone``."""
     return {
         FlushTarget(zone, side, addr)
@@ -69,6 +71,7 @@ _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _CTA_TUPLE_ORIG, _CTA_ZONE, _CTA_FILTER = 1, 18, 25
 _CTA_TUPLE_IP, _CTA_IP_V4_SRC, _CTA_IP_V4_DST = 1, 1, 2
+_CTA_IP_V6_SRC, _CTA_IP_V6_DST = 3, 4
 _CTA_FILTER_ORIG_FLAGS = 1
 _FILTER_IP_SRC, _FILTER_IP_DST = 1 << 0, 1 << 1
 _NLA_F_NESTED = 0x8000
@@ -106,8 +109,10 @@ def dump_request(target: FlushTarget | None, seq: int) -> bytes:
                        seq, 0) + body
 
 
-def delete_request(tuple_orig_attr: bytes, zone: int, seq: int) -> bytes:
-    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + tuple_orig_attr
+def delete_request(
+    tuple_orig_attr: bytes, zone: int, seq: int, family: int = socket.AF_INET
+) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0) + tuple_orig_attr
     if zone:
         body += _nla(_CTA_ZONE, struct.pack("!H", zone))
     return struct.pack("=IHHII", 16 + len(body), _CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK,
@@ -161,16 +166,21 @@ class ConntrackFlusher:
                 if kind == _NLMSG_ERROR:
                     return
 
-    def _matches(self, targets: set[FlushTarget]) -> list[tuple[bytes, int]]:
-        """(original-tuple attribute, zone) of every entry matching one of ``targets``.
+    def _matches(self, targets: set[FlushTarget]) -> list[tuple[bytes, int, int]]:
+        """(original-tuple attribute, zone, family) of every entry matching a target.
 
         One dump for all targets: the kernel walks the whole (machine-wide) conntrack hash
-        table for every dump, filtered or not, so N filtered dumps cost N walks.
+        table for every dump, filtered or not, so N filtered dumps cost N walks. With an
+        IPv6 target the dump is of every family (AF_UNSPEC), still one walk.
         """
         wanted = {(t.zone, t.side, t.address.packed) for t in targets}
+        v6 = any(t.address.version == 6 for t in targets)
         seq = self._next_seq()
-        self._sock.send(dump_request(None, seq))
-        found: list[tuple[bytes, int]] = []
+        req = dump_request(None, seq)
+        if v6:  # the family byte follows the 16-byte netlink header
+            req = req[:16] + bytes([socket.AF_UNSPEC]) + req[17:]
+        self._sock.send(req)
+        found: list[tuple[bytes, int, int]] = []
         for kind, payload in self._messages(seq):
             if kind == _NLMSG_ERROR:
                 (code,) = struct.unpack_from("=i", payload)
@@ -188,12 +198,12 @@ class ConntrackFlusher:
                     for tkind, tvalue, _ in _attrs(value):
                         if tkind == _CTA_TUPLE_IP:
                             for ikind, ivalue, _ in _attrs(tvalue):
-                                if ikind == _CTA_IP_V4_SRC:
+                                if ikind in (_CTA_IP_V4_SRC, _CTA_IP_V6_SRC):
                                     src = ivalue
-                                elif ikind == _CTA_IP_V4_DST:
+                                elif ikind in (_CTA_IP_V4_DST, _CTA_IP_V6_DST):
                                     dst = ivalue
             if tuple_orig and ((zone, "src", src) in wanted or (zone, "dst", dst) in wanted):
-                found.append((tuple_orig, zone))
+                found.append((tuple_orig, zone, payload[0]))
         return found
 
     def flush(self, targets: Iterable[FlushTarget]) -> int:
@@ -203,9 +213,9 @@ class ConntrackFlusher:
             return 0
         deleted = 0
         try:
-            for tuple_orig, zone in self._matches(wanted):
+            for tuple_orig, zone, family in self._matches(wanted):
                 seq = self._next_seq()
-                self._sock.send(delete_request(tuple_orig, zone, seq))
+                self._sock.send(delete_request(tuple_orig, zone, seq, family))
                 for _kind, payload in self._messages(seq):
                     (code,) = struct.unpack_from("=i", payload)
                     # ENOENT: it died between dump and delete.

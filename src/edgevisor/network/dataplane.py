@@ -31,6 +31,19 @@ dropped. Physical addresses of local records are ``/32`` addresses on the fabric
 interface, so the kernel answers ARP for them; when one arrives here a gratuitous ARP is
 sent.
 
+IPv6: the same design in a second table of family ``ip6`` (same name, maps named with a
+"6" suffix, ``ipv6_addr`` where the ``ip`` table has ``ipv4_addr``); a record goes to the
+table of its family, and both tables are (re)made in one transaction. Translation keeps
+the family (an IPv6 logical address has an IPv6 physical one; the controller refuses to
+bind one without an IPv6 physical pool: IPv6 over an IPv4-only fabric is encapsulation
+or NAT64, not a 1:1 map). IPv6 instances hold ``logical/128`` with a default route via
+``fe80::1`` on the host-side veth; physical addresses are ``/128`` on the fabric without
+duplicate detection; the account's ``fwmark`` rule exists for both families. Neighbour
+discovery passes the ip6 chains untouched (no mark, NAT or spoofing check: its source is
+link-local). Where IPv4 sends a gratuitous ARP, IPv6 sends an unsolicited neighbour
+advertisement (:mod:`~edgevisor.network.garp`); the conntrack flush dumps every family
+when a target is IPv6.
+
 Updates: :func:`plan` (pure) turns (current records, changes) into a :class:`Batch` of
 exact element deletes/adds plus the link-level work (addresses, routes, rules, conntrack
 flushes, gratuitous ARPs). The element part is rendered as ONE nftables text buffer = ONE
@@ -46,7 +59,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from edgevisor.errors import UnavailableError
@@ -85,6 +98,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_AF = {4: 2, 6: 10}  # AF_INET, AF_INET6
+_IFA_F_NODAD = 0x02
 
 
 class ApplyFailed(UnavailableError):
@@ -239,7 +254,7 @@ class Dataplane:
         return ApplyResult(batch.generation, batch.element_ops, deleted, tuple(warnings),
                            pending.committed_s, time.perf_counter() - pending.started)
 
-    def plug(self, account: str, logical: IPv4Address) -> None:
+    def plug(self, account: str, logical: IPv4Address | IPv6Address) -> None:
         """(Re)install the route of a local instance whose veth appeared after apply."""
         r = self.records.get((account, logical))
         if r is not None and r.host == self.host:
@@ -247,12 +262,13 @@ class Dataplane:
 
     def table_elements(self) -> dict[str, list[Any]]:
         """Current kernel elements per map/set (for checks and the agent's report)."""
-        data = self._nft.query(f"list table ip {self.settings.table}")
         out: dict[str, list[Any]] = {}
-        for item in data.get("nftables", []):
-            for kind in ("map", "set"):
-                if kind in item:
-                    out[item[kind]["name"]] = item[kind].get("elem", [])
+        for fam in ("ip", "ip6"):
+            data = self._nft.query(f"list table {fam} {self.settings.table}")
+            for item in data.get("nftables", []):
+                for kind in ("map", "set"):
+                    if kind in item:
+                        out[item[kind]["name"]] = item[kind].get("elem", [])
         return out
 
     # -- internals --
@@ -284,30 +300,47 @@ class Dataplane:
     def _links(self, batch: Batch) -> list[str]:
         warnings: list[str] = []
         for addr in batch.addr_del:
-            warnings += self._try(self._ipr.addr, "del", index=self._fabric_index,
-                                  address=str(addr), prefixlen=32)
+            warnings += self._addr("del", addr)
         for addr in batch.addr_add:
-            warnings += self._try(self._ipr.addr, "add", index=self._fabric_index,
-                                  address=str(addr), prefixlen=32)
+            warnings += self._addr("add", addr)
         for aid in batch.rule_del:
-            warnings += self._try(self._ipr.rule, "del", fwmark=self.settings.mark_base | aid,
-                                  table=self._table_id(aid),
-                                  priority=self.settings.rule_priority)
+            warnings += self._rules("del", aid)
         for aid in batch.rule_add:
-            warnings += self._try(self._ipr.rule, "add", fwmark=self.settings.mark_base | aid,
-                                  table=self._table_id(aid),
-                                  priority=self.settings.rule_priority)
+            warnings += self._rules("add", aid)
         for logical, aid in batch.route_del:
-            warnings += self._try(self._ipr.route, "del", dst=str(logical), dst_len=32,
-                                  table=self._table_id(aid))
+            warnings += self._try(self._ipr.route, "del", dst=str(logical),
+                                  dst_len=logical.max_prefixlen, table=self._table_id(aid),
+                                  family=_AF[logical.version])
         for ifname, logical, aid in batch.route_add:
             warnings += self._route_add(ifname, logical, aid)
         return warnings
 
-    def _route_add(self, ifname: str, logical: IPv4Address, aid: int) -> list[str]:
+    def _addr(self, cmd: str, addr: IPv4Address | IPv6Address) -> list[str]:
+        """A physical address on the fabric: ``/32``, or ``/128`` without duplicate
+        detection (the controller hands each out once; tentative would drop traffic)."""
+        if addr.version == 6:
+            return self._try(self._ipr.addr, cmd, index=self._fabric_index,
+                             address=str(addr), prefixlen=128, family=_AF[6],
+                             flags=_IFA_F_NODAD)
+        return self._try(self._ipr.addr, cmd, index=self._fabric_index, address=str(addr),
+                         prefixlen=32)
+
+    def _rules(self, cmd: str, aid: int) -> list[str]:
+        """The account's ``fwmark -> table`` rule, for IPv4 and IPv6 alike."""
+        out: list[str] = []
+        for fam in (_AF[4], _AF[6]):
+            out += self._try(self._ipr.rule, cmd, fwmark=self.settings.mark_base | aid,
+                             table=self._table_id(aid), priority=self.settings.rule_priority,
+                             family=fam)
+        return out
+
+    def _route_add(self, ifname: str, logical: IPv4Address | IPv6Address, aid: int) -> list[str]:
         idx = self._ipr.link_lookup(ifname=ifname)
         if not idx:
             return [f"instance link {ifname} for {logical} is not there yet"]
+        if logical.version == 6:
+            return self._try(self._ipr.route, "replace", dst=str(logical), dst_len=128,
+                             oif=idx[0], table=self._table_id(aid), family=_AF[6])
         return self._try(self._ipr.route, "replace", dst=str(logical), dst_len=32,
                          oif=idx[0], table=self._table_id(aid), scope=253)
 
@@ -323,36 +356,38 @@ class Dataplane:
             return [f"{args[0] if args else ''} {kwargs}: {exc}"]
         return []
 
-    def _resync_links(self, old_local: set[IPv4Address]) -> list[str]:
+    def _resync_links(self, old_local: set[IPv4Address | IPv6Address]) -> list[str]:
         """After a rebuild: make addresses, rules and routes match the records."""
         warnings: list[str] = []
         local = [r for r in self.records.values() if r.host == self.host]
         want = {r.physical for r in local}
-        have: set[IPv4Address] = set()
-        for msg in self._ipr.get_addr(index=self._fabric_index, family=2):
+        have: set[IPv4Address | IPv6Address] = set()
+        for msg in self._ipr.get_addr(index=self._fabric_index, family=_AF[4]):
             if msg["prefixlen"] == 32:
                 have.add(IPv4Address(msg.get_attr("IFA_ADDRESS")))
-        for addr in sorted(have - want):
-            warnings += self._try(self._ipr.addr, "del", index=self._fabric_index,
-                                  address=str(addr), prefixlen=32)
-        for addr in sorted(want - have):
-            warnings += self._try(self._ipr.addr, "add", index=self._fabric_index,
-                                  address=str(addr), prefixlen=32)
+        for msg in self._ipr.get_addr(index=self._fabric_index, family=_AF[6]):
+            # Ours are /128 without DAD; the fabric's own (link-local /64, ...) are not.
+            if msg["prefixlen"] == 128 and msg["flags"] & _IFA_F_NODAD:
+                have.add(IPv6Address(msg.get_attr("IFA_ADDRESS")))
+        for addr in sorted(have - want, key=str):
+            warnings += self._addr("del", addr)
+        for addr in sorted(want - have, key=str):
+            warnings += self._addr("add", addr)
         # Rules at our priority and the routes of their tables are ours: recreate them.
-        for rule in self._ipr.get_rules(family=2):
-            if rule.get_attr("FRA_PRIORITY") == self.settings.rule_priority:
-                table = rule.get_attr("FRA_TABLE")
-                warnings += self._try(self._ipr.rule, "del", fwmark=rule.get_attr("FRA_FWMARK"),
-                                      table=table, priority=self.settings.rule_priority)
-                warnings += self._try(self._ipr.flush_routes, table=table)
+        for fam in (_AF[4], _AF[6]):
+            for rule in self._ipr.get_rules(family=fam):
+                if rule.get_attr("FRA_PRIORITY") == self.settings.rule_priority:
+                    table = rule.get_attr("FRA_TABLE")
+                    warnings += self._try(self._ipr.rule, "del",
+                                          fwmark=rule.get_attr("FRA_FWMARK"), table=table,
+                                          priority=self.settings.rule_priority, family=fam)
+                    warnings += self._try(self._ipr.flush_routes, table=table, family=fam)
         for aid in sorted({self.ids[r.account] for r in local}):
-            warnings += self._try(self._ipr.rule, "add", fwmark=self.settings.mark_base | aid,
-                                  table=self._table_id(aid),
-                                  priority=self.settings.rule_priority)
+            warnings += self._rules("add", aid)
         for r in local:
             warnings += self._route_add(instance_ifname(r.account, r.logical), r.logical,
                                         self.ids[r.account])
-        for addr in sorted(want - old_local):
+        for addr in sorted(want - old_local, key=str):
             try:
                 self._garp.send(addr, self.settings.garp_count)
             except OSError as exc:

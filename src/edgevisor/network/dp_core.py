@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 RecordState = Literal["active", "preserved", "released"]
-Key = tuple[str, IPv4Address]  # (account, logical)
+IPAddress = IPv4Address | IPv6Address
+Key = tuple[str, IPAddress]  # (account, logical)
 MAX_ACCOUNTS = 0xFFFF  # conntrack zones are 16 bits
 
 
@@ -61,15 +62,22 @@ class AppliedRecord:
     """One network address record as the dataplane needs it."""
 
     account: str
-    logical: IPv4Address
-    physical: IPv4Address
+    logical: IPAddress
+    physical: IPAddress
     host: str
     generation: int
     state: RecordState = "active"
 
     def __post_init__(self) -> None:
-        if isinstance(self.logical, IPv6Address) or isinstance(self.physical, IPv6Address):
-            raise ValueError("the dataplane translates IPv4 only for now")
+        # 1:1 NAT keeps the family: an IPv6 logical address needs an IPv6 physical one
+        # (the controller refuses to bind one without an IPv6 physical pool).
+        if self.state == "active" and self.logical.version != self.physical.version:
+            raise ValueError(f"logical {self.logical} and physical {self.physical} are of "
+                             "different IP versions; translation is 1:1 within one family")
+
+    @property
+    def v6(self) -> bool:
+        return self.logical.version == 6
 
     @property
     def key(self) -> Key:
@@ -80,8 +88,8 @@ class AppliedRecord:
         """Adapt anything with the record's attribute names (e.g. the store's Record)."""
         return cls(
             account=str(record.account),
-            logical=IPv4Address(str(record.logical)),
-            physical=IPv4Address(str(record.physical)),
+            logical=ip_address(str(record.logical)),
+            physical=ip_address(str(record.physical)),
             host=str(record.host),
             generation=int(record.generation),
             state=record.state,
@@ -102,22 +110,23 @@ def _record_elements(
 ) -> Elements:
     """Map/set elements one active record contributes on ``host``."""
     m = _mark(settings, aid)
+    f = "6" if r.v6 else ""  # IPv6 records live in the ip6 table's maps (name + "6")
     if r.host == host:
         ifn = f'"{instance_ifname(r.account, r.logical)}"'
         return {
-            ("iif_acct", ifn): m,
-            ("iif_zone", ifn): str(aid),
-            ("phys_acct", str(r.physical)): m,
-            ("phys_zone", str(r.physical)): str(aid),
-            ("acct_if", f"{m} . {ifn}"): None,
-            ("if_addr", f"{ifn} . {r.logical}"): None,
-            ("local_logical", f"{m} . {r.logical}"): None,
-            ("out_snat", f"{m} . {r.logical}"): str(r.physical),
-            ("in_dnat", str(r.physical)): str(r.logical),
+            ("iif_acct" + f, ifn): m,
+            ("iif_zone" + f, ifn): str(aid),
+            ("phys_acct" + f, str(r.physical)): m,
+            ("phys_zone" + f, str(r.physical)): str(aid),
+            ("acct_if" + f, f"{m} . {ifn}"): None,
+            ("if_addr" + f, f"{ifn} . {r.logical}"): None,
+            ("local_logical" + f, f"{m} . {r.logical}"): None,
+            ("out_snat" + f, f"{m} . {r.logical}"): str(r.physical),
+            ("in_dnat" + f, str(r.physical)): str(r.logical),
         }
     return {
-        ("out_dnat", f"{m} . {r.logical}"): str(r.physical),
-        ("in_snat", f"{m} . {r.physical}"): str(r.logical),
+        ("out_dnat" + f, f"{m} . {r.logical}"): str(r.physical),
+        ("in_snat" + f, f"{m} . {r.physical}"): str(r.logical),
     }
 
 
@@ -146,14 +155,14 @@ class Batch:
 
     deletes: dict[str, list[str]] = field(default_factory=dict)
     adds: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
-    addr_add: list[IPv4Address] = field(default_factory=list)
-    addr_del: list[IPv4Address] = field(default_factory=list)
-    route_add: list[tuple[str, IPv4Address, int]] = field(default_factory=list)  # if, dst, id
-    route_del: list[tuple[IPv4Address, int]] = field(default_factory=list)
+    addr_add: list[IPAddress] = field(default_factory=list)
+    addr_del: list[IPAddress] = field(default_factory=list)
+    route_add: list[tuple[str, IPAddress, int]] = field(default_factory=list)  # if, dst, id
+    route_del: list[tuple[IPAddress, int]] = field(default_factory=list)
     rule_add: list[int] = field(default_factory=list)  # account ids
     rule_del: list[int] = field(default_factory=list)
     flush: set[FlushTarget] = field(default_factory=set)
-    garp: list[IPv4Address] = field(default_factory=list)
+    garp: list[IPAddress] = field(default_factory=list)  # ARP (v4) or NA (v6) to send
     ids: dict[str, int] = field(default_factory=dict)
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # touched accounts only
     updates: dict[Key, AppliedRecord | None] = field(default_factory=dict)
@@ -228,7 +237,7 @@ def plan(
 
     old_el: Elements = {}
     new_el: Elements = {}
-    phys_seen: dict[IPv4Address, Key] = {}
+    phys_seen: dict[IPAddress, Key] = {}
     for old, new in touched:
         if old is not None:
             old_el.update(_record_elements(old, host, ids[old.account], settings))
@@ -286,11 +295,16 @@ def render_batch(batch: Batch, table: str) -> str:
     """The element part of ``batch`` as one nftables text buffer."""
     lines: list[str] = []
     for name, keys in sorted(batch.deletes.items()):
-        lines.append(f"delete element ip {table} {name} {{ {', '.join(keys)} }}")
+        lines.append(f"delete element {_family(name)} {table} {name} {{ {', '.join(keys)} }}")
     for name, items in sorted(batch.adds.items()):
         body = ", ".join(k if v is None else f"{k} : {v}" for k, v in items)
-        lines.append(f"add element ip {table} {name} {{ {body} }}")
+        lines.append(f"add element {_family(name)} {table} {name} {{ {body} }}")
     return "\n".join(lines) + "\n"
+
+
+def _family(name: str) -> str:
+    """The table family of a map or set: the ip6 table's names end in "6"."""
+    return "ip6" if name in _MAPS6 else "ip"
 
 
 _MAPS = {
@@ -307,64 +321,91 @@ _MAPS = {
     "in_snat": "type mark . ipv4_addr : ipv4_addr;",
 }
 _SETS = {"acct_if", "if_addr", "local_logical"}
+# The ip6 table's maps: the same names + "6", IPv6 addresses where the ip ones have IPv4.
+_MAPS6 = {name + "6": decl.replace("ipv4_addr", "ipv6_addr").replace("ip daddr", "ip6 daddr")
+          for name, decl in _MAPS.items()}
+_SETS6 = {name + "6" for name in _SETS}
+# Neighbour discovery is not instance traffic: it must pass untouched (no mark, no NAT,
+# no spoofing check on its link-local source) in both directions.
+_ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }"
 
 
 def render_table(settings: DataplaneSettings, by_name: Mapping[str, list[str]]) -> str:
-    """The whole table with its elements (rendered ``key`` or ``key : value`` per map/set,
-    see :func:`element_lists`), replacing any previous one, as one transaction."""
+    """Both tables (``ip`` and ``ip6``) with their elements (rendered ``key`` or
+    ``key : value`` per map/set, see :func:`element_lists`), replacing any previous ones,
+    as one transaction."""
+    parts = _table_text(settings, 4) + _table_text(settings, 6)
+    t = settings.table
+    for name, items in sorted(by_name.items()):
+        # Chunks keep single statements moderate; they are still one transaction.
+        for i in range(0, len(items), 20000):
+            parts.append(f"add element {_family(name)} {t} {name} "
+                         f"{{ {', '.join(items[i:i + 20000])} }}")
+    return "\n".join(parts) + "\n"
+
+
+def _table_text(settings: DataplaneSettings, version: int) -> list[str]:
+    """One family's table: the same chains for ``ip`` and ``ip6`` (see the theory of
+    operation in ``dataplane.py``), plus neighbour discovery let through for IPv6."""
     t, fab = settings.table, settings.fabric_if
     mask = f"0x{0xFFFF0000:08x}"
     base = f"0x{settings.mark_base:08x}"
-    parts = [f"table ip {t} {{}}", f"delete table ip {t}", f"table ip {t} {{"]
-    for name, decl in _MAPS.items():
-        kind = "set" if name in _SETS else "map"
+    v6 = version == 6
+    fam, ipx, f = ("ip6", "ip6", "6") if v6 else ("ip", "ip", "")
+    maps, sets = (_MAPS6, _SETS6) if v6 else (_MAPS, _SETS)
+    nd = [f"    {_ND} accept"] if v6 else []
+    parts = [f"table {fam} {t} {{}}", f"delete table {fam} {t}", f"table {fam} {t} {{"]
+    for name, decl in maps.items():
+        kind = "set" if name in sets else "map"
         parts.append(f"  {kind} {name} {{ {decl} }}")
     grants = ", ".join(f"tcp . {p}" for p in settings.granted_tcp_ports)
-    parts.append(f"  set grants {{ type inet_proto . inet_service; "
+    parts.append(f"  set grants{f} {{ type inet_proto . inet_service; "
                  f"{'elements = { ' + grants + ' }' if grants else ''} }}")
     parts += [
         "  chain raw_pre { type filter hook prerouting priority raw; policy accept;",
-        f'    iifname "{fab}" meta mark set ip daddr map @phys_acct'
-        " ct zone set ip daddr map @phys_zone return",
-        "    meta mark set iifname map @iif_acct iifname . ip saddr != @if_addr drop",
+        *nd,
+        f'    iifname "{fab}" meta mark set {ipx} daddr map @phys_acct{f}'
+        f" ct zone set {ipx} daddr map @phys_zone{f} return",
+        f"    meta mark set iifname map @iif_acct{f} iifname . {ipx} saddr != @if_addr{f} drop",
         # Traffic to the host itself (granted services) stays in zone 0: the host's
         # replies are generated locally and would not find an entry in another zone.
-        "    iifname @iif_acct fib daddr type != local ct zone set iifname map @iif_zone",
+        f"    iifname @iif_acct{f} fib daddr type != local"
+        f" ct zone set iifname map @iif_zone{f}",
         "  }",
         "  chain nat_pre { type nat hook prerouting priority dstnat; policy accept;",
-        f'    iifname "{fab}" dnat ip to ip daddr map @in_dnat',
-        "    iifname @iif_acct meta mark . ip daddr @local_logical return",
-        "    iifname @iif_acct dnat ip to meta mark . ip daddr map @out_dnat",
+        *([f"    {_ND} return"] if v6 else []),
+        f'    iifname "{fab}" dnat {ipx} to {ipx} daddr map @in_dnat{f}',
+        f"    iifname @iif_acct{f} meta mark . {ipx} daddr @local_logical{f} return",
+        f"    iifname @iif_acct{f} dnat {ipx} to meta mark . {ipx} daddr map @out_dnat{f}",
         "  }",
         "  chain nat_post { type nat hook postrouting priority srcnat; policy accept;",
-        f'    oifname "{fab}" snat ip to meta mark . ip saddr map @out_snat',
-        f'    iifname "{fab}" snat ip to meta mark . ip saddr map @in_snat',
+        f'    oifname "{fab}" snat {ipx} to meta mark . {ipx} saddr map @out_snat{f}',
+        f'    iifname "{fab}" snat {ipx} to meta mark . {ipx} saddr map @in_snat{f}',
         "  }",
         "  chain forward_f { type filter hook forward priority filter; policy accept;",
         f"    meta mark & {mask} != {base} return",
         "    ct state established,related accept",
-        f'    iifname "{fab}" meta mark . ip saddr @in_snat meta mark . oifname @acct_if accept',
-        f'    iifname != "{fab}" meta mark . iifname @acct_if meta mark . oifname @acct_if'
+        f'    iifname "{fab}" meta mark . {ipx} saddr @in_snat{f}'
+        f" meta mark . oifname @acct_if{f} accept",
+        f'    iifname != "{fab}" meta mark . iifname @acct_if{f} meta mark . oifname @acct_if{f}'
         " accept",
-        f'    oifname "{fab}" ct status dnat meta mark . iifname @acct_if accept',
+        f'    oifname "{fab}" ct status dnat meta mark . iifname @acct_if{f} accept',
         "    drop",
         "  }",
         "  chain input_f { type filter hook input priority filter; policy accept;",
+        *nd,
         # The account mark goes into the connection so replies route by it.
-        "    iifname @iif_acct meta l4proto . th dport @grants ct mark set meta mark accept",
-        "    iifname @iif_acct drop",
-        f'    iifname "{fab}" ip daddr @phys_acct drop',
+        f"    iifname @iif_acct{f} meta l4proto . th dport @grants{f}"
+        " ct mark set meta mark accept",
+        f"    iifname @iif_acct{f} drop",
+        f'    iifname "{fab}" {ipx} daddr @phys_acct{f} drop',
         "  }",
         "  chain route_out { type route hook output priority mangle; policy accept;",
         f"    ct mark & {mask} == {base} meta mark set ct mark",
         "  }",
         "}",
     ]
-    for name, items in sorted(by_name.items()):
-        # Chunks keep single statements moderate; they are still one transaction.
-        for i in range(0, len(items), 20000):
-            parts.append(f"add element ip {t} {name} {{ {', '.join(items[i:i + 20000])} }}")
-    return "\n".join(parts) + "\n"
+    return parts
 
 
 def element_lists(
@@ -374,24 +415,24 @@ def element_lists(
     """All elements of ``records`` per map/set, rendered (the rebuild's fast path: the
     same elements as :func:`_record_elements`, without a dict per record)."""
     marks = {a: _mark(settings, i) for a, i in ids.items()}
-    out: dict[str, list[str]] = {name: [] for name in _MAPS}
-    out_dnat, in_snat = out["out_dnat"], out["in_snat"]
+    out: dict[str, list[str]] = {name: [] for name in [*_MAPS, *_MAPS6]}
     for r in records.values():
         m = marks[r.account]
         lg, ph = str(r.logical), str(r.physical)
+        f = "6" if r.v6 else ""
         if r.host != host:
-            out_dnat.append(f"{m} . {lg} : {ph}")
-            in_snat.append(f"{m} . {ph} : {lg}")
+            out["out_dnat" + f].append(f"{m} . {lg} : {ph}")
+            out["in_snat" + f].append(f"{m} . {ph} : {lg}")
             continue
         aid = ids[r.account]
         ifn = f'"{instance_ifname(r.account, r.logical)}"'
-        out["iif_acct"].append(f"{ifn} : {m}")
-        out["iif_zone"].append(f"{ifn} : {aid}")
-        out["phys_acct"].append(f"{ph} : {m}")
-        out["phys_zone"].append(f"{ph} : {aid}")
-        out["acct_if"].append(f"{m} . {ifn}")
-        out["if_addr"].append(f"{ifn} . {lg}")
-        out["local_logical"].append(f"{m} . {lg}")
-        out["out_snat"].append(f"{m} . {lg} : {ph}")
-        out["in_dnat"].append(f"{ph} : {lg}")
+        out["iif_acct" + f].append(f"{ifn} : {m}")
+        out["iif_zone" + f].append(f"{ifn} : {aid}")
+        out["phys_acct" + f].append(f"{ph} : {m}")
+        out["phys_zone" + f].append(f"{ph} : {aid}")
+        out["acct_if" + f].append(f"{m} . {ifn}")
+        out["if_addr" + f].append(f"{ifn} . {lg}")
+        out["local_logical" + f].append(f"{m} . {lg}")
+        out["out_snat" + f].append(f"{m} . {lg} : {ph}")
+        out["in_dnat" + f].append(f"{ph} : {lg}")
     return {k: v for k, v in out.items() if v}

@@ -22,13 +22,14 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import TypeVar
 
 from edgevisor.errors import UnavailableError
 
 __all__ = [
     "GATEWAY",
+    "GATEWAY6",
     "Fabric",
     "Instance",
     "NetnsError",
@@ -48,6 +49,8 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/var/run/netns"
 GATEWAY = IPv4Address("169.254.0.1")
+#: The IPv6 instances' gateway: link-local, on every host-side veth of an IPv6 instance.
+GATEWAY6 = IPv6Address("fe80::1")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -115,6 +118,17 @@ def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     return proc.stdout
 
 
+def ip_batch(lines: list[str], *, netns: str | None = None) -> None:
+    """Run several ``ip`` commands in one process (``ip -batch``): a domain's switch builds
+    its namespace on the critical path, and each ``ip`` process costs ~10 ms."""
+    cmd = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    proc = subprocess.run(
+        cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise NetnsError(f"{' '.join(cmd)} ({'; '.join(lines)}): {proc.stderr.strip()}")
+
+
 def sysctl(netns: str | None, key: str, value: str) -> None:
     """Set a sysctl inside ``netns`` (``/proc/sys/net`` is per namespace)."""
     path = "/proc/sys/" + key.replace(".", "/")
@@ -137,15 +151,21 @@ def prepare_host(netns: str | None = None) -> None:
     # Granted host services answer instances: their sockets take the account mark of the
     # SYN, so replies route through the account's table.
     sysctl(netns, "net.ipv4.tcp_fwmark_accept", "1")
+    # IPv6 instances route the same way (tcp_fwmark_accept covers IPv6 too; there is no
+    # IPv6 rp_filter). Forwarding also stops the host from taking router adverts.
+    # (Whether /proc/sys has IPv6 does not depend on the namespace.)
+    if os.path.exists("/proc/sys/net/ipv6/conf/all/forwarding"):
+        sysctl(netns, "net.ipv6.conf.all.forwarding", "1")
 
 
 def netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_DIR, name))
 
 
-def create_netns(name: str) -> None:
+def create_netns(name: str, *, lo_up: bool = True) -> None:
     ip("netns", "add", name)
-    ip("link", "set", "lo", "up", netns=name)
+    if lo_up:
+        ip("link", "set", "lo", "up", netns=name)
 
 
 def delete_netns(name: str) -> None:
@@ -154,7 +174,7 @@ def delete_netns(name: str) -> None:
         ip("netns", "del", name, check=False)
 
 
-def instance_ifname(account: str, logical: IPv4Address) -> str:
+def instance_ifname(account: str, logical: IPv4Address | IPv6Address) -> str:
     """The host-side veth name of the instance holding ``logical`` in ``account``.
 
     Derived from the address, not the instance, so the dataplane can name it from a
@@ -171,31 +191,51 @@ class Instance:
     netns: str
     host_netns: str | None
     ifname: str
-    logical: IPv4Address
+    logical: IPv4Address | IPv6Address
 
 
 def create_instance(
-    netns: str, host_netns: str | None, account: str, logical: IPv4Address
+    netns: str, host_netns: str | None, account: str, logical: IPv4Address | IPv6Address
 ) -> Instance:
     """Create netns ``netns`` behind a veth in ``host_netns`` holding only ``logical``."""
     ifname = instance_ifname(account, logical)
-    create_netns(netns)
+    create_netns(netns, lo_up=logical.version == 6)  # v4: lo comes up in the batch below
+    if logical.version == 6:
+        try:
+            _plug_v6(netns, host_netns, ifname, logical)
+        except BaseException:
+            delete_netns(netns)
+            raise
+        return Instance(netns=netns, host_netns=host_netns, ifname=ifname, logical=logical)
     try:
-        ip("link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", netns,
-           netns=host_netns)
-        ip("addr", "add", f"{GATEWAY}/32", "dev", ifname, netns=host_netns)
+        ip_batch([f"link add {ifname} type veth peer name eth0 netns {netns}",
+                  f"addr add {GATEWAY}/32 dev {ifname}",
+                  f"link set {ifname} up"], netns=host_netns)
         # Replies are routed by mark into the account's table; strict reverse-path
         # filtering would look in the main table and drop them.
         sysctl(host_netns, f"net.ipv4.conf.{ifname}.rp_filter", "0")
-        ip("link", "set", ifname, "up", netns=host_netns)
-        ip("addr", "add", f"{logical}/32", "dev", "eth0", netns=netns)
-        ip("link", "set", "eth0", "up", netns=netns)
-        ip("route", "add", f"{GATEWAY}/32", "dev", "eth0", "scope", "link", netns=netns)
-        ip("route", "add", "default", "via", str(GATEWAY), "dev", "eth0", netns=netns)
+        ip_batch(["link set lo up",
+                  f"addr add {logical}/32 dev eth0",
+                  "link set eth0 up",
+                  f"route add {GATEWAY}/32 dev eth0 scope link",
+                  f"route add default via {GATEWAY} dev eth0"], netns=netns)
     except BaseException:
         delete_netns(netns)
         raise
     return Instance(netns=netns, host_netns=host_netns, ifname=ifname, logical=logical)
+
+
+def _plug_v6(netns: str, host_netns: str | None, ifname: str, logical: IPv6Address) -> None:
+    """An IPv6 instance: ``logical/128`` inside, default route via :data:`GATEWAY6` on the
+    host-side veth. Addresses skip duplicate detection (``nodad``): the controller
+    guarantees uniqueness, and a tentative address would delay the first packets ~1 s."""
+    ip("link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", netns,
+       netns=host_netns)
+    ip("-6", "addr", "add", f"{GATEWAY6}/64", "dev", ifname, "nodad", netns=host_netns)
+    ip("link", "set", ifname, "up", netns=host_netns)
+    ip("-6", "addr", "add", f"{logical}/128", "dev", "eth0", "nodad", netns=netns)
+    ip("link", "set", "eth0", "up", netns=netns)
+    ip("-6", "route", "add", "default", "via", str(GATEWAY6), "dev", "eth0", netns=netns)
 
 
 def remove_instance(instance: Instance) -> None:
@@ -248,7 +288,9 @@ class Fabric:
         prepare_host(ns)
         return ns
 
-    def add_instance(self, name: str, host: int, account: str, logical: IPv4Address) -> Instance:
+    def add_instance(
+        self, name: str, host: int, account: str, logical: IPv4Address | IPv6Address
+    ) -> Instance:
         ns = f"{self.prefix}-{name}"
         inst = create_instance(ns, self.host_ns(host), account, logical)
         self.namespaces.append(ns)

@@ -390,7 +390,14 @@ def allocate_physical(session: Session, host_group: str, family: int) -> tuple[i
             return row.id, str(pool.address_at(offset))
         row = conn.execute(_SEL_POOL_LOCK, params).first()
         if row is None:
-            raise NotFound(f"host group {host_group!r} has no IPv{family} physical pool")
+            # Translation is 1:1 within one family (IPv6 over an IPv4-only fabric would
+            # need encapsulation or NAT64, not a map lookup): refuse, and say what to add.
+            raise NotFound(
+                f"host group {host_group!r} has no IPv{family} physical pool: IPv{family} "
+                f"logical addresses translate 1:1 to IPv{family} physical addresses only; "
+                f"an admin adds one with `edgevisor network pool-create CIDR --host-group "
+                f"{host_group}` (POST /v1/physical-pools)"
+            )
         try:
             addr = pop_free(session, PFREE, "pool_id", row.id)
         except Retry:

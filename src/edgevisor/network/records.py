@@ -76,6 +76,7 @@ __all__ = [
     "list_networks",
     "list_physical_pools",
     "move",
+    "move_from",
     "preserve",
     "release",
 ]
@@ -308,16 +309,17 @@ def transition(
     gen = row.generation + 1
     values.update(state=to.value, generation=gen, updated_at=now,
                   missing_since=None, missing_generation=None)
-    done = rowcount(
-        session,
+    # One statement: the compare-and-set and the new row (RETURNING: SQLite >= 3.35, PG).
+    conn = session.connection()
+    new = conn.execute(
         update(_REC)
         .where(_REC.c.id == row.id, _REC.c.generation == row.generation)
-        .values(**values),
-    )
-    if done != 1:
+        .values(**values)
+        .returning(*_REC.c)
+    ).first()
+    if new is None:
         raise Conflict(f"address {row.logical} changed concurrently; retry")
-    new = session.execute(select(_REC).where(_REC.c.id == row.id)).one()
-    _history(session, new, ev, frm, to, gen, now)
+    _history(conn, new, ev, frm, to, gen, now)
     return record_view(new)
 
 
@@ -388,6 +390,18 @@ def move(
     The one ``host`` column changes in one compare-and-set, so the record names exactly
     one host at any time; hosts apply the new generation and drop the old mapping.
     """
+    return move_from(session, record=record, host=host, host_group=host_group,
+                     account=account, expected_generation=expected_generation, now=now)[1]
+
+
+def move_from(
+    session: Session, *, record: RecordRef, host: str, host_group: str,
+    account: str | None = None, expected_generation: int | None = None,
+    now: datetime | None = None,
+) -> tuple[AddressRecord, AddressRecord]:
+    """:func:`move`, returning the record before and after (the caller needs the old
+    host for fencing; no second read). Five statements: load, physical cursor, free the
+    old physical, compare-and-set, history."""
     now = utcnow(now)
     row = _load(session, account, record)
     next_state(State(row.state), Event.MOVE, what=f"address {row.logical}")
@@ -401,7 +415,7 @@ def move(
     family = ipaddress.ip_address(row.logical).version
     pool_id, physical = allocate_physical(session, host_group, family)
     free_physical(session, row.physical_pool_id, row.physical)
-    return transition(
+    return record_view(row), transition(
         session, row, Event.MOVE, now, expected_generation,
         host=host, physical_pool_id=pool_id, physical=physical,
     )

@@ -1,4 +1,13 @@
-"""Client role of the sans-IO NBD core (theory of operation: :mod:`edgevisor.proto.nbd`)."""
+"""Client role of the sans-IO NBD core (theory of operation: :mod:`edgevisor.proto.nbd`).
+
+Zero-copy reads: ``send(Command(READ ...), into=view)`` names a caller-owned buffer for
+the read's payload. When a data chunk (or a simple reply's payload) for that read starts,
+the bytes already buffered are copied into ``view`` and the core enters *sink* mode:
+:meth:`ClientConnection.get_buffer` then hands out the rest of the chunk's slice of
+``view`` itself, so ``recv_into`` (or an SSL read) lands the payload at its destination
+with no further copy. The :class:`Reply` of such a read carries no ``data``; the caller
+must not reuse ``view`` until the read's reply arrived (or the connection died).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ ClientEvent = StartTLS | Negotiated | ExportList | HandshakeFailed | Reply | Clo
 
 _GREETING = struct.Struct(">QQ")
 _MAGIC = struct.Struct(">I")
+_OFFSET = struct.Struct(">Q")
 
 
 class _CState(Enum):
@@ -73,6 +83,8 @@ class _Pending:
     offset: int
     length: int
     buf: bytearray | bytes | None = None
+    into: memoryview | None = None
+    covered: int = 0  # payload bytes placed in ``into`` (holes included)
     error: int = 0
     message: str = ""
     extents: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
@@ -116,6 +128,12 @@ class ClientConnection:
         self._in = RecvBuffer()
         self._out = bytearray()
         self._inflight: dict[int, _Pending] = {}
+        # Sink mode (zero-copy read payload): the destination view still to be filled,
+        # the handle it belongs to, and whether its chunk ends the reply.
+        self._sink: memoryview | None = None
+        self._sink_owner: int | None = None
+        self._sink_done = False
+        self._into_pending = 0  # reads in flight with a destination
 
     # ------------------------------------------------------------ public API
 
@@ -126,16 +144,44 @@ class ClientConnection:
 
     def receive_data(self, data: bytes) -> None:
         if data:
-            self._in.feed(data)
+            if self._sink is not None:
+                n = min(len(data), len(self._sink))
+                self._sink[:n] = data[:n]
+                self._sink_advance(n)
+                data = data[n:]
+            if data:
+                self._in.feed(data)
         else:
             self._in.eof = True
 
     def get_buffer(self, minimum: int = 256 * 1024) -> memoryview:
-        """Zero-copy receive: free space to ``recv_into``; then call :meth:`buffer_updated`."""
-        return self._in.get_buffer(minimum)
+        """Zero-copy receive: free space to ``recv_into``; then call :meth:`buffer_updated`.
+
+        While a read payload with a destination is arriving, this is the rest of that
+        destination (possibly shorter than ``minimum``).
+        """
+        if self._sink is not None:
+            return self._sink
+        buf = self._in.get_buffer(minimum)
+        if self._into_pending:
+            # Take no more than the next reply's head: its payload may go straight to
+            # its destination (one more recv per reply instead of a copy of the payload).
+            need = (STRUCTURED_HDR.size + 8 if self.structured else SIMPLE_REPLY.size) - (
+                self._in.avail()
+            )
+            if need > 0:
+                return buf[:need]
+        return buf
 
     def buffer_updated(self, n: int) -> None:
-        self._in.buffer_updated(n)
+        if self._sink is not None:
+            self._sink_advance(n)
+        else:
+            self._in.buffer_updated(n)
+
+    def _sink_advance(self, n: int) -> None:
+        assert self._sink is not None
+        self._sink = self._sink[n:] if n < len(self._sink) else None
 
     def tls_started(self) -> None:
         if self.state is not _CState.TLS_WAIT:
@@ -153,6 +199,16 @@ class ClientConnection:
 
     def next_event(self) -> ClientEvent | None:
         while self.state not in (_CState.CLOSED, _CState.TLS_WAIT):
+            if self._sink is not None:
+                if self._in.eof:
+                    self.state = _CState.CLOSED
+                    return Closed("server closed the connection mid-reply")
+                return None
+            if self._sink_owner is not None:
+                done = self._sink_finished()
+                if done is not None:
+                    return done
+                continue
             if self.state is _CState.GREETING:
                 ev = self._greeting()
             elif self.state is _CState.OPTIONS:
@@ -171,7 +227,8 @@ class ClientConnection:
                 return ev
         return None
 
-    def send(self, event: Command) -> bytes:
+    def send(self, event: Command, *, into: memoryview | None = None) -> bytes:
+        """Bytes for a command; ``into`` (READ only, ``length`` bytes) receives the payload."""
         if self.state is not _CState.TRANSMISSION:
             raise LocalProtocolError("commands only in the transmission phase")
         if event.handle in self._inflight:
@@ -180,13 +237,21 @@ class ClientConnection:
             raise LocalProtocolError("write length does not match its data")
         if event.cmd is Cmd.BLOCK_STATUS and not self.contexts:
             raise LocalProtocolError("no metadata context negotiated")
+        if into is not None and (
+            event.cmd is not Cmd.READ or into.nbytes != event.length or into.readonly
+        ):
+            raise LocalProtocolError("a read destination must be a writable view of its length")
         hdr = REQUEST.pack(
             REQUEST_MAGIC, event.flags, event.cmd, event.handle, event.offset, event.length
         )
         if event.cmd is Cmd.DISC:
             self.state = _CState.CLOSED
             return hdr
-        self._inflight[event.handle] = _Pending(event.cmd, event.offset, event.length)
+        self._inflight[event.handle] = _Pending(
+            event.cmd, event.offset, event.length, into=into.cast("B") if into is not None else None
+        )
+        if into is not None:
+            self._into_pending += 1
         return hdr + event.data if event.cmd is Cmd.WRITE else hdr
 
     # ------------------------------------------------------------ handshake
@@ -360,12 +425,20 @@ class ClientConnection:
         if p.cmd is Cmd.READ and err == 0:
             if self.structured:
                 raise RemoteProtocolError("simple reply to a read with structured replies")
+            if p.into is not None:
+                self._in.skip(SIMPLE_REPLY.size)
+                p.covered = p.length
+                self._start_sink(handle, p.into, done=True)
+                return None
             if self._in.avail() < SIMPLE_REPLY.size + p.length:
                 return NEED
             self._in.skip(SIMPLE_REPLY.size)
             data = self._in.take(p.length)
         else:
             self._in.skip(SIMPLE_REPLY.size)
+        if p.into is not None:  # an error reply to a read with a destination
+            p.error = err
+            return self._complete(handle, p)
         del self._inflight[handle]
         return Reply(handle, err, data)
 
@@ -375,6 +448,10 @@ class ClientConnection:
         _, flags, typ, handle, length = self._in.peek(STRUCTURED_HDR)
         if length > self.max_reply:
             raise RemoteProtocolError("reply chunk too long")
+        if typ == ReplyType.OFFSET_DATA and length >= 8:
+            p = self._pending(handle)
+            if p.into is not None:
+                return self._data_into(p, flags, handle, length)
         if self._in.avail() < STRUCTURED_HDR.size + length:
             return NEED
         p = self._pending(handle)
@@ -383,11 +460,61 @@ class ClientConnection:
         self._apply_chunk(p, typ, payload)
         if not flags & REPLY_FLAG_DONE:
             return None
+        return self._complete(handle, p)
+
+    def _complete(self, handle: int, p: _Pending) -> Reply:
         del self._inflight[handle]
         data = b""
+        if p.into is not None:
+            self._into_pending -= 1
+            if not p.error and p.covered == 0:
+                p.into[:] = bytes(p.length)  # no chunk at all: zeroes, as without ``into``
+            return Reply(handle, p.error, b"", p.extents, p.message)
         if p.cmd is Cmd.READ and not p.error:
             data = bytes(p.buf) if p.buf is not None else bytes(p.length)
         return Reply(handle, p.error, data, p.extents, p.message)
+
+    # ------------------------------------------------------------ zero-copy payloads
+
+    def _data_into(self, p: _Pending, flags: int, handle: int, length: int) -> Need | None:
+        """An OFFSET_DATA chunk of a read with a destination: sink its payload there."""
+        if self._in.avail() < STRUCTURED_HDR.size + 8:
+            return NEED
+        self._in.skip(STRUCTURED_HDR.size)
+        (off,) = self._in.peek(_OFFSET)
+        self._in.skip(8)
+        n = length - 8
+        if off < p.offset or off + n > p.offset + p.length or n == 0:
+            raise RemoteProtocolError("data chunk outside the requested range")
+        assert p.into is not None
+        rel = off - p.offset
+        self._first_chunk(p, rel, n)
+        self._start_sink(handle, p.into[rel : rel + n], done=bool(flags & REPLY_FLAG_DONE))
+        return None
+
+    def _first_chunk(self, p: _Pending, rel: int, n: int) -> None:
+        """Count ``n`` payload bytes; a read split in chunks starts from zeroes."""
+        assert p.into is not None
+        if p.covered == 0 and not (rel == 0 and n == p.length):
+            p.into[:] = bytes(p.length)  # uncovered parts read as zeroes, as without ``into``
+        p.covered += n
+
+    def _start_sink(self, handle: int, view: memoryview, *, done: bool) -> None:
+        buffered = min(self._in.avail(), len(view))
+        if buffered:
+            view[:buffered] = memoryview(self._in.b)[self._in.pos : self._in.pos + buffered]
+            self._in.skip(buffered)
+        self._sink_owner = handle
+        self._sink_done = done
+        self._sink = view[buffered:] if buffered < len(view) else None
+
+    def _sink_finished(self) -> Reply | None:
+        handle, done = self._sink_owner, self._sink_done
+        assert handle is not None
+        self._sink_owner = None
+        if not done:
+            return None
+        return self._complete(handle, self._inflight[handle])
 
     def _apply_chunk(self, p: _Pending, typ: int, payload: bytes) -> None:
         if typ == ReplyType.NONE:
@@ -405,6 +532,10 @@ class ClientConnection:
                 (n,) = struct.unpack_from(">I", payload, 8)
             if off < p.offset or off + n > p.offset + p.length or n == 0:
                 raise RemoteProtocolError("data chunk outside the requested range")
+            if p.into is not None:  # a hole (data chunks with ``into`` go through the sink)
+                self._first_chunk(p, off - p.offset, n)
+                p.into[off - p.offset : off - p.offset + n] = bytes(n)
+                return
             if typ == ReplyType.OFFSET_DATA:
                 if p.buf is None and off == p.offset and n == p.length:
                     p.buf = payload[8:]  # the common single-chunk read: no copy

@@ -305,10 +305,11 @@ class RecvBuffer:
     hold a view of it: growth swaps in a new array, compaction moves bytes within.
     """
 
-    __slots__ = ("b", "end", "eof", "pos")
+    __slots__ = ("_view", "b", "end", "eof", "pos")
 
     def __init__(self, capacity: int = 1 << 20) -> None:
         self.b = bytearray(capacity)
+        self._view = memoryview(self.b)  # reused by get_buffer (one object less per recv)
         self.pos = 0
         self.end = 0
         self.eof = False
@@ -323,6 +324,7 @@ class RecvBuffer:
             new = bytearray(max(2 * len(self.b), live + n))
             new[0:live] = self.b[self.pos : self.end]
             self.b = new
+            self._view = memoryview(new)
         self.pos, self.end = 0, live
 
     def feed(self, data: bytes) -> None:
@@ -334,8 +336,9 @@ class RecvBuffer:
         """Writable free space of at least ``minimum`` bytes at the end."""
         if self.pos == self.end:
             self.pos = self.end = 0
-        self._make_room(minimum)
-        return memoryview(self.b)[self.end :]
+        if len(self.b) - self.end < minimum:
+            self._make_room(minimum)
+        return self._view[self.end :]
 
     def buffer_updated(self, n: int) -> None:
         self.end += n

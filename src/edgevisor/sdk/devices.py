@@ -29,10 +29,23 @@ class DeviceInfo(_Model):
     created_at: float
 
 
+class DeviceTLS(_Model):
+    """A device's client certificate, from the host's devices CA; the key is shown once."""
+
+    url: str | None = Field(None, description="The broker's TLS listener, mqtts://host:port.")
+    key_pem: str = Field(description="The device's private key (PEM); shown only once.")
+    cert_pem: str = Field(description="The device's certificate (PEM), CN = its username.")
+    ca_pem: str = Field(description="CA certificate: verifies the broker (--cafile).")
+    serial: str = Field(description="Certificate serial (hex); revoked when the device goes.")
+
+
 class DeviceCreated(DeviceInfo):
     password: str = Field(description="MQTT password; shown only once.")
     broker_url: str = Field(description="The host's MQTT broker, e.g. mqtt://127.0.0.1:1883.")
     topic_root: str = Field(description="The device's own topics: <topic_root>/#.")
+    tls: DeviceTLS | None = Field(
+        None, description="Client certificate when the host's broker has TLS."
+    )
 
 
 class RouteInfo(_Model):
@@ -104,9 +117,10 @@ def _params(**kw: Any) -> dict[str, Any]:
 
 def add_device(
     name: str, *, password: str | None = None, host: str | None = None,
-    account: str | None = None,
+    account: str | None = None, cert: bool | None = None,
 ) -> Call[DeviceCreated]:  # fmt: skip
-    body = _params(name=name, password=password, host=host)
+    """``cert``: issue a client certificate (default: when the host's broker has TLS)."""
+    body = _params(name=name, password=password, host=host, cert=cert)
     return Call("POST", "/v1/devices", _one(DeviceCreated), json=body,
                 params=_params(account=account))  # fmt: skip
 
@@ -117,6 +131,12 @@ def list_devices(account: str | None = None) -> Call[list[DeviceInfo]]:
 
 def remove_device(name: str, account: str | None = None) -> Call[None]:
     return Call("DELETE", f"/v1/devices/{name}", _none, params=_params(account=account))
+
+
+def issue_device_certificate(name: str, account: str | None = None) -> Call[DeviceTLS]:
+    """A new client certificate for a device; the one it had is revoked."""
+    return Call("POST", f"/v1/devices/{name}/certificate", _one(DeviceTLS),
+                params=_params(account=account))  # fmt: skip
 
 
 def add_route(
@@ -281,6 +301,10 @@ class DevicesMixin:
     def remove_device(self, name: str, account: str | None = None) -> None:
         self.call(remove_device(name, account))
 
+    def issue_device_certificate(self, name: str, account: str | None = None) -> DeviceTLS:
+        """A new TLS client certificate (key shown once); the previous one is revoked."""
+        return self.call(issue_device_certificate(name, account))
+
     def add_route(self, route: dict[str, Any], **options: Any) -> RouteInfo:
         return self.call(add_route(route, **options))
 
@@ -348,6 +372,9 @@ class AsyncDevicesMixin:
 
     async def remove_device(self, name: str, account: str | None = None) -> None:
         await self.call(remove_device(name, account))
+
+    async def issue_device_certificate(self, name: str, account: str | None = None) -> DeviceTLS:
+        return await self.call(issue_device_certificate(name, account))
 
     async def add_route(self, route: dict[str, Any], **options: Any) -> RouteInfo:
         return await self.call(add_route(route, **options))

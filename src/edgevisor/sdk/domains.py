@@ -39,6 +39,15 @@ class DomainCreate(BaseModel):
     app_b64: str | None = Field(
         None, description="App files as a base64 .tar.gz, read-only at /task (the cwd)."
     )
+    network: str | None = Field(
+        None, description="Network of the account the domain takes its logical address from."
+    )
+    address: str | None = Field(
+        None, description="A specific logical address in ``network`` (empty: any free one)."
+    )
+    claim: str | None = Field(
+        None, description="A preserved address of the account to claim (address or record id)."
+    )
 
 
 class DomainInfo(_Model):
@@ -57,7 +66,13 @@ class DomainInfo(_Model):
     )
     desired: str = Field(description="running|stopped")
     restart_count: int
-    address: str | None = Field(None, description="Where the host reaches the domain.")
+    address: str | None = Field(
+        None,
+        description="The domain's logical address (with ``network``), else the test address "
+        "its host reaches it at.",
+    )
+    network: str | None = Field(None, description="Network of the logical address, if any.")
+    address_record_id: int | None = Field(None, description="Its address record, if any.")
     app_digest: str | None = Field(None, description="SHA-256 of the app archive, if any.")
     created_at: float
     updated_at: float
@@ -97,8 +112,11 @@ def stop_domain(name: str, account: str | None = None) -> Call[DomainInfo]:
     return _action(name, "stop", account)
 
 
-def remove_domain(name: str, account: str | None = None) -> Call[None]:
-    return Call("DELETE", f"/v1/domains/{name}", _none, params=_params(account=account))
+def remove_domain(
+    name: str, account: str | None = None, *, release: bool = False
+) -> Call[None]:
+    params = _params(account=account, release="true" if release else None)
+    return Call("DELETE", f"/v1/domains/{name}", _none, params=params)
 
 
 def domain_body(
@@ -142,7 +160,8 @@ class DomainsMixin:
         app: Path | bytes | None = None,
         **options: Any,
     ) -> DomainInfo:
-        """Create and start a domain (options: host, restart, memory_mb, cpu, env)."""
+        """Create and start a domain (options: host, restart, memory_mb, cpu, env, and for
+        a logical address network [+ address] or claim)."""
         body = domain_body(name, command, volume_size, app=app, **options)
         return self.call(create_domain(body, account))
 
@@ -158,8 +177,11 @@ class DomainsMixin:
     def stop_domain(self, name: str, account: str | None = None) -> DomainInfo:
         return self.call(stop_domain(name, account))
 
-    def remove_domain(self, name: str, account: str | None = None) -> None:
-        self.call(remove_domain(name, account))
+    def remove_domain(
+        self, name: str, account: str | None = None, *, release: bool = False
+    ) -> None:
+        """Remove a domain; its logical address is preserved unless ``release``."""
+        self.call(remove_domain(name, account, release=release))
 
 
 class AsyncDomainsMixin:
@@ -194,5 +216,7 @@ class AsyncDomainsMixin:
     async def stop_domain(self, name: str, account: str | None = None) -> DomainInfo:
         return await self.call(stop_domain(name, account))
 
-    async def remove_domain(self, name: str, account: str | None = None) -> None:
-        await self.call(remove_domain(name, account))
+    async def remove_domain(
+        self, name: str, account: str | None = None, *, release: bool = False
+    ) -> None:
+        await self.call(remove_domain(name, account, release=release))

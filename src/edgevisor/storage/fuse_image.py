@@ -11,12 +11,15 @@ filesystem runs in a process of its own::
 
     python -m edgevisor.storage.fuse_image MOUNTPOINT --kind file --arg /path/to/file \
         [--ready-fd N] [--direct-io]
+    python -m edgevisor.storage.fuse_image --spare --ready-fd N --parent-pid P  # see below
 
 ``--kind`` names a device factory: a built-in name from :data:`DEVICE_KINDS` or a
 ``module:callable`` path. The factory takes ``--arg`` and returns an async context manager
 yielding the device, so a real ``Volume`` or a ``LazyVolume`` plugs in without changes here.
 When the mount is up the process writes ``ready\\n`` to ``--ready-fd``. It exits when the
 mount is unmounted (``fusermount3 -u``) or on SIGTERM/SIGINT, and closes the device on exit.
+With ``--spare`` it imports everything and then waits for those arguments as one JSON line
+on stdin (:mod:`edgevisor.storage.fuse_spare`).
 
 Speed: every FUSE request costs a trip through Python, so requests must be big. With
 ``--direct-io`` (what :mod:`edgevisor.storage.attach` uses by default) the kernel passes
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import errno
 import importlib
+import json
 import logging
 import os
 import signal
@@ -416,7 +420,67 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig(sig: int) -> None:
+    import ctypes  # only spares need it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _spare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m edgevisor.storage.fuse_image --spare",
+        description="Import everything, then wait for the real arguments as one JSON line "
+        'on stdin: {"argv": [...], "log_path": "..."}.',
+    )
+    p.add_argument("--spare", action="store_true", required=True)
+    p.add_argument("--ready-fd", type=int, required=True, help="fd to write 'ready' to")
+    p.add_argument("--parent-pid", type=int, required=True, help="die if this one is gone")
+    p.add_argument("--preload", action="append", default=[], help="device kind to import")
+    return p
+
+
+def spare_main(argv: Sequence[str]) -> int:
+    """A spare (see :mod:`edgevisor.storage.fuse_spare`): wait for arguments, then serve.
+
+    Exits 0 without doing anything when stdin ends before a line arrives (the pool closed).
+    """
+    args = _spare_parser().parse_args(argv)
+    # While spare, die with the agent; the check after prctl closes the race with an agent
+    # that died before it (we were then re-parented already and would never get a signal).
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != args.parent_pid:
+        return 0
+    for kind in [*DEVICE_KINDS, *args.preload]:
+        with contextlib.suppress(ConfigError):
+            resolve_device_factory(kind)
+    # what serving imports lazily (pydantic via hostfs alone is ~70 ms)
+    for module in ("edgevisor.storage.hostfs", "edgevisor.storage.volume"):
+        importlib.import_module(module)
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return 0
+    # From here on this process may serve a mount, which must outlive an agent restart.
+    _set_pdeathsig(0)
+    msg = json.loads(line)
+    log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.close(null_fd)
+    return main([*msg["argv"], "--ready-fd", str(args.ready_fd)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--spare"]:
+        return spare_main(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,

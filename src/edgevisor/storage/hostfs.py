@@ -1,6 +1,7 @@
 """Host tools for exposing volumes: mountinfo, loop devices, mkfs, mount.
 
-Thin async wrappers over ``losetup``, ``blkid``, ``mkfs``, ``mount``/``umount`` and
+Thin async wrappers over loop ioctls (:mod:`edgevisor.storage.loopctl`; ``losetup`` as the
+fallback), ``blkid``, ``mkfs``, ``mount``/``umount`` and
 ``/proc/self/mountinfo``, each idempotent (it asks the kernel what exists first), with
 their failures turned into :class:`AttachError`. :mod:`edgevisor.storage.attach` composes
 them into one attachment; the mount step can run in another mount namespace
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgevisor.errors import Conflict, UnavailableError
+from edgevisor.storage import loopctl
 
 __all__ = [
     "AttachError",
@@ -91,8 +94,37 @@ class AttachSettings(BaseModel):
     loop_readahead_kb: int = Field(
         1024, ge=0, description="Readahead of the loop device (0: leave the kernel default)."
     )
+    loop_ioctl: bool = Field(
+        True,
+        description=(
+            "Attach and detach loop devices by ioctl (~1 ms) instead of running losetup "
+            "(~50 ms); losetup stays the fallback where the ioctls are missing."
+        ),
+    )
     loop_direct_io: bool = Field(
         False, description="Attach the loop device with direct I/O on the image."
+    )
+    fuse_spare: bool = Field(
+        True,
+        description=(
+            "Keep one FUSE process started ahead (interpreter and imports done), so an "
+            "attach skips ~300 ms of process start."
+        ),
+    )
+    fuse_spare_refill_delay_s: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Wait after a spare was taken before starting the next one, leaving the CPU to "
+            "the attach (and the domain start) that took it."
+        ),
+    )
+    mount_syscall: bool = Field(
+        True,
+        description=(
+            "Mount the filesystem with mount(2) when no other mount namespace is involved "
+            "(~1 ms instead of ~35 ms for mount(8)); mount(8) stays the fallback."
+        ),
     )
     fuse_start_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for the FUSE process to mount."
@@ -242,6 +274,35 @@ def mount_at(target: str) -> MountEntry | None:
 
 async def setup_loop(image: Path, *, settings: AttachSettings) -> str:
     """Attach ``image`` to a loop device (reusing one already on it) and return its path."""
+    if settings.loop_ioctl:
+        # In a thread, never on the event loop: LOOP_CONFIGURE fsyncs the backing file,
+        # and a FUSE image may need this very process (an NBD export it serves) to answer.
+        device = await asyncio.to_thread(loopctl.find_loop, str(image))
+        if device is None:
+            try:
+                device = await asyncio.to_thread(
+                    loopctl.attach_loop, str(image), direct_io=settings.loop_direct_io
+                )
+            except loopctl.LoopUnsupported as exc:
+                log.info("loop ioctls unavailable (%s); using losetup", exc)
+            except OSError as exc:
+                raise AttachError(f"cannot attach {image} to a loop device: {exc}") from exc
+    else:
+        device = await _setup_loop_tool(image, settings=settings)
+    if device is None:
+        device = await _setup_loop_tool(image, settings=settings)
+    if settings.loop_readahead_kb > 0:
+        # The filesystem on top reads ahead by its device's setting (128 KiB by default);
+        # every request it sends becomes one FUSE request, so bigger is faster.
+        ra = Path(f"/sys/block/{os.path.basename(device)}/queue/read_ahead_kb")
+        try:
+            ra.write_text(str(settings.loop_readahead_kb))
+        except OSError as exc:
+            log.info("cannot set readahead of %s: %s", device, exc)
+    return device
+
+
+async def _setup_loop_tool(image: Path, *, settings: AttachSettings) -> str:
     st = os.stat(image)
     want_dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     for entry in await list_loop_devices(timeout_s=settings.command_timeout_s):
@@ -254,24 +315,24 @@ async def setup_loop(image: Path, *, settings: AttachSettings) -> str:
     device = out.strip()
     if not device.startswith("/dev/loop"):
         raise AttachError(f"losetup printed no device for {image}: {out!r}")
-    if settings.loop_readahead_kb > 0:
-        # The filesystem on top reads ahead by its device's setting (128 KiB by default);
-        # every request it sends becomes one FUSE request, so bigger is faster.
-        ra = Path(f"/sys/block/{os.path.basename(device)}/queue/read_ahead_kb")
-        try:
-            ra.write_text(str(settings.loop_readahead_kb))
-        except OSError as exc:
-            log.info("cannot set readahead of %s: %s", device, exc)
     return device
 
 
 async def detach_loop(device: str, *, settings: AttachSettings) -> None:
     """Detach a loop device and wait until the kernel has let it go; idempotent."""
-    rc, _, err = await run_tool(
-        ["losetup", "--detach", device], timeout_s=settings.command_timeout_s, check=False
-    )
-    if rc != 0 and loop_backing_file(device) is not None:
-        raise AttachError(f"losetup --detach {device} failed: {err.strip()}")
+    done = False
+    if settings.loop_ioctl:
+        try:
+            await asyncio.to_thread(loopctl.clear_loop, device)  # may flush: see setup_loop
+            done = True
+        except OSError as exc:
+            log.info("LOOP_CLR_FD on %s failed (%s); using losetup", device, exc)
+    if not done:
+        rc, _, err = await run_tool(
+            ["losetup", "--detach", device], timeout_s=settings.command_timeout_s, check=False
+        )
+        if rc != 0 and loop_backing_file(device) is not None:
+            raise AttachError(f"losetup --detach {device} failed: {err.strip()}")
     deadline = time.monotonic() + settings.stop_timeout_s
     while loop_backing_file(device) is not None:
         if time.monotonic() > deadline:
@@ -298,6 +359,8 @@ async def ensure_filesystem(device: str, *, settings: AttachSettings) -> bool:
     Anything else found on the device (another filesystem, a partition table) is left
     untouched and reported as :class:`FilesystemMismatch`.
     """
+    if settings.fstype == "ext4" and await asyncio.to_thread(_has_ext4_superblock, device):
+        return False  # plainly ext4: no blkid process (~12 ms) on the attach path
     rc, out, err = await run_tool(
         ["blkid", "-p", "-o", "value", "-s", "TYPE", device],
         timeout_s=settings.command_timeout_s,
@@ -318,6 +381,33 @@ async def ensure_filesystem(device: str, *, settings: AttachSettings) -> bool:
         timeout_s=settings.command_timeout_s,
     )
     return True
+
+
+_EXT_SUPERBLOCK_OFFSET = 1024
+_EXT_MAGIC = 0xEF53
+_EXT4_INCOMPAT_EXTENTS = 0x40
+
+
+def _has_ext4_superblock(device: str) -> bool:
+    """True when ``device`` starts with an ext superblock that uses extents (so: ext4).
+
+    Anything else (no magic, ext2/3 without extents, a read error) says "ask blkid".
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        sb = os.pread(fd, 1024, _EXT_SUPERBLOCK_OFFSET)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(sb) < 0x64:
+        return False
+    magic = int.from_bytes(sb[0x38:0x3A], "little")
+    incompat = int.from_bytes(sb[0x60:0x64], "little")
+    return magic == _EXT_MAGIC and bool(incompat & _EXT4_INCOMPAT_EXTENTS)
 
 
 async def mount_filesystem(
@@ -343,10 +433,59 @@ async def mount_filesystem(
         )
         if rc == 0 and device in out.split():
             return
+    # in a thread: the mount reads the superblock through the FUSE image (see setup_loop)
+    if mount_ns is None and await asyncio.to_thread(_mount_syscall, device, tgt, settings):
+        return
     argv = ["mount", "-t", settings.fstype]
     if settings.mount_options:
         argv += ["-o", ",".join(settings.mount_options)]
     await run_tool(_in_ns([*argv, device, tgt], mount_ns), timeout_s=settings.command_timeout_s)
+
+
+# mount(8) turns these options into mount(2) flags; everything else is filesystem data
+_MS_FLAGS = {
+    "ro": 1,  # MS_RDONLY
+    "nosuid": 2,
+    "nodev": 4,
+    "noexec": 8,
+    "sync": 16,
+    "dirsync": 128,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+    "strictatime": 1 << 24,
+    "lazytime": 1 << 25,
+}
+_MOUNT_NEUTRAL = {"rw", "defaults", "suid", "dev", "exec", "async", "atime", "diratime"}
+
+
+def _mount_syscall(device: str, target: str, settings: AttachSettings) -> bool:
+    """mount(2) in this namespace (~1 ms, no mount(8) process); False: use the tool.
+
+    Any failure falls back to the tool, which then reports it in mount(8)'s words.
+    """
+    if not settings.mount_syscall:
+        return False
+    flags = 0
+    data: list[str] = []
+    for opt in settings.mount_options:
+        if opt in _MS_FLAGS:
+            flags |= _MS_FLAGS[opt]
+        elif opt not in _MOUNT_NEUTRAL:
+            data.append(opt)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(
+        os.fsencode(device),
+        os.fsencode(target),
+        settings.fstype.encode(),
+        ctypes.c_ulong(flags),
+        ",".join(data).encode() if data else None,
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        log.info("mount(2) of %s on %s failed (%s); using mount", device, target, os.strerror(err))
+        return False
+    return True
 
 
 async def unmount_filesystem(

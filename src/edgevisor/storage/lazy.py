@@ -5,117 +5,85 @@ Used on a migration target after the switch. It is a
 
 * **read**: missing blocks in the range are fetched from the source first (whole blocks,
   in one request per contiguous run), stored locally and marked present, then the bytes
-  are read locally. A read miss is fetched at once, ahead of the background fill, and
-  moves the fill's cursor to the block after it (reads tend to continue).
-* **write**: a partially covered missing block is fetched and merged first; a block with
-  a fetch in flight waits for it, so a late fetch can never overwrite a newer write.
-  Mirroring to the source: ``off``, ``async`` (queued in order, sent in the background,
-  retried until the source takes them) or ``sync`` (acknowledged only after the source
-  took the write, with FUA when the caller asked for it).
+  are read locally. A read miss is fetched at once on the main connection, ahead of the
+  background fill, and moves the fill's cursor to the block after it (reads tend to
+  continue).
+* **write**: a partially covered missing block is fetched and merged first. Mirroring to
+  the source: ``off``, ``async`` (queued in order, sent in the background, retried until
+  the source takes them) or ``sync`` (acknowledged only after the source took the write,
+  with FUA when the caller asked for it).
 * **background fill**: runs of missing blocks (``fill_batch_blocks`` per request,
-  ``fill_inflight`` requests in flight over the pipelined client) under a token-bucket
-  rate limit; progress (bytes present / total, rate, ETA) never goes backwards because
-  present blocks never become missing.
-* **source outage**: a fetch waits up to ``fetch_timeout_s`` for the source to come back
-  (reconnecting every ``reconnect_interval_s``) and then fails with
-  :class:`SourceUnavailable` (served as EIO over NBD); the fill keeps retrying and
-  resumes by itself when the source returns.
+  ``fill_inflight`` requests in flight) under a token-bucket rate limit, spread over
+  ``fill_connections`` connections of their own, each on its own thread
+  (:mod:`edgevisor.storage.lazy_lane`; blocking sockets when the source tells its
+  ``endpoint``): a read miss never queues behind fill traffic, and ``recv_into``, TLS
+  decryption and ``pwrite`` (which release the GIL) use several cores. Replies land
+  straight in buffers and are stored on the lane's thread; a background ``fdatasync``
+  every ``flush_every_blocks`` makes them durable (present bits are journaled after it)
+  while the fill goes on. Progress (bytes present / total, rate, ETA) never goes
+  backwards: present blocks never become missing.
+* **source outage**: a fetch, a synchronously mirrored write and a flush wait up to
+  ``fetch_timeout_s`` for the source to come back (reconnecting every
+  ``reconnect_interval_s``) and then fail with :class:`SourceUnavailable` (served as EIO
+  over NBD); the fill keeps retrying and resumes by itself when the source returns.
+* **detach** (:meth:`LazyVolume.detach`, also what :meth:`LazyVolume.aclose` does once the
+  fill ended): the link is quiesced before it is closed, so no I/O in flight fails.
+
+Theory of operation (why fetched bytes can never overwrite a newer local write)
+------------------------------------------------------------------------------
+A block's fetched content may be stored only while the block is missing; a local write
+makes the blocks it covers present. Three rules keep "still missing?" and the store one
+step with respect to writes:
+
+1. Every fetch registers its blocks in ``_inflight`` *synchronously*, in the same step as
+   the decision to fetch them (never later, in a task that has not started yet), and never
+   over another fetch's registration. So no block is fetched twice at once, and a reader
+   finds the fetch to wait for.
+2. Stores on a lane thread run under ``_store_lock`` and skip blocks that are present or
+   named in ``_writing``; a local write names its blocks in ``_writing`` (under the same
+   lock, so it waits for a store in progress) before touching the data file and until its
+   present bits are set. A store is therefore entirely before the write's data (the write
+   wins) or sees the block taken (and skips it).
+3. Stores on the owning loop are synchronous (check, ``pwrite``, mark), as is a write's
+   ``pwrite``-and-mark, so they cannot interleave either.
+
+States of the link: *attached* (fetches and mirrored writes use the source) →
+*detaching* (no new work goes to the source; what is in flight finishes, riding out
+reconnects) → *detached* (purely local; the source connection is closed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from edgevisor.errors import PeerUnavailable
+from edgevisor.errors import Conflict, PeerUnavailable
+from edgevisor.storage.lazy_lane import FillLanes
+from edgevisor.storage.lazy_parts import (
+    LazySettings,
+    Progress,
+    RemoteSource,
+    SourceUnavailable,
+    TokenBucket,
+)
+from edgevisor.storage.nbd_client import Endpoint
 from edgevisor.storage.volume import Volume
 
 __all__ = ["LazySettings", "LazyVolume", "Progress", "RemoteSource", "SourceUnavailable"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DETACH_GRACE_S = 5.0
+"""Extra time (over ``fetch_timeout_s``) detach gives I/O in flight before closing."""
 
 
-class SourceUnavailable(PeerUnavailable):
-    """The source did not answer within ``fetch_timeout_s``."""
-
-    code = "source_unavailable"
-
-
-class RemoteSource(Protocol):
-    """What a lazy volume needs from its source (an :class:`NBDClient` fits)."""
-
-    @property
-    def size_bytes(self) -> int: ...
-
-    async def read(self, offset: int, length: int) -> bytes: ...
-
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None: ...
-
-    async def flush(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class LazySettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    fetch_timeout_s: float = Field(
-        30.0, ge=0, description="How long a read waits for an absent source before EIO."
-    )
-    reconnect_interval_s: float = Field(
-        0.2, gt=0, description="Pause between attempts to reach an absent source."
-    )
-    fill_batch_blocks: int = Field(
-        16, ge=1, le=512, description="Blocks per background fill request."
-    )
-    fill_inflight: int = Field(8, ge=1, le=256, description="Fill requests in flight at once.")
-    fill_rate_bytes_per_s: int = Field(
-        0, ge=0, description="Background fill rate limit in bytes/s (0: unlimited)."
-    )
-    mirror: Literal["off", "async", "sync"] = Field(
-        "sync", description="Mirror local writes to the source: off, async or sync."
-    )
-    flush_every_blocks: int = Field(
-        1024, ge=1, description="Fill flushes data + present bits after this many blocks."
-    )
-
-
-@dataclass(frozen=True)
-class Progress:
-    bytes_present: int
-    bytes_total: int
-    rate_bytes_per_s: float
-    eta_s: float | None
-
-    @property
-    def done(self) -> bool:
-        return self.bytes_present >= self.bytes_total
-
-
-class _TokenBucket:
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.tokens = float(rate)
-        self.t = time.monotonic()
-
-    async def take(self, n: int) -> None:
-        while True:
-            if self.rate <= 0:  # re-read each time: the rate may change while waiting
-                return
-            now = time.monotonic()
-            self.tokens = min(float(max(self.rate, n)), self.tokens + (now - self.t) * self.rate)
-            self.t = now
-            if self.tokens >= n:
-                self.tokens -= n
-                return
-            await asyncio.sleep((n - self.tokens) / self.rate)
+_Futures = dict[int, "asyncio.Future[None]"]
 
 
 class LazyVolume:
@@ -130,15 +98,26 @@ class LazyVolume:
         self.local = local
         self.settings = settings or LazySettings()
         self._connect = connect
-        self._source: RemoteSource | None = None
+        self._source: RemoteSource | None = None  # main connection: read misses, mirroring
         self._conn_lock = asyncio.Lock()
-        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._lanes: FillLanes | None = None  # the fill's connections, on threads of their own
+        self._lane_closers: set[FillLanes] = set()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._inflight: _Futures = {}
+        self._store_lock = threading.Lock()  # rule 2 of the theory of operation
+        self._writing: list[tuple[int, int]] = []  # block spans of local writes under way
         self._cursor = 0
-        self._bucket = _TokenBucket(self.settings.fill_rate_bytes_per_s)
+        self._bucket = TokenBucket(self.settings.fill_rate_bytes_per_s)
         self._fill_task: asyncio.Task[None] | None = None
         self._mirror_q: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self._mirror_task: asyncio.Task[None] | None = None
         self._since_flush = 0
+        self._ops = 0  # BlockDevice calls in flight that may use the source
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._detaching = False
+        self._detached = False
+        self._closed = False  # no (re)connects any more
         self.filled = asyncio.Event()
         self._t0 = time.monotonic()
         self._present0 = local.present_blocks
@@ -149,6 +128,8 @@ class LazyVolume:
 
     def start(self) -> None:
         """Start the background fill (and the async mirror, if configured)."""
+        if self._detaching or self._closed:
+            return
         if self._fill_task is None and not self.filled.is_set():
             self._fill_task = asyncio.create_task(self._fill())
             self._fill_task.add_done_callback(_log_crash)
@@ -156,18 +137,82 @@ class LazyVolume:
             self._mirror_task = asyncio.create_task(self._mirror_loop())
             self._mirror_task.add_done_callback(_log_crash)
 
+    @property
+    def detached(self) -> bool:
+        """True once the source link is closed and every I/O is purely local."""
+        return self._detached
+
+    async def detach(self) -> None:
+        """Quiesce the link to the source, then close it; the volume is purely local after.
+
+        Only when every block is present (else :class:`~edgevisor.errors.Conflict`), and
+        only once the source copy need not follow any more (a migration's commit): from
+        the call on, new writes are not mirrored. The fill is stopped; reads, mirrored
+        writes and flushes already in flight finish first, riding out a reconnect within
+        ``fetch_timeout_s`` (one that still cannot reach the source then completes
+        locally instead of failing: the source is being released); async-mirrored writes
+        are drained as far as the source takes them in that time. Idempotent.
+        """
+        if self._detached:
+            return
+        if not self.filled.is_set():
+            p = self.progress()
+            raise Conflict(
+                f"lazy volume still filling ({p.bytes_present}/{p.bytes_total} bytes)",
+                details={"bytes_present": p.bytes_present, "bytes_total": p.bytes_total},
+            )
+        self._detaching = True
+        bound = self.settings.fetch_timeout_s + _DETACH_GRACE_S
+        await self._stop_fill()
+        if self._mirror_task is not None:
+            try:
+                await asyncio.wait_for(self._mirror_q.join(), bound)
+            except TimeoutError:
+                log.warning("lazy volume: %d async mirror writes dropped at detach",
+                            self._mirror_q.qsize())  # fmt: skip
+        try:
+            await asyncio.wait_for(self._idle.wait(), bound)
+        except TimeoutError:
+            log.warning("lazy volume: %d I/O still in flight at detach", self._ops)
+        self._detached = True
+        await self._close_links()
+
     async def aclose(self) -> None:
-        for t in (self._fill_task, self._mirror_task):
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(BaseException):
-                    await t
-        self._fill_task = self._mirror_task = None
-        if self._source is not None:
-            with contextlib.suppress(Exception):
-                await self._source.aclose()
-            self._source = None
+        """Release the source and stop background work (a filled volume detaches first,
+        so no I/O in flight fails); the local volume stays open."""
+        if self.filled.is_set() and not self._detached and not self._closed:
+            try:
+                await self.detach()
+            except Exception:
+                log.exception("lazy volume: detach failed; closing the link")
+        await self._stop_fill()
+        await self._close_links()
         await self.local.flush()
+
+    async def _stop_fill(self) -> None:
+        t, self._fill_task = self._fill_task, None
+        if t is not None:
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+        f, self._flush_task = self._flush_task, None
+        if f is not None:
+            with contextlib.suppress(BaseException):
+                await f
+        await self._close_lanes()
+
+    async def _close_links(self) -> None:
+        self._closed = True
+        t, self._mirror_task = self._mirror_task, None
+        if t is not None:
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+        await self._close_lanes()
+        src, self._source = self._source, None
+        if src is not None:
+            with contextlib.suppress(Exception):
+                await src.aclose()
 
     def set_fill_rate(self, bytes_per_s: int) -> None:
         """Change the background fill's rate limit (0: unlimited); applies at once."""
@@ -200,31 +245,63 @@ class LazyVolume:
 
     # ------------------------------------------------------------ BlockDevice
 
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[bool]:
+        """Count a call that may use the source; yields False once detaching began
+        (the call is then purely local and nobody waits for it)."""
+        if self._detaching:
+            yield False
+            return
+        self._ops += 1
+        self._idle.clear()
+        try:
+            yield True
+        finally:
+            self._ops -= 1
+            if self._ops == 0:
+                self._idle.set()
+
     async def read(self, offset: int, length: int) -> bytes:
         self.local.present(offset, length)  # range check (OutOfRange) before any fetch
-        await self._ensure(self._blocks(offset, length), from_read=True)
-        return await self.local.read(offset, length)
+        with self._op() as linked:
+            if linked:
+                await self._ensure(self._blocks(offset, length), from_read=True)
+            return await self.local.read(offset, length)
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self.local.present(offset, len(data))
-        await self._prepare_write(offset, len(data))
-        await self.local.write(offset, data, fua=fua)
-        await self._mirror(offset, data, fua)
+        with self._op() as linked:
+            if linked:
+                await self._prepare_write(offset, len(data))
+            with self._writing_span(offset, len(data)):
+                await self.local.write(offset, data, fua=fua)
+            if linked:
+                await self._mirror(offset, data, fua)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         self.local.present(offset, length)
-        await self._prepare_write(offset, length)
-        await self.local.write_zeroes(offset, length, fua=fua)
-        await self._mirror(offset, bytes(length), fua)
+        with self._op() as linked:
+            if linked:
+                await self._prepare_write(offset, length)
+            with self._writing_span(offset, length):
+                await self.local.write_zeroes(offset, length, fua=fua)
+            if linked:
+                await self._mirror(offset, bytes(length), fua)
 
     async def trim(self, offset: int, length: int) -> None:
         await self.write_zeroes(offset, length)
 
     async def flush(self) -> None:
-        await self.local.flush()
-        if self.settings.mirror == "sync":
-            src = await self._get_source(time.monotonic() + self.settings.fetch_timeout_s)
-            await src.flush()
+        with self._op() as linked:
+            await self.local.flush()
+            if linked and self.settings.mirror == "sync":
+                deadline = time.monotonic() + self.settings.fetch_timeout_s
+                try:
+                    await self._on_source("flush", _flush, deadline)
+                except SourceUnavailable:
+                    if not self._detaching:
+                        raise
+                    log.warning("lazy volume: flush at detach did not reach the source")
 
     def present(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self.local.present(offset, length)
@@ -239,7 +316,7 @@ class LazyVolume:
             return self.local.file_extent(offset, length)
         return None
 
-    # ------------------------------------------------------------ fetching
+    # ------------------------------------------------------------ storing fetched blocks
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         bs = self.local.block_size
@@ -251,7 +328,77 @@ class LazyVolume:
         first, end = self._span(offset, length)
         return list(range(first, end))
 
+    @contextlib.contextmanager
+    def _writing_span(self, offset: int, length: int) -> Iterator[None]:
+        """Name the write's blocks so lane stores skip them (rule 2)."""
+        span = self._span(offset, length)
+        with self._store_lock:  # waits for a lane store in progress
+            self._writing.append(span)
+        try:
+            yield
+        finally:
+            with self._store_lock:
+                self._writing.remove(span)
+
+    def _taken(self, b: int) -> bool:
+        """Present, or a local write is under way on it (call under ``_store_lock``)."""
+        if self.local.is_present(b):
+            return True
+        return any(lo <= b < hi for lo, hi in self._writing)
+
+    def _store(self, first: int, data: bytes | memoryview, *, lane: bool) -> int:
+        """Store fetched blocks from ``first`` that are still missing (rules 2 and 3)."""
+        if not lane:  # on the owning loop: synchronous, nothing interleaves (rule 3)
+            return self.local.fill_blocks(first, cast("bytes", data))
+        bs = self.local.block_size
+        n = -(-len(data) // bs)
+        stored = 0
+        with self._store_lock:
+            i = 0
+            while i < n:
+                if self._taken(first + i):
+                    i += 1
+                    continue
+                j = i + 1
+                while j < n and not self._taken(first + j):
+                    j += 1
+                # fill_blocks takes any buffer (it wraps it in a memoryview).
+                part = memoryview(data)[i * bs : j * bs]
+                stored += self.local.fill_blocks(first + i, cast("bytes", part))
+                i = j
+        return stored
+
+    # ------------------------------------------------------------ fetching
+
+    def _register(self, first: int, count: int) -> _Futures:
+        """Claim blocks for one fetch, now (rule 1); the caller fetches exactly these."""
+        loop = asyncio.get_running_loop()
+        futs: _Futures = {}
+        for b in range(first, first + count):
+            assert b not in self._inflight
+            futs[b] = self._inflight[b] = loop.create_future()
+        return futs
+
+    def _claim_runs(self, blocks: list[int]) -> tuple[list[_Futures], list[asyncio.Future[None]]]:
+        """Missing blocks of ``blocks``: fetches to start (claimed now) and ones to await."""
+        waits: list[asyncio.Future[None]] = []
+        runs: list[list[int]] = []
+        for b in blocks:
+            if self.local.is_present(b):
+                continue
+            fut = self._inflight.get(b)
+            if fut is not None:
+                waits.append(fut)
+                continue
+            if runs and runs[-1][-1] + 1 == b:
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        return [self._register(r[0], len(r)) for r in runs], waits
+
     async def _prepare_write(self, offset: int, length: int) -> None:
+        """Partially covered missing blocks are fetched first (the write merges into them).
+        Fully covered ones need nothing: a fetch in flight cannot land over the write."""
         bs = self.local.block_size
         first, end = self._span(offset, length)
         partial = []
@@ -260,56 +407,56 @@ class LazyVolume:
             if length and not (offset <= lo and offset + length >= hi):
                 partial.append(b)
         await self._ensure(sorted(set(partial)), from_read=True)
-        # Full blocks with a fetch in flight: let it land first, so it cannot win.
-        waits = [self._inflight[b] for b in range(first, end) if b in self._inflight]
-        if waits:
-            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _ensure(self, blocks: list[int], *, from_read: bool) -> None:
         """Make ``blocks`` present: fetch missing runs, wait for fetches in flight."""
-        missing = [b for b in blocks if not self.local.is_present(b)]
-        if not missing:
+        if all(self.local.is_present(b) for b in blocks):
             return
-        waits: list[asyncio.Future[None]] = []
-        run: list[int] = []
-        runs: list[list[int]] = []
-        for b in missing:
-            fut = self._inflight.get(b)
-            if fut is not None:
-                waits.append(fut)
-                continue
-            if run and run[-1] + 1 != b:
-                runs.append(run)
-                run = []
-            run.append(b)
-        if run:
-            runs.append(run)
-        if from_read and missing:
-            self._cursor = missing[-1] + 1  # the fill continues where the reader is
         deadline = time.monotonic() + self.settings.fetch_timeout_s
-        fetches = [self._fetch_run(r[0], len(r), deadline) for r in runs]
-        results = await asyncio.gather(*fetches, *waits, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        # A fetch started by someone else may have failed: check, and retry once directly.
-        still = [b for b in missing if not self.local.is_present(b)]
-        if still:
-            for b in still:
-                await self._fetch_run(b, 1, deadline)
+        first_round = True
+        while True:
+            claimed, waits = self._claim_runs(blocks)
+            if not claimed and not waits:
+                return
+            if first_round and from_read:
+                # the fill continues where the reader is
+                self._cursor = max(b for b in blocks if b in self._inflight) + 1
+            first_round = False
+            fetches = [self._fetch_run(min(f), len(f), f, deadline) for f in claimed]
+            results = await asyncio.gather(*fetches, *waits, return_exceptions=True)
+            for r in results[: len(fetches)]:
+                if isinstance(r, BaseException):
+                    raise r
+            # A fetch started by someone else may have failed, or a lane skipped a block
+            # a write had taken: check again (a failed fetch by us raised above).
+            if time.monotonic() >= deadline:
+                still = [b for b in blocks if not self.local.is_present(b)]
+                if still:
+                    raise SourceUnavailable(f"blocks {still[:4]} not fetched in time")
 
-    async def _fetch_run(self, first: int, count: int, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        futs = {}
-        for b in range(first, first + count):
-            futs[b] = loop.create_future()
-            self._inflight[b] = futs[b]
+    async def _fetch_run(
+        self,
+        first: int,
+        count: int,
+        futs: _Futures,
+        deadline: float,
+        *,
+        lanes: FillLanes | None = None,
+    ) -> None:
+        """Fetch claimed blocks ``[first, first + count)``: a read miss with a plain read
+        on the main connection, the fill (``lane``) straight into a buffer on the lane."""
         try:
             bs = self.local.block_size
             off = first * bs
             length = min(count * bs, self.size_bytes - off)
-            data = await self._source_read(off, length, deadline)
-            self.local.fill_blocks(first, data)
+            if lanes is None:
+                data = await self._on_source("volume source lost", _reader(off, length), deadline)
+                self._store(first, data, lane=False)
+            else:
+                try:
+                    await lanes.fetch(first, length, deadline, lambda: self._closed)
+                except PeerUnavailable as e:
+                    raise SourceUnavailable(f"volume source lost: {e}") from e
             self._since_flush += count
             for f in futs.values():
                 f.set_result(None)
@@ -324,19 +471,55 @@ class LazyVolume:
                 if self._inflight.get(b) is f:
                     del self._inflight[b]
 
+    async def _open_lanes(self) -> FillLanes | None:
+        """Blocking lanes when the source says where it is (``endpoint``), else lanes
+        with an event loop of their own that call ``connect`` there."""
+        n = self.settings.fill_connections
+        if n == 0:
+            return None
+        endpoint = None
+        deadline = time.monotonic() + self.settings.fetch_timeout_s
+        with contextlib.suppress(PeerUnavailable):  # no fill without the source anyway
+            endpoint = getattr(await self._get_source(deadline), "endpoint", None)
+        return FillLanes(
+            n,
+            endpoint if isinstance(endpoint, Endpoint) else None,
+            self._connect,
+            functools.partial(self._store, lane=True),
+            block_size=self.local.block_size,
+            buffer_bytes=self.settings.fill_batch_blocks * self.local.block_size,
+            reconnect_interval_s=self.settings.reconnect_interval_s,
+        )
+
+    async def _close_lanes(self) -> None:
+        lanes, self._lanes = self._lanes, None
+        if lanes is not None:
+            self._lane_closers.add(lanes)
+        for ls in list(self._lane_closers):  # also one a cancelled caller left closing
+            await ls.close()
+            self._lane_closers.discard(ls)
+
     async def _get_source(self, deadline: float) -> RemoteSource:
         while True:
+            if self._closed:
+                raise SourceUnavailable("the lazy volume's source link is closed")
             if self._source is not None:
                 return self._source
             async with self._conn_lock:
                 if self._source is not None:
                     return self._source
                 try:
-                    self._source = await self._connect()
-                    return self._source
+                    src = await self._connect()
                 except (PeerUnavailable, OSError) as e:
                     if time.monotonic() >= deadline:
                         raise SourceUnavailable(f"volume source unreachable: {e}") from e
+                else:
+                    if self._closed:  # closed while connecting: do not leak it
+                        with contextlib.suppress(Exception):
+                            await src.aclose()
+                        continue
+                    self._source = src
+                    return src
             await asyncio.sleep(self.settings.reconnect_interval_s)
 
     async def _drop_source(self, src: RemoteSource) -> None:
@@ -345,15 +528,20 @@ class LazyVolume:
             with contextlib.suppress(Exception):
                 await src.aclose()
 
-    async def _source_read(self, offset: int, length: int, deadline: float) -> bytes:
+    async def _on_source(
+        self, what: str, fn: Callable[[RemoteSource], Awaitable[T]], deadline: float
+    ) -> T:
+        """``fn(source)`` on the main connection, reconnecting until ``deadline``."""
         while True:
             src = await self._get_source(deadline)
             try:
-                return await src.read(offset, length)
+                return await fn(src)
+            except SourceUnavailable:
+                raise
             except PeerUnavailable as e:
                 await self._drop_source(src)
-                if time.monotonic() >= deadline:
-                    raise SourceUnavailable(f"volume source lost: {e}") from e
+                if time.monotonic() >= deadline or self._closed:
+                    raise SourceUnavailable(f"{what}: {e}") from e
                 await asyncio.sleep(self.settings.reconnect_interval_s)
 
     # ------------------------------------------------------------ background fill
@@ -386,6 +574,8 @@ class LazyVolume:
     async def _fill(self) -> None:
         inflight: set[asyncio.Task[None]] = set()
         bs = self.local.block_size
+        if self._lanes is None:
+            self._lanes = await self._open_lanes()
         try:
             while True:
                 while len(inflight) < self.settings.fill_inflight:
@@ -394,14 +584,21 @@ class LazyVolume:
                         break
                     first, count = runs[0]
                     await self._bucket.take(count * bs)
-                    if any(self.local.is_present(b) for b in range(first, first + count)):
+                    blocks = range(first, first + count)
+                    if any(self.local.is_present(b) or b in self._inflight for b in blocks):
                         continue  # a reader got there during the rate-limit wait
+                    futs = self._register(first, count)  # before any await (rule 1)
                     deadline = time.monotonic() + self.settings.fetch_timeout_s
-                    t = asyncio.create_task(self._fetch_run(first, count, deadline))
+                    t = asyncio.create_task(
+                        self._fetch_run(first, count, futs, deadline, lanes=self._lanes)
+                    )
                     inflight.add(t)
                 if not inflight:
                     if not self.local.missing_blocks():
+                        if self._flush_task is not None:
+                            await self._flush_task
                         await self.local.flush()
+                        await self._close_lanes()
                         self.filled.set()
                         return
                     await asyncio.sleep(self.settings.reconnect_interval_s)
@@ -411,12 +608,18 @@ class LazyVolume:
                     if t.exception() is not None:  # source away: keep trying, slower
                         log.info("lazy fill: %s", t.exception())
                         await asyncio.sleep(self.settings.reconnect_interval_s)
-                if self._since_flush >= self.settings.flush_every_blocks:
+                if self._since_flush >= self.settings.flush_every_blocks and (
+                    self._flush_task is None or self._flush_task.done()
+                ):
+                    # In the background: the fill keeps fetching while the disk catches up.
                     self._since_flush = 0
-                    await self.local.flush()
+                    self._flush_task = asyncio.create_task(self.local.flush())
+                    self._flush_task.add_done_callback(_log_crash)
         finally:
             for t in inflight:
                 t.cancel()
+            # Let cancelled fetches finish their stores before the lanes are closed.
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     # ------------------------------------------------------------ mirroring
 
@@ -428,16 +631,17 @@ class LazyVolume:
             self._mirror_q.put_nowait((offset, data))
             return
         deadline = time.monotonic() + self.settings.fetch_timeout_s
-        while True:
-            src = await self._get_source(deadline)
-            try:
-                await src.write(offset, data, fua=fua)
-                return
-            except PeerUnavailable as e:
-                await self._drop_source(src)
-                if time.monotonic() >= deadline:
-                    raise SourceUnavailable(f"mirror write failed: {e}") from e
-                await asyncio.sleep(self.settings.reconnect_interval_s)
+
+        async def write(src: RemoteSource) -> None:
+            await src.write(offset, data, fua=fua)
+
+        try:
+            await self._on_source("mirror write failed", write, deadline)
+        except SourceUnavailable:
+            if not self._detaching:
+                raise
+            # Detaching: the source copy is being released; the write is durable here.
+            log.warning("lazy volume: a write at %d did not reach the source at detach", offset)
 
     async def _mirror_loop(self) -> None:
         while True:
@@ -454,6 +658,17 @@ class LazyVolume:
                         await asyncio.sleep(self.settings.reconnect_interval_s)
             finally:
                 self._mirror_q.task_done()
+
+
+def _reader(offset: int, length: int) -> Callable[[RemoteSource], Awaitable[bytes]]:
+    async def read(src: RemoteSource) -> bytes:
+        return await src.read(offset, length)
+
+    return read
+
+
+async def _flush(src: RemoteSource) -> None:
+    await src.flush()
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+from dataclasses import dataclass
 
 from edgevisor.errors import EdgevisorError, PeerUnavailable
 from edgevisor.proto.nbd import ClientConnection
@@ -37,7 +38,7 @@ from edgevisor.proto.nbd_wire import (
     StartTLS,
 )
 
-__all__ = ["NBDClient", "NBDCommandError"]
+__all__ = ["Endpoint", "NBDClient", "NBDCommandError"]
 
 _RECV_MIN = 256 * 1024
 _RECV_BUFFER = 8 << 20
@@ -51,6 +52,20 @@ class NBDCommandError(EdgevisorError):
     def __init__(self, message: str, *, errno: int) -> None:
         super().__init__(message, details={"errno": errno})
         self.errno = errno
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an :class:`NBDClient` connected: enough to open another connection to the
+    same export (``host``/``port``, or ``unix_path``), e.g. a blocking one for a thread."""
+
+    host: str
+    port: int
+    export: str
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    unix_path: str | None = None
+    timeout_s: float = 10.0
 
 
 class NBDClient:
@@ -70,6 +85,7 @@ class NBDClient:
         self.contexts = {name: cid for cid, name in negotiated.contexts.items()}
         self.structured = negotiated.structured
         self.transmission_flags = negotiated.transmission_flags
+        self.endpoint: Endpoint | None = None  # set by :meth:`connect`
         self._handles = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._dead: BaseException | None = None
@@ -153,7 +169,11 @@ class NBDClient:
             host, port, core, ssl_context, server_hostname, timeout_s, unix_path
         )
         assert isinstance(ev, Negotiated)
-        return cls(core, reader, writer, ev)
+        client = cls(core, reader, writer, ev)
+        client.endpoint = Endpoint(
+            host, port, export, ssl_context, server_hostname, unix_path, timeout_s
+        )
+        return client
 
     @classmethod
     async def list_exports(
@@ -213,14 +233,22 @@ class NBDClient:
     # ------------------------------------------------------------ commands
 
     async def _call(
-        self, cmd: Cmd, offset: int = 0, length: int = 0, *, flags: int = 0, data: bytes = b""
+        self,
+        cmd: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        flags: int = 0,
+        data: bytes = b"",
+        into: memoryview | None = None,
     ) -> Reply:
         if self._dead is not None:
             raise PeerUnavailable(f"nbd connection lost: {self._dead}")
         handle = next(self._handles)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiters[handle] = fut
-        self._writer.write(self._core.send(Command(handle, cmd, offset, length, flags, data)))
+        req = self._core.send(Command(handle, cmd, offset, length, flags, data), into=into)
+        self._writer.write(req)
         if self._writer.transport.get_write_buffer_size() > (4 << 20):
             await self._writer.drain()
         reply = await fut
@@ -243,6 +271,23 @@ class NBDClient:
             *(self._call(Cmd.READ, o, n) for o, n in self._pieces(offset, length))
         )
         return b"".join(p.data for p in parts)
+
+    async def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf`` (no extra copy).
+
+        ``buf`` must not be reused until this returns or the connection is lost: a
+        cancelled call's reply may still land in it.
+        """
+        view = memoryview(buf).cast("B")
+        if len(view) <= self.max_payload:
+            await self._call(Cmd.READ, offset, len(view), into=view)
+            return
+        await asyncio.gather(
+            *(
+                self._call(Cmd.READ, o, n, into=view[o - offset : o - offset + n])
+                for o, n in self._pieces(offset, len(view))
+            )
+        )
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         flags = CMD_FLAG_FUA if fua else 0

@@ -8,6 +8,12 @@ header followed by ``os.sendfile`` from the device's file (no user-space copy). 
 that cannot go out at once wait in a queue of views (again no copy); a long queue pauses
 reading (backpressure).
 
+Small reads are the latency case (a queue-depth-1 client waits for each reply): they are
+answered inside the readable callback, ``pread`` straight into the reply frame and sent
+in one ``send`` as soon as no further request is buffered -- no task, no thread hop, no
+extra loop iteration. On a small VM the rest of a QD1 round trip is mostly wake-up cost,
+so every bit of Python between ``recv_into`` and that ``send`` shows in the latency.
+
 After ``STARTTLS`` the socket is handed to asyncio's TLS transport
 (``connect_accepted_socket(ssl=...)``) and the session continues as an
 :class:`asyncio.BufferedProtocol` over the same core.
@@ -27,12 +33,13 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgevisor.errors import EdgevisorError
 from edgevisor.proto.nbd import ServerConnection
 from edgevisor.proto.nbd_wire import (
+    CMD_FLAG_FUA,
     CTX_BASE_ALLOCATION,
     STATE_HOLE,
     STATE_ZERO,
@@ -118,6 +125,9 @@ class Conn(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None  # set once TLS is up
         self.export: Export | None = None
         self.contexts: dict[int, str] = {}
+        # The device's optional fast paths, looked up once per session (hot path).
+        self._file_extent: Callable[[int, int], tuple[int, int] | None] | None = None
+        self._write_nowait: Callable[[int, bytes | memoryview], bool] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # Devices live on the server's main loop; this session may run on a worker loop.
         self.device_loop = server.main_loop or self.loop
@@ -221,19 +231,19 @@ class Conn(asyncio.BufferedProtocol):
             if not self.transport.is_closing():
                 self.transport.write(data)
             return
-        mv = memoryview(data)
+        n = 0
         if not self._wq:
             try:
                 # MSG_MORE: a reply header waits for its sendfile payload (one segment).
-                n = self.sock.send(mv, socket.MSG_MORE if more else 0)
+                n = self.sock.send(data, socket.MSG_MORE if more else 0)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:
                 self._teardown()
                 return
-            if n == len(mv):
+            if n == len(data):
                 return
-            mv = mv[n:]
+        mv = memoryview(data)[n:]
         self._enqueue(mv, len(mv))
 
     def write_file(self, fd: int, offset: int, length: int) -> None:
@@ -288,8 +298,10 @@ class Conn(asyncio.BufferedProtocol):
                 if more:
                     return
             else:
+                # A reply header whose payload follows from the file: one segment.
+                more = len(self._wq) > 1 and isinstance(self._wq[1], _FileChunk)
                 try:
-                    n = self.sock.send(item)
+                    n = self.sock.send(item, socket.MSG_MORE if more else 0)
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
@@ -374,19 +386,29 @@ class Conn(asyncio.BufferedProtocol):
             self._batch = None
 
     def _process_events(self) -> None:
+        core = self.core
         while not self._dead:
-            ev = self.core.next_event()
-            self.write(self.core.data_to_send())
+            ev = core.next_event()
+            out = core.data_to_send()
+            if out:
+                self.write(out)
             if ev is None:
                 return
-            if isinstance(ev, Request):
+            if type(ev) is Request:
                 self._dispatch(ev)
+                if not core.buffered():
+                    # Nothing else arrived: the replies leave now, before the bookkeeping
+                    # (a QD1 client waits for exactly this send).
+                    self._flush_batch()
             elif isinstance(ev, Negotiated):
                 self.export = self.server.exports.get(ev.export.name)
                 self.contexts = ev.contexts
                 if self.export is None:  # removed in between
                     self.abort()
                     return
+                dev = self.export.device
+                self._file_extent = getattr(dev, "file_extent", None)
+                self._write_nowait = getattr(dev, "write_nowait", None)
             elif isinstance(ev, StartTLS):
                 # The ClientHello must reach the TLS layer, not our buffer.
                 self._tls_pending = True
@@ -415,15 +437,16 @@ class Conn(asyncio.BufferedProtocol):
         """Answer inline when the device can do it without waiting; else start a task."""
         assert self.export is not None
         dev = self.export.device
+        cmd = req.cmd
         try:
-            if req.cmd is Cmd.READ:
-                file_extent = getattr(dev, "file_extent", None)
-                ext = file_extent(req.offset, req.length) if file_extent else None
+            if cmd is Cmd.READ:
+                file_extent = self._file_extent
+                ext = file_extent(req.offset, req.length) if file_extent is not None else None
                 if ext is not None:
                     self._read_from_file(req, ext[0], ext[1])
                     return
-            elif req.cmd is Cmd.WRITE and not req.fua:
-                write_nowait = getattr(dev, "write_nowait", None)
+            elif cmd is Cmd.WRITE and not req.flags & CMD_FLAG_FUA:
+                write_nowait = self._write_nowait
                 if write_nowait is not None and write_nowait(req.offset, req.data):
                     self.write(self.core.send(Done(req.handle)))
                     return
@@ -435,21 +458,22 @@ class Conn(asyncio.BufferedProtocol):
         self._spawn(self._handle(dev, req))
 
     def _read_from_file(self, req: Request, fd: int, offset: int) -> None:
-        hdr = self.core.read_reply_header(req.handle)
         if self.transport is None and req.length >= _SENDFILE_MIN:
+            hdr = self.core.read_reply_header(req.handle)
             if self._batch is not None:
                 self._batch.append(hdr)  # goes out with MSG_MORE right before the payload
             else:
                 self._send(hdr, more=True)
             self.write_file(fd, offset, req.length)
             return
-        buf = bytearray(len(hdr) + req.length)
-        buf[: len(hdr)] = hdr
-        got = os.preadv(fd, [memoryview(buf)[len(hdr) :]], offset)
+        # Small reads (the QD1 latency case): pread straight into the reply frame, then
+        # one send of header and payload together.
+        frame, start = self.core.read_reply_frame(req.handle)
+        got = os.preadv(fd, [memoryview(frame)[start:]], offset)
         if got != req.length:
-            self.abort()  # header already promised the bytes: cannot answer now
+            self.abort()  # the header already promises the bytes: cannot answer now
             return
-        self.write(buf)
+        self.write(frame)
 
     async def _on_device_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.device_loop is self.loop:

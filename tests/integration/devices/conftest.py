@@ -31,6 +31,7 @@ async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
         *,
         external_url: str | None = None,
         link: str = "inprocess",
+        settings_extra: dict[str, Any] | None = None,
         **kw: Any,
     ) -> Harness:
         calls: list[tuple[str, dict[str, Any]]] = []
@@ -48,6 +49,7 @@ async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
             spool_retry_interval_s=0.2,
             reconnect_interval_s=0.2,
             agent_link=link,
+            **(settings_extra or {}),
         )
         svc = DeviceService(
             settings, tmp_path / f"data{len(started)}", call_task, task_exists=lambda n: True, **kw

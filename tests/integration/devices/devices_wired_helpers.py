@@ -126,8 +126,9 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet(tmp: Path) -> Iterator[Fleet]:
-    """Controller + one in-process agent (host ``local``) with a broker on a free port."""
+def fleet(tmp: Path, overrides: dict[str, Any] | None = None) -> Iterator[Fleet]:
+    """Controller + one in-process agent (host ``local``) with a broker on a free port;
+    ``overrides``: more agent settings (dotted names)."""
     ctl = Controller(tmp / "ctl")
     loop = asyncio.new_event_loop()
     agent_box: list[Agent] = []
@@ -150,6 +151,7 @@ def fleet(tmp: Path) -> Iterator[Fleet]:
             "coordinator.memory_mb": 512,
             "devices.broker_port": port,
             "devices.spool_retry_interval_s": 0.2,
+            **(overrides or {}),
         },
         environ={},
     )

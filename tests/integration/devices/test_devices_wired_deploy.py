@@ -82,6 +82,16 @@ def _wait_state(acme: Client, version: int, states: tuple[str, ...]) -> Any:
     return wait_until(done, 120, f"deployment v{version} in {states}")
 
 
+def _step_now(deployer: Any) -> str | None:
+    """The step acme's running deployment is on (None before its first step: the apply
+    task may not have started yet, or not have begun a step)."""
+    if "acme" not in deployer._running:
+        return None
+    last = (deployer.state.get("acme") or {}).get("last") or {}
+    steps = last.get("steps") or []
+    return str(steps[-1]["name"]) if steps else None
+
+
 def _echo_roundtrip(f: Fleet, text: str) -> dict[str, Any]:
     port = f.broker_port
     with MqttSub(port, "acme.s1", "pw-s1", "devices/acme.s1/out") as sub:
@@ -134,9 +144,7 @@ def test_stuck_deployment_can_be_cancelled(f: Fleet) -> None:
     acme.apply_deployment({"tasks": [_task(ECHO_TASK, memory="96M"), _task(SLOW_TASK)]})
 
     deployer = f.agent.capability("devices").deployer
-    wait_until(lambda: "acme" in deployer._running and deployer.state["acme"]["last"]["steps"]
-               and deployer.state["acme"]["last"]["steps"][-1]["name"] == "stage task slow",
-               120, "stuck at stage task slow")  # fmt: skip
+    wait_until(lambda: _step_now(deployer) == "stage task slow", 120, "stuck at stage task slow")
     out = acme.cancel_deployment()
     assert [(d.version, d.state) for d in out] == [(2, "cancelled")]
     # The agent interrupted the step (not waiting for the start timeout) and rolled back.
@@ -186,11 +194,7 @@ def test_new_version_supersedes_a_stuck_one(f: Fleet) -> None:
     acme = f.account_client("acme")
     acme.apply_deployment({"tasks": [_task(ECHO_TASK), _task(SLOW_TASK)]})
     deployer = f.agent.capability("devices").deployer
-    wait_until(
-        lambda: "acme" in deployer._running
-        and deployer.state["acme"]["last"]["steps"][-1:][0]["name"] == "stage task slow",
-        120, "stuck at stage task slow",
-    )  # fmt: skip
+    wait_until(lambda: _step_now(deployer) == "stage task slow", 120, "stuck at stage task slow")
     acme.apply_deployment({"tasks": [_task(ECHO_TASK, memory="96M")]})
     d = _wait_state(acme, 2, ("succeeded", "failed"))
     assert d.state == "succeeded"

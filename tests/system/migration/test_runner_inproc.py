@@ -262,6 +262,14 @@ def test_cli_migrate_watch_and_list(bed: tuple[Testbed, Client]) -> None:
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.output)
     assert (row["phase"], row["source"], row["target"]) == ("committed", SRC, DST)
+    # domain show carries the migration's progress (all present at commit) and downtime
+    res = runner.invoke(cli_app, ["domain", "show", "kv", *auth])
+    assert res.exit_code == 0, res.output
+    assert f"{SRC} -> {DST}" in res.output and "committed" in res.output, res.output
+    assert "(100%)" in res.output and "switch downtime" in res.output, res.output
+    res = runner.invoke(cli_app, ["domain", "show", "kv", "--json", *auth])
+    shown = json.loads(res.output)
+    assert shown["host"] == DST and shown["migration"]["phase"] == "committed", shown
     # refusals come back as errors, with nothing changed
     res = runner.invoke(cli_app, ["domain", "migrate", "kv", "--to", DST, *auth])
     assert res.exit_code != 0 and "already on" in res.output

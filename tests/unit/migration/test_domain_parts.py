@@ -143,3 +143,21 @@ def test_status_changes_skip_creating_and_unreported_rows() -> None:
         ("other", "kv"): {"phase": "running", "restarts": 1},
     }
     assert status_changes(stored, reported) == [(1, "acme.kv", "backoff", 1)]
+
+
+def test_step_clock_marks_sequential_and_concurrent_steps() -> None:
+    from edgevisor.migration.domain_parts import StepClock
+
+    now = [10.0]
+    clock = StepClock(lambda: now[0])
+    now[0] = 10.5
+    clock.mark("a")
+    t0 = clock.now()
+    now[0] = 11.0
+    clock.since(t0, "b")
+    now[0] = 11.25
+    clock.since(t0, "c")
+    clock.skip()
+    now[0] = 12.0
+    clock.mark("d")
+    assert clock.done() == {"a": 0.5, "b": 0.5, "c": 0.75, "d": 0.75, "total": 2.0}

@@ -58,6 +58,7 @@ class World:
         self.running: set[str] = {SRC}
         self.primary = SRC
         self.record = SRC
+        self.has_address = False
         self.source_stale = False
         self.source_volume = True
         self.target_volume = False
@@ -100,6 +101,8 @@ class World:
         elif kind == "StartOnTarget":
             assert self.primary == DST, "started on a secondary copy"
             assert SRC not in self.running, "started while the source still runs"
+            # reachable at its logical address as soon as it runs there
+            assert not self.has_address or self.record == DST, "started before the move"
             self.running.add(DST)
         elif kind == "MoveRecord":
             self.record = cmd.to_host  # type: ignore[attr-defined]
@@ -119,6 +122,7 @@ class World:
             assert self.primary == SRC, "resumed on a secondary copy"
             assert not self.source_stale, "resumed on a source missing acknowledged writes"
             assert DST not in self.running, "resumed while the target still runs"
+            assert self.record == SRC, "resumed before the record came back"
             self.running.add(SRC)
             self.source_quiesced = False
         elif kind == "DiscardTarget":
@@ -131,6 +135,7 @@ class Harness:
     def __init__(self, mode: Mode, has_address: bool) -> None:
         self.m = Migration(make_spec(mode=mode, has_address=has_address, volume_bytes=1000))
         self.w = World()
+        self.w.has_address = has_address
         self.now = 0.0
         self.max_present = 0
         self.snapshot: dict[str, Any] = self.m.to_dict()

@@ -52,8 +52,8 @@ def to_post_sync(d: Driver) -> None:
     d.done("PrepareTarget")
     d.done("QuiesceSource")
     d.done("SetRoles")
-    d.done("StartOnTarget")
-    assert d.done("MoveRecord") == [P(Phase.POST_SYNC), StartFill(rate_bytes_s=None)]
+    d.done("MoveRecord")
+    assert d.done("StartOnTarget") == [P(Phase.POST_SYNC), StartFill(rate_bytes_s=None)]
 
 
 def finish_rollback(d: Driver, final: Phase) -> None:
@@ -71,15 +71,20 @@ def test_happy_path_post_copy_with_address() -> None:
     d = Driver(rate_bytes_s=200_000_000)
     assert d.start() == [P(Phase.PREPARING), PrepareTarget(lazy=True)]
     assert d.done("PrepareTarget", dt=1.0) == [P(Phase.SWITCHING), QuiesceSource()]
+    # The record moves with the roles: after the stop on the source, before the start.
     assert d.done("QuiesceSource", dt=0.010) == [
         P(Phase.SWITCHING),
         SetRoles(primary=DST, secondary=SRC),
+        MoveRecord(to_host=DST),
     ]
-    assert d.done("SetRoles", dt=0.005) == [P(Phase.SWITCHING), StartOnTarget(), MoveRecord(DST)]
+    assert d.done("SetRoles", dt=0.005) == []  # the step waits for the move
+    assert d.done("MoveRecord", dt=0.005) == [P(Phase.SWITCHING), StartOnTarget()]
     # Downtime: from issuing QuiesceSource (t=1.0) to StartOnTarget done.
-    assert d.done("StartOnTarget", dt=0.050) == [P(Phase.SWITCHING)]
-    assert d.m.downtime_s == pytest.approx(0.065)
-    assert d.done("MoveRecord") == [P(Phase.POST_SYNC), StartFill(rate_bytes_s=200_000_000)]
+    assert d.done("StartOnTarget", dt=0.050) == [
+        P(Phase.POST_SYNC),
+        StartFill(rate_bytes_s=200_000_000),
+    ]
+    assert d.m.downtime_s == pytest.approx(0.070)
     assert d.send(Progress(1 << 19, 1 << 20)) == [P(Phase.POST_SYNC)]
     assert d.done("StartFill") == [P(Phase.VERIFYING), Verify()]
     assert d.m.status().present_bytes == 1 << 20
@@ -87,7 +92,34 @@ def test_happy_path_post_copy_with_address() -> None:
     assert d.m.phase is Phase.COMMITTED and not d.m.settled
     assert d.done("ReleaseSource") == [P(Phase.COMMITTED)]
     assert d.m.settled
-    assert d.m.status().downtime_s == pytest.approx(0.065)
+    assert d.m.status().downtime_s == pytest.approx(0.070)
+
+
+def test_failed_record_move_rolls_back_before_the_target_starts() -> None:
+    d = Driver()
+    d.start()
+    d.done("PrepareTarget")
+    d.done("QuiesceSource")
+    assert d.fail("MoveRecord", "conflict: address changed meanwhile") == [P(Phase.ABORTING)]
+    # SetRoles is drained; then everything that may have happened is undone, the record's
+    # move too (idempotent: a record still on the source stays there).
+    assert d.done("SetRoles") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
+    assert d.done("SetRoles") == [P(Phase.ABORTING), MoveRecord(to_host=SRC)]
+    assert d.done("MoveRecord") == [P(Phase.ABORTING), ResumeOnSource()]
+    assert d.done("ResumeOnSource") == [P(Phase.ABORTING), DiscardTarget()]
+    assert d.done("DiscardTarget") == [P(Phase.FAILED_BACK)]
+    assert d.m.reason is not None and "MoveRecord failed" in d.m.reason
+
+
+def test_stop_and_copy_without_address_moves_no_record() -> None:
+    d = Driver(mode=Mode.STOP_AND_COPY, has_address=False)
+    d.start()
+    d.done("PrepareTarget")
+    d.done("QuiesceSource")
+    d.done("StartFill")
+    assert d.done("Verify") == [P(Phase.SWITCHING), SetRoles(primary=DST, secondary=SRC)]
+    assert d.done("SetRoles") == [P(Phase.SWITCHING), StartOnTarget()]
+    assert d.done("StartOnTarget") == [P(Phase.COMMITTED), ReleaseSource()]
 
 
 def test_happy_path_without_address_moves_no_record() -> None:
@@ -105,12 +137,16 @@ def test_stop_and_copy_copies_everything_before_switching() -> None:
     assert d.done("PrepareTarget", dt=1.0) == [P(Phase.SWITCHING), QuiesceSource()]
     assert d.done("QuiesceSource") == [P(Phase.SWITCHING), StartFill(rate_bytes_s=None)]
     assert d.done("StartFill", dt=10.0) == [P(Phase.SWITCHING), Verify()]
-    assert d.done("Verify") == [P(Phase.SWITCHING), SetRoles(primary=DST, secondary=SRC)]
-    assert d.done("SetRoles") == [P(Phase.SWITCHING), StartOnTarget(), MoveRecord(DST)]
-    d.done("StartOnTarget")
-    assert d.done("MoveRecord") == [P(Phase.COMMITTED), ReleaseSource()]
-    # The copy happened inside the downtime: quiesce issued at t=1, started at t=15.
-    assert d.m.downtime_s == pytest.approx(14.0)
+    assert d.done("Verify") == [
+        P(Phase.SWITCHING),
+        SetRoles(primary=DST, secondary=SRC),
+        MoveRecord(to_host=DST),
+    ]
+    assert d.done("MoveRecord") == []
+    assert d.done("SetRoles") == [P(Phase.SWITCHING), StartOnTarget()]
+    assert d.done("StartOnTarget") == [P(Phase.COMMITTED), ReleaseSource()]
+    # The copy happened inside the downtime: quiesce issued at t=1, started at t=16.
+    assert d.m.downtime_s == pytest.approx(15.0)
 
 
 # -- aborts ----------------------------------------------------------------------------
@@ -137,22 +173,24 @@ def test_abort_in_switching_after_quiesce() -> None:
     d.start()
     d.done("PrepareTarget")
     d.done("QuiesceSource")
-    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]  # SetRoles is in flight
-    assert d.done("SetRoles") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
-    assert d.done("SetRoles") == [P(Phase.ABORTING), ResumeOnSource()]
+    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]  # SetRoles, MoveRecord in flight
+    assert d.done("SetRoles") == []  # drain the move first
+    assert d.done("MoveRecord") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
+    assert d.done("SetRoles") == [P(Phase.ABORTING), MoveRecord(to_host=SRC)]
+    assert d.done("MoveRecord") == [P(Phase.ABORTING), ResumeOnSource()]
     assert d.done("ResumeOnSource") == [P(Phase.ABORTING), DiscardTarget()]
     assert d.done("DiscardTarget") == [P(Phase.ABORTED)]
 
 
-def test_abort_in_switching_drains_start_and_record_then_undoes_all() -> None:
+def test_abort_in_switching_drains_the_start_then_undoes_all() -> None:
     d = Driver()
     d.start()
     d.done("PrepareTarget")
     d.done("QuiesceSource")
     d.done("SetRoles")
-    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]
-    assert d.done("StartOnTarget") == [P(Phase.ABORTING)]  # MoveRecord still in flight
-    assert d.done("MoveRecord") == [P(Phase.ABORTING), StopTarget()]
+    d.done("MoveRecord")
+    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]  # StartOnTarget in flight
+    assert d.done("StartOnTarget") == [P(Phase.ABORTING), StopTarget()]
     finish_rollback(d, Phase.ABORTED)
 
 
@@ -286,8 +324,8 @@ def test_start_on_target_failure_rolls_back_everything() -> None:
     d.done("PrepareTarget")
     d.done("QuiesceSource")
     d.done("SetRoles")
-    assert d.fail("StartOnTarget") == [P(Phase.ABORTING)]  # drain MoveRecord first
-    assert d.done("MoveRecord") == [P(Phase.ABORTING), StopTarget()]
+    d.done("MoveRecord")
+    assert d.fail("StartOnTarget") == [P(Phase.ABORTING), StopTarget()]
     finish_rollback(d, Phase.FAILED_BACK)
 
 
@@ -296,9 +334,12 @@ def test_target_down_in_switching_skips_what_only_it_could_do() -> None:
     d.start()
     d.done("PrepareTarget")
     d.done("QuiesceSource")
-    # SetRoles(target primary) is in flight and can no longer be answered.
-    assert d.send(HostDown(DST)) == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
-    assert d.done("SetRoles") == [P(Phase.ABORTING), ResumeOnSource()]
+    # SetRoles(target primary) is in flight and can no longer be answered; the record's
+    # move (the controller's) is drained, then undone.
+    assert d.send(HostDown(DST)) == [P(Phase.ABORTING)]
+    assert d.done("MoveRecord") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
+    assert d.done("SetRoles") == [P(Phase.ABORTING), MoveRecord(to_host=SRC)]
+    assert d.done("MoveRecord") == [P(Phase.ABORTING), ResumeOnSource()]
     assert d.done("ResumeOnSource") == [P(Phase.FAILED_BACK)]
     assert d.m.leftovers == {"target:target_prepared"}
 
@@ -408,10 +449,10 @@ def test_regression_source_down_after_switch_in_switching_marks_source_stale() -
     d.done("PrepareTarget")
     d.done("QuiesceSource")
     d.done("SetRoles")
-    d.done("StartOnTarget")  # MoveRecord still in flight; the target serves writes
+    d.done("MoveRecord")  # StartOnTarget in flight: the target may serve writes already
     assert d.send(HostDown(SRC)) == [P(Phase.ABORTING)]
     assert not d.m.source_current
-    d.done("MoveRecord")
+    d.done("StartOnTarget")
     d.send(HostDown(DST))
     d.send(HostUp(SRC))
     # The target holds writes the source lacks: wait for it rather than resume.

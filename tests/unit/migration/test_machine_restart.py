@@ -65,12 +65,12 @@ def in_switching_after_roles(d: Driver) -> None:
 def in_switching_after_start(d: Driver) -> None:
     in_switching_after_roles(d)
     d.done("SetRoles")
+    d.done("MoveRecord")
 
 
 def in_post_sync(d: Driver) -> None:
     in_switching_after_start(d)
     d.done("StartOnTarget")
-    d.done("MoveRecord")
 
 
 def in_post_sync_link_cut(d: Driver) -> None:
@@ -126,7 +126,7 @@ CASES: list[tuple[Callable[[Driver], None], Phase, list[Command], Phase | None]]
     (in_requested, Phase.REQUESTED, [PrepareTarget(lazy=True)], None),
     (in_preparing, Phase.PREPARING, [DiscardTarget()], Phase.FAILED_BACK),
     (in_switching_after_quiesce, Phase.SWITCHING, UNDO_ALL[4:], Phase.FAILED_BACK),
-    (in_switching_after_roles, Phase.SWITCHING, UNDO_ALL[2:3] + UNDO_ALL[4:], Phase.FAILED_BACK),
+    (in_switching_after_roles, Phase.SWITCHING, UNDO_ALL[2:], Phase.FAILED_BACK),
     (in_switching_after_start, Phase.SWITCHING, UNDO_ALL, Phase.FAILED_BACK),
     (in_post_sync, Phase.POST_SYNC, [StartFill(rate_bytes_s=None)], None),
     (in_post_sync_link_cut, Phase.POST_SYNC, [ResyncSource()], None),

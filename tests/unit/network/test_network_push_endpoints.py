@@ -48,10 +48,11 @@ def test_an_unreachable_endpoint_is_reported_without_a_call(
 ) -> None:
     stored: list[list[tuple[str, Any]]] = []
 
-    async def store_reports(_st: Any, got: list[tuple[str, Any]]) -> None:
-        stored.append(got)
+    class _Writer:
+        def add(self, got: list[tuple[str, Any]]) -> None:
+            stored.append(list(got))
 
-    monkeypatch.setattr(addr_sync, "_store_reports", store_reports)
+    monkeypatch.setattr(addr_sync, "report_writer", lambda _st: _Writer())
     st = _State()
     hosts = {"h1", "h2", "h3"}  # in both sets: each gets the one-record delta
     change = addr_sync.Push(REC, hosts, set(hosts), first="h1")
@@ -63,3 +64,49 @@ def test_an_unreachable_endpoint_is_reported_without_a_call(
     assert st.links.calls[0] == ("h1", ("http://h1:7451", "k1"))
     assert sorted(st.links.calls[1:]) == [("h3", ("http://h3:7451", "k3"))]
     assert [sorted(h for h, _ in got) for got in stored] == [["h1", "h3"]]
+
+
+def test_reports_are_stored_in_order_one_transaction_per_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batches: list[list[tuple[str, Any]]] = []
+
+    async def store(_st: Any, _fn: Any, got: list[tuple[str, Any]]) -> None:
+        batches.append(list(got))
+
+    monkeypatch.setattr(addr_sync, "_store", store)
+
+    async def scenario() -> None:
+        w = addr_sync.ReportWriter(_State())  # type: ignore[arg-type]
+        w.add([("h1", {"n": 1})])
+        w.add([("h2", {"n": 2}), ("h1", {"n": 3})])
+        assert batches == []  # not on the caller's path
+        await w.flush()
+        w.add([("h2", {"n": 4})])
+        await w.flush()
+
+    asyncio.run(scenario())
+    assert batches == [[("h1", {"n": 1}), ("h2", {"n": 2}), ("h1", {"n": 3})],
+                       [("h2", {"n": 4})]]
+
+
+def test_a_drain_of_a_finished_event_loop_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[list[tuple[str, Any]]] = []
+
+    async def store(_st: Any, _fn: Any, got: list[tuple[str, Any]]) -> None:
+        batches.append(list(got))
+
+    monkeypatch.setattr(addr_sync, "_store", store)
+    w = addr_sync.ReportWriter(_State())  # type: ignore[arg-type]
+
+    async def add_only() -> None:
+        w.add([("h1", {"n": 1})])  # the loop ends before the drain stores it
+
+    asyncio.run(add_only())
+
+    async def add_and_flush() -> None:
+        w.add([("h1", {"n": 2})])
+        await w.flush()
+
+    asyncio.run(add_and_flush())
+    assert batches == [[("h1", {"n": 1}), ("h1", {"n": 2})]]

@@ -1,0 +1,261 @@
+"""Fill lanes of a lazy volume: one source connection each, on a thread of its own.
+
+The lazy volume's fill runs on the owning loop and hands each fetch to a lane; the lane's
+connection is created, used and closed only on the lane's thread. Two kinds:
+
+* :class:`BlockingLane` (used when the source says where it is, ``endpoint``): a plain
+  thread running fetches one after the other over a
+  :class:`~edgevisor.storage.nbd_blocking.BlockingReader`; no event loop at all.
+* :class:`Lane`: a thread with its own event loop awaiting the source's ``connect`` (for
+  sources that cannot be reopened as blocking connections).
+
+Cancelling a fetch waits until it really ended on the lane, so no fetched bytes can land
+after the caller gave the blocks up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from edgevisor.errors import PeerUnavailable
+from edgevisor.storage.nbd_blocking import BlockingReader
+from edgevisor.storage.nbd_client import Endpoint
+
+if TYPE_CHECKING:
+    from edgevisor.storage.lazy_parts import RemoteSource
+
+__all__ = ["BlockingLane", "FillLanes", "Lane"]
+
+
+class Lane:
+    """One fill connection with its own thread and event loop.
+
+    TLS decryption (``SSLObject.read``), ``recv_into`` and ``pwrite`` release the GIL, so
+    lanes on threads use several cores where connections on one loop would share one.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.source: RemoteSource | None = None  # touched only on this lane's loop
+        self._pending: set[threading.Event] = set()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the lane; a cancelled caller still waits for it to end, so
+        fetched bytes never land on blocks a waiting local write owns by then."""
+        done = threading.Event()
+        result: concurrent.futures.Future[None] = concurrent.futures.Future()
+        task: list[asyncio.Task[None]] = []
+
+        def finished(t: asyncio.Task[None]) -> None:
+            done.set()
+            if result.done():
+                return
+            if t.cancelled():
+                result.cancel()
+            elif (exc := t.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(None)
+
+        def start() -> None:  # on the lane's loop
+            task.append(self.loop.create_task(coro))
+            task[0].add_done_callback(finished)
+
+        self._pending.add(done)
+        try:
+            self.loop.call_soon_threadsafe(start)
+            try:
+                await asyncio.wrap_future(result)
+            except asyncio.CancelledError:
+                with contextlib.suppress(RuntimeError):  # the lane is closed already
+                    self.loop.call_soon_threadsafe(lambda: task[0].cancel())
+                await asyncio.to_thread(done.wait)
+                raise
+        finally:
+            self._pending.discard(done)
+
+    async def close(self) -> None:
+        """Idempotent; safe to call again after a cancelled close."""
+        if self.loop.is_closed():
+            return
+        src, self.source = self.source, None
+        if src is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(src.aclose(), self.loop))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self._thread.join)
+        for done in list(self._pending):  # stopped: nothing can land any more
+            done.set()
+        self.loop.close()
+
+
+class BlockingLane:
+    """One blocking connection to ``endpoint`` on its own thread, opened on first use."""
+
+    def __init__(self, name: str, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.reader: BlockingReader | None = None  # touched only on this lane's thread
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], None], concurrent.futures.Future[None]] | None
+        ] = queue.SimpleQueue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            if self._closing:
+                fut.set_exception(PeerUnavailable("fill lane closed"))
+                continue
+            try:
+                fn()
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def connection(self) -> BlockingReader:
+        """The lane's reader (on the lane's thread); opened here when there is none."""
+        if self.reader is None:
+            self.reader = BlockingReader(self.endpoint)
+            if self._closing:  # close() ran while we connected: it could not unblock us
+                self.reader.close()
+        return self.reader
+
+    async def run(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the lane's thread; a cancelled caller still waits for it to end."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._jobs.put((fn, fut))
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.cancel()  # fails if it runs already: then wait for the end
+            await asyncio.to_thread(concurrent.futures.wait, [fut])
+            raise
+
+    async def close(self) -> None:
+        """Idempotent: unblocks a fetch in progress (it fails), then ends the thread."""
+        self._closing = True
+        self._jobs.put(None)
+        reader = self.reader
+        if reader is not None:
+            reader.close()  # thread-safe: a blocked recv returns at once
+        await asyncio.to_thread(self._thread.join)
+
+
+AnyLane = Lane | BlockingLane
+Store = Callable[[int, memoryview], object]
+"""Stores fetched blocks ``(first block, data)``; called on a lane's thread."""
+
+
+class FillLanes:
+    """A lazy volume's fill lanes, used round-robin, with reusable reply buffers.
+
+    Blocking lanes when ``endpoint`` is known, else lanes with an event loop awaiting
+    ``connect``. A fetch reads into a buffer and hands it to ``store`` on the lane's
+    thread; a failed attempt is retried (new connection) until its deadline.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        endpoint: Endpoint | None,
+        connect: Callable[[], Awaitable[RemoteSource]],
+        store: Store,
+        *,
+        block_size: int,
+        buffer_bytes: int,
+        reconnect_interval_s: float,
+    ) -> None:
+        self.lanes: list[AnyLane] = [
+            BlockingLane(f"lazy-fill-{i}", endpoint) if endpoint else Lane(f"lazy-fill-{i}")
+            for i in range(n)
+        ]
+        self._connect = connect
+        self._store = store
+        self._bs = block_size
+        self._buffer_bytes = buffer_bytes
+        self._reconnect_interval_s = reconnect_interval_s
+        self._buffers: list[bytearray] = []
+        self._turn = itertools.cycle(range(n))
+        self._closer: asyncio.Task[None] | None = None
+
+    async def fetch(
+        self, first: int, length: int, deadline: float, closed: Callable[[], bool]
+    ) -> None:
+        """Fetch ``length`` bytes from block ``first`` and store them; raises
+        PeerUnavailable once ``deadline`` passed (or ``closed()``) without success."""
+        lane = self.lanes[next(self._turn)]
+        while True:
+            buf = self._buffers.pop() if self._buffers else bytearray(self._buffer_bytes)
+            view = memoryview(buf)[:length]
+            try:
+                if isinstance(lane, BlockingLane):
+                    await lane.run(functools.partial(self._blocking_step, lane, first, view))
+                else:
+                    await lane.run(self._loop_step(lane, first, view))
+            except (PeerUnavailable, OSError) as e:
+                # ``buf`` is dropped, not reused: a late reply might still land in it.
+                if time.monotonic() >= deadline or closed():
+                    raise PeerUnavailable(str(e)) from e
+                await asyncio.sleep(self._reconnect_interval_s)
+                continue
+            self._buffers.append(buf)  # only after success: the reply is complete
+            return
+
+    def _blocking_step(self, lane: BlockingLane, first: int, view: memoryview) -> None:
+        """Runs on a blocking lane's thread (the reader closes itself on a failure)."""
+        try:
+            lane.connection().read_into(first * self._bs, view)
+        except PeerUnavailable:
+            lane.reader = None
+            raise
+        self._store(first, view)
+
+    async def _loop_step(self, lane: Lane, first: int, view: memoryview) -> None:
+        """Runs on the lane's loop: its connection only ever lives there."""
+        src = lane.source
+        if src is None:
+            src = lane.source = await self._connect()
+        try:
+            read_into = getattr(src, "read_into", None)
+            if read_into is not None:
+                await read_into(first * self._bs, view)
+            else:  # a source without zero-copy reads
+                view[:] = await src.read(first * self._bs, len(view))
+        except PeerUnavailable:
+            lane.source = None
+            with contextlib.suppress(Exception):
+                await src.aclose()
+            raise
+        # Still on the lane's thread: pwrite releases the GIL, the main loop runs on.
+        self._store(first, view)
+
+    async def close(self) -> None:
+        """Idempotent. Closing runs as its own task, shielded: a cancelled caller cannot
+        leave a lane half closed; the next call waits for it."""
+        if self._closer is None:
+            self._buffers.clear()
+            self._closer = asyncio.create_task(self._close_all())
+        await asyncio.shield(self._closer)
+
+    async def _close_all(self) -> None:
+        for lane in self.lanes:
+            await lane.close()

@@ -1,0 +1,165 @@
+"""A blocking NBD reader over the sans-IO core, for one thread (a lazy volume's fill lane).
+
+Why blocking: a fill lane owns its thread and does one thing, bulk reads. A blocking
+socket needs no event loop, no self-pipe wake-ups and no transport buffers; over TLS,
+``SSLSocket.recv_into`` decrypts straight into the destination buffer (asyncio's TLS
+transport first copies every record into a memory BIO). The payload of each read lands
+where the caller wants it through the core's zero-copy sink
+(:meth:`~edgevisor.proto.nbd_client_core.ClientConnection.send` with ``into``).
+
+Errors: anything that breaks the link (OS errors, timeouts, TLS errors, protocol
+violations, a refused handshake) raises :class:`~edgevisor.errors.PeerUnavailable`, after
+which the reader is closed; a server's error reply raises
+:class:`~edgevisor.storage.nbd_client.NBDCommandError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+
+from edgevisor.errors import PeerUnavailable
+from edgevisor.proto.nbd import ClientConnection
+from edgevisor.proto.nbd_wire import (
+    Closed,
+    Cmd,
+    Command,
+    ExportList,
+    HandshakeFailed,
+    NBDProtocolError,
+    Negotiated,
+    Reply,
+    StartTLS,
+)
+from edgevisor.storage.nbd_client import Endpoint, NBDCommandError
+
+__all__ = ["BlockingReader"]
+
+_RECV_MIN = 256 * 1024
+
+
+class BlockingReader:
+    """One connection, read-only use, driven by blocking calls from one thread at a time.
+
+    :meth:`close` may be called from another thread to unblock a read in progress.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._core = ClientConnection(
+            endpoint.export, contexts=(), tls=endpoint.ssl_context is not None
+        )
+        self._handles = itertools.count(1)
+        self._closed = False
+        self._sock: socket.socket = self._open()
+        try:
+            self._handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ setup
+
+    def _open(self) -> socket.socket:
+        ep = self.endpoint
+        try:
+            if ep.unix_path:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(ep.timeout_s)
+                s.connect(ep.unix_path)
+            else:
+                s = socket.create_connection((ep.host, ep.port), timeout=ep.timeout_s)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise PeerUnavailable(f"cannot connect to nbd://{ep.host}:{ep.port}: {e}") from e
+        return s
+
+    def _handshake(self) -> None:
+        core = self._core
+        try:
+            while True:
+                ev = core.next_event()
+                out = core.data_to_send()
+                if out:
+                    self._sock.sendall(out)
+                if ev is None:
+                    core.receive_data(self._sock.recv(65536))
+                elif isinstance(ev, StartTLS):
+                    ctx = self.endpoint.ssl_context
+                    if ctx is None:
+                        raise PeerUnavailable("STARTTLS without an ssl context")
+                    self._sock = ctx.wrap_socket(
+                        self._sock, server_hostname=self.endpoint.server_hostname
+                    )
+                    core.tls_started()
+                elif isinstance(ev, Negotiated):
+                    self.size_bytes = ev.export.size
+                    self.max_payload = ev.export.block_sizes[2]
+                    return
+                elif isinstance(ev, HandshakeFailed):
+                    raise PeerUnavailable(f"nbd handshake refused: {ev.message}")
+                elif isinstance(ev, (Closed, ExportList)):
+                    raise PeerUnavailable(f"nbd handshake ended: {ev}")
+        except (OSError, NBDProtocolError) as e:  # ssl.SSLError and timeouts are OSErrors
+            raise PeerUnavailable(f"nbd handshake with {self.endpoint.host} failed: {e}") from e
+
+    def close(self) -> None:
+        """Idempotent; from any thread (a blocked read then fails with PeerUnavailable)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    # ------------------------------------------------------------ reads
+
+    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``; pieces larger than the
+        server's maximum payload are all sent first, then received (pipelined)."""
+        view = memoryview(buf).cast("B")
+        step = self.max_payload
+        if self._closed:
+            raise PeerUnavailable("nbd connection closed")
+        try:
+            pending: dict[int, int] = {}
+            out = bytearray()
+            for o in range(offset, offset + len(view), step):
+                n = min(step, offset + len(view) - o)
+                h = next(self._handles)
+                rel = o - offset
+                out += self._core.send(Command(h, Cmd.READ, o, n), into=view[rel : rel + n])
+                pending[h] = o
+            self._sock.sendall(out)
+            while pending:
+                ev = self._core.next_event()
+                if ev is None:
+                    self._receive()
+                    continue
+                if isinstance(ev, Reply):
+                    o = pending.pop(ev.handle)
+                    if ev.error:
+                        raise NBDCommandError(
+                            f"READ at {o} failed: error {ev.error} {ev.message}".rstrip(),
+                            errno=ev.error,
+                        )
+                elif isinstance(ev, Closed):
+                    raise PeerUnavailable(f"nbd connection lost: {ev.reason}")
+        except NBDCommandError:
+            self.close()  # replies of the other pieces may still be on their way
+            raise
+        except (OSError, NBDProtocolError) as e:
+            self.close()
+            raise PeerUnavailable(f"nbd connection lost: {e}") from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self) -> None:
+        target = self._core.get_buffer(_RECV_MIN)
+        n = self._sock.recv_into(target)
+        if n == 0:  # every caller is waiting for a reply: the link is gone
+            raise PeerUnavailable("nbd connection lost: server closed the connection")
+        self._core.buffer_updated(n)

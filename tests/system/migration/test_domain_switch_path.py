@@ -1,0 +1,237 @@
+"""The domain runtime's switch path: staging ahead of a start, and the fast quiesce."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from edgevisor.migration.domain import Domain, LocalVolumes, clear_stale
+from edgevisor.migration.domain_parts import (
+    DomainSpec,
+    DomainsSettings,
+    cgroup_parent,
+    netns_prefix,
+    slot_address,
+)
+from edgevisor.network.netns import netns_exists
+from edgevisor.storage.attach import AttachSettings
+from edgevisor.storage.hostfs import is_mounted, read_mountinfo
+from edgevisor.tasks.cgroups import CgroupError
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
+
+KV = Path(__file__).resolve().parents[3] / "examples" / "domains" / "kv" / "kv.py"
+PY = os.path.realpath(sys.executable)
+SETTINGS = DomainsSettings(stop_timeout_s=20.0)
+SIZE = 64 << 20
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = f"s{os.getpid()}-{root.name[-6:]}"
+        self.volumes = LocalVolumes(root / "volumes", AttachSettings(stop_timeout_s=20.0))
+        self.domains: list[Domain] = []
+
+    def kv(self, name: str = "kv") -> Domain:
+        spec = DomainSpec(
+            account="acme", name=name, command=(PY, "-I", "-S", "/task/kv.py", "--port", "8080"),
+            volume=f"domain-{name}", volume_size_bytes=SIZE, restart="never", memory_mb=128,
+        )  # fmt: skip
+        slot = 3000 + os.getpid() % 900 + len(self.domains)
+        d = Domain(
+            spec, host=self.host, dir=self.root / "domains" / spec.qualified, slot=slot,
+            address=slot_address(SETTINGS.test_subnet, slot), volumes=self.volumes,
+            settings=SETTINGS,
+        )  # fmt: skip
+        d.app_dir.mkdir(parents=True)
+        shutil.copy(KV, d.app_dir / "kv.py")
+        self.domains.append(d)
+        return d
+
+    def cgroups(self) -> list[str]:
+        cg = Path("/sys/fs/cgroup/freezer") / cgroup_parent(self.host)
+        return sorted(p.name for p in cg.iterdir() if p.is_dir()) if cg.is_dir() else []
+
+    def netns(self) -> list[str]:
+        if not os.path.isdir("/run/netns"):
+            return []
+        return sorted(n for n in os.listdir("/run/netns") if n.startswith(netns_prefix(self.host)))
+
+    def mounts(self) -> list[str]:
+        under = str(self.root) + "/"
+        return [m.mount_point for m in read_mountinfo() if m.mount_point.startswith(under)]
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    root = Path(tempfile.mkdtemp(prefix=f"evtest-sw-{os.getpid()}-", dir="/tmp"))
+    e = Env(root)
+    try:
+        yield e
+    finally:
+        for d in e.domains:
+            with contextlib.suppress(Exception):  # keep cleaning
+                await d.stop()
+        await clear_stale(e.host, e.volumes, [d.spec.volume_id for d in e.domains])
+        for m in reversed(read_mountinfo()):
+            if m.mount_point.startswith(str(root) + "/"):
+                subprocess.run(["umount", "-l", m.mount_point], check=False)
+        for part in ("memory", "pids", "cpu", "freezer"):
+            p = Path("/sys/fs/cgroup") / part / cgroup_parent(e.host)
+            if p.is_dir():
+                subprocess.run(["rmdir", str(p)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5.0) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    return await asyncio.to_thread(_http, method, url, body)
+
+
+async def wait_serving(d: Domain, deadline_s: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        with contextlib.suppress(OSError):
+            if (await http("GET", f"http://{d.address}:8080/healthz"))[0] == 200:
+                return
+        if loop.time() > end:
+            raise AssertionError(f"domain not serving; log:\n{d._log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def test_stage_builds_cgroups_only_and_start_uses_them(env: Env) -> None:
+    d = env.kv()
+    await d.stage()
+    assert d.phase == "stopped"
+    assert env.cgroups() == [d.tag]
+    # neither the volume's data nor the address are touched before the start
+    assert env.mounts() == [] and env.netns() == []
+    await d.stage()  # idempotent
+    await d.start()
+    assert "cgroups" not in d.timings["start"]  # built by the stage, not again
+    assert netns_exists(d.netns)
+    await wait_serving(d)
+    await d.stop()
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+
+
+async def test_stage_then_stop_without_start_leaves_nothing(env: Env) -> None:
+    d = env.kv()
+    await d.stage()
+    await d.stop()
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+
+
+async def test_quiesce_unmounts_before_returning_and_tears_down_the_rest_later(
+    env: Env,
+) -> None:
+    d = env.kv()
+    await d.start()
+    await wait_serving(d)
+    base = f"http://{d.address}:8080/kv"
+    for i in range(10):
+        assert (await http("PUT", f"{base}/k{i}", f"v{i}".encode()))[0] == 204
+    await d.quiesce()
+    assert d.phase == "stopped"
+    assert not is_mounted(os.path.abspath(d.mnt))  # nothing here writes the volume any more
+    assert d.pid is None
+    # the address is free at once (a target on this machine builds the same veth name)
+    assert env.netns() == [] and env.cgroups() == []
+    await d.wait_torn_down()
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+    assert "unmount" in d.timings["quiesce"] and "volume" in d.timings["teardown"]
+    # every acknowledged write survived the SIGKILL: resume it (a rollback's resume)
+    await d.start()
+    await wait_serving(d)
+    for i in (0, 9):
+        assert await http("GET", f"{base}/k{i}") == (200, f"v{i}".encode())
+
+
+async def test_start_right_after_quiesce_waits_for_the_background_teardown(env: Env) -> None:
+    d = env.kv()
+    await d.start()
+    await wait_serving(d)
+    assert (await http("PUT", f"http://{d.address}:8080/kv/x", b"1"))[0] == 204
+    await d.quiesce()
+    await d.start()  # no wait in between: must not race the detach of the volume
+    await wait_serving(d)
+    assert await http("GET", f"http://{d.address}:8080/kv/x") == (200, b"1")
+    await d.stop()
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+
+
+async def test_staged_cgroups_removed_by_someone_are_built_again_at_start(env: Env) -> None:
+    d = env.kv()
+    await d.stage()
+    for part in ("memory", "pids", "cpu", "freezer"):  # what a sweep of empty groups does
+        (Path("/sys/fs/cgroup") / part / cgroup_parent(env.host) / d.tag).rmdir()
+    await d.start()
+    await wait_serving(d)
+    procs = Path("/sys/fs/cgroup/memory") / cgroup_parent(env.host) / d.tag / "cgroup.procs"
+    assert procs.read_text().split()  # the domain runs limited, in its groups
+
+
+def _sandboxes_named(hostname: str) -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if hostname.encode() in argv:
+                out.append(int(pid))
+    return out
+
+
+async def test_failed_spawn_leaves_no_sandbox_running_regression(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = env.kv(f"fs{os.getpid()}")
+
+    def refuse(pid: int) -> None:
+        raise CgroupError("injected")
+
+    monkeypatch.setattr(d._cg, "add", refuse)
+    with pytest.raises(CgroupError):
+        await d.start()
+    assert d.phase == "failed"
+    hostname = f"ev-acme-{d.spec.name}"
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 20
+    while _sandboxes_named(hostname) and loop.time() < end:
+        await asyncio.sleep(0.1)
+    assert _sandboxes_named(hostname) == []
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+
+
+async def test_delayed_cleanup_waits_unless_someone_needs_it(env: Env) -> None:
+    d = env.kv()
+    d.settings = SETTINGS.model_copy(update={"quiesce_cleanup_delay_s": 120.0})
+    await d.start()
+    await wait_serving(d)
+    await d.quiesce()
+    fuse = env.volumes.attach_dir / d.spec.volume_id / "fuse"
+    await asyncio.sleep(0.5)
+    assert is_mounted(str(fuse))  # loop and FUSE stay for now; the filesystem is gone
+    assert not is_mounted(os.path.abspath(d.mnt))
+    await asyncio.wait_for(d.wait_torn_down(), 60)  # a waiter cuts the delay short
+    assert not is_mounted(str(fuse)) and env.mounts() == []
