@@ -12,92 +12,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from net_echo_helpers import EchoServer, connect, hello
 
 from edgevisor import Client
 from edgevisor.errors import Forbidden
-from edgevisor.network.netns import call_in
 from edgevisor.store import repos
 from edgevisor.testing.controller import RunningController, running_controller
 from edgevisor.testing.topology import Topology
 
 pytestmark = pytest.mark.root
 PORT = 7000
-
-
-@dataclass
-class Echo:
-    """Answers each connection with "<name> <peer it sees>\\n", then echoes lines."""
-
-    name: str
-    netns: str
-    _sock: socket.socket | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _conns: list[socket.socket] = field(default_factory=list)
-
-    def start(self) -> Echo:
-        def listen() -> socket.socket:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", PORT))
-            s.listen(16)
-            s.settimeout(0.2)
-            return s
-
-        self._sock = call_in(self.netns, listen)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        try:
-            conn.sendall(f"{self.name} {peer}\n".encode())
-            for line in conn.makefile("rb"):
-                conn.sendall(f"{self.name} ".encode() + line)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-        for c in self._conns:
-            c.close()
-
-
-def connect(netns: str, dst: str, timeout: float = 2.0) -> socket.socket:
-    return call_in(netns, lambda: socket.create_connection((dst, PORT), timeout=timeout))
-
-
-def hello(netns: str, dst: str) -> tuple[str, str, str] | None:
-    """(own address, server name, address the server saw), or None if unreachable."""
-    try:
-        with connect(netns, dst) as s:
-            line = s.makefile("rb").readline().decode().split()
-            return (s.getsockname()[0], line[0], line[1]) if len(line) == 2 else None
-    except OSError:
-        return None
 
 
 def wait_for(pred: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
@@ -123,7 +55,7 @@ class Fleet:
             # Instance namespaces carry the topology prefix: its teardown removes them.
             "EDGEVISOR_NETWORK__INSTANCE_NETNS_PREFIX": f"{topo.prefix}-",
         }
-        self.echos: list[Echo] = []
+        self.echos: list[EchoServer] = []
         self.names = [h.name for h in topo.hosts]
 
     def start_agent(self, i: int, join: bool = True) -> None:
@@ -156,7 +88,7 @@ class Fleet:
     ) -> str:
         out = self.op(host, "instances.create",
                       {"name": name, "account": account, "logical": logical})
-        self.echos.append(Echo(label or name, out["netns"]).start())
+        self.echos.append(EchoServer(label or name, out["netns"]).start())
         return str(out["netns"])
 
     def remove(self, name: str, host: str) -> None:

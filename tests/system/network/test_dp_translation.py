@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 import pytest
+from net_echo_helpers import EchoServer
+from net_echo_helpers import connect as echo_connect
+from net_echo_helpers import hello as echo_hello
 
 from edgevisor.network.dataplane import (
     AppliedRecord,
@@ -33,72 +34,15 @@ PORT = 7000
 SETTINGS = DataplaneSettings(fabric_if="fab0")
 
 
-@dataclass
-class EchoServer:
-    """Answers each connection with "<name> <peer address it sees>\\n", then echoes
-    every line prefixed with its name."""
-
-    name: str
-    netns: str
-    port: int = PORT
-    _sock: socket.socket | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _conns: list[socket.socket] = field(default_factory=list)
-
-    def start(self) -> EchoServer:
-        def listen() -> socket.socket:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", self.port))
-            s.listen(64)
-            s.settimeout(0.2)
-            return s
-
-        self._sock = call_in(self.netns, listen)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        try:
-            conn.sendall(f"{self.name} {peer}\n".encode())
-            f = conn.makefile("rb")
-            for line in f:
-                conn.sendall(f"{self.name} ".encode() + line)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-        for c in self._conns:
-            c.close()
-
-
 def connect(inst: Instance, dst: IPv4Address, timeout: float = 3.0) -> socket.socket:
-    def do() -> socket.socket:
-        return socket.create_connection((str(dst), PORT), timeout=timeout)
-
-    return call_in(inst.netns, do)
+    return echo_connect(inst.netns, dst, timeout)
 
 
 def hello(inst: Instance, dst: IPv4Address, timeout: float = 3.0) -> tuple[str, str, str]:
     """Connect; return (own address seen locally, server name, peer address it saw)."""
-    with connect(inst, dst, timeout) as s:
-        line = s.makefile("rb").readline().decode().split()
-        return s.getsockname()[0], line[0], line[1]
+    got = echo_hello(inst.netns, dst, timeout)
+    assert got is not None, f"{inst.netns} cannot reach {dst}"
+    return got
 
 
 def unreachable(inst: Instance, dst: IPv4Address, port: int = PORT) -> bool:
@@ -273,10 +217,7 @@ def test_remap_moves_new_connections_and_cuts_open_flow(world: World) -> None:
 
 
 def _try_hello(inst: Instance) -> tuple[str, str, str] | None:
-    try:
-        return hello(inst, A("10.0.0.7"), timeout=2)
-    except OSError:
-        return None
+    return echo_hello(inst.netns, A("10.0.0.7"), timeout=2)
 
 
 def test_failed_apply_keeps_last_good_table(world: World) -> None:

@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv6Address
 
 import pytest
+from net_echo_helpers import EchoServer
+from net_echo_helpers import connect as echo_connect
+from net_echo_helpers import hello as echo_hello
 
 from edgevisor.network.dataplane import AppliedRecord, Dataplane, DataplaneSettings
-from edgevisor.network.netns import Fabric, Instance, call_in, ip
+from edgevisor.network.netns import Fabric, Instance, ip
 
 pytestmark = pytest.mark.root
 
@@ -36,83 +38,26 @@ def phys(n: int) -> IPv6Address:
     return A(f"fd00:fab::1:{n:x}")
 
 
-@dataclass
-class Echo6:
-    """Answers each connection with "<name> <peer address it sees>\\n", then echoes."""
-
-    name: str
-    netns: str
-    _sock: socket.socket | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _conns: list[socket.socket] = field(default_factory=list)
-
-    def start(self) -> Echo6:
-        def listen() -> socket.socket:
-            s = socket.socket(socket.AF_INET6)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::", PORT))
-            s.listen(16)
-            s.settimeout(0.2)
-            return s
-
-        self._sock = call_in(self.netns, listen)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        try:
-            conn.sendall(f"{self.name} {peer}\n".encode())
-            for line in conn.makefile("rb"):
-                conn.sendall(f"{self.name} ".encode() + line)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-        for c in self._conns:
-            c.close()
-
-
 def connect(inst: Instance, dst: IPv6Address, timeout: float = 3.0) -> socket.socket:
-    return call_in(inst.netns, lambda: socket.create_connection((str(dst), PORT),
-                                                                timeout=timeout))
+    return echo_connect(inst.netns, dst, timeout)
 
 
 def hello(inst: Instance, dst: IPv6Address) -> tuple[str, str, str] | None:
-    try:
-        with connect(inst, dst) as s:
-            line = s.makefile("rb").readline().decode().split()
-            return (s.getsockname()[0], line[0], line[1]) if len(line) == 2 else None
-    except OSError:
-        return None
+    return echo_hello(inst.netns, dst)
 
 
 @dataclass
 class Net6:
     fabric: Fabric
     dps: dict[str, Dataplane]
-    echos: list[Echo6]
+    echos: list[EchoServer]
 
 
 @pytest.fixture
 def net6() -> Iterator[Net6]:
     fabric = Fabric(f"ev6{secrets.token_hex(3)}", subnet="10.252")
     dps: dict[str, Dataplane] = {}
-    echos: list[Echo6] = []
+    echos: list[EchoServer] = []
     try:
         for i in (1, 2, 3):
             ns = fabric.add_host(i)
@@ -139,7 +84,7 @@ def test_ipv6_instances_reach_each_other_by_logical_address(net6: Net6) -> None:
     b = f.add_instance("b", 2, "acme", A("fd00:ac::7"))
     x = f.add_instance("x", 3, "globex", A("fd00:ac::5"))  # same logical, other account
     for inst, name in ((a, "a"), (b, "b"), (x, "x")):
-        net6.echos.append(Echo6(name, inst.netns).start())
+        net6.echos.append(EchoServer(name, inst.netns, family=socket.AF_INET6).start())
     recs = [AppliedRecord("acme", A("fd00:ac::5"), phys(5), "h1", 1),
             AppliedRecord("acme", A("fd00:ac::7"), phys(7), "h2", 1),
             AppliedRecord("globex", A("fd00:ac::5"), phys(9), "h3", 1)]
@@ -158,8 +103,8 @@ def test_ipv6_instances_reach_each_other_by_logical_address(net6: Net6) -> None:
     flow = connect(a, A("fd00:ac::7"))
     reader = flow.makefile("rb")
     assert reader.readline().split()[0] == b"b"
-    net6.echos.append(Echo6("b2", f.add_instance("b2", 3, "acme", A("fd00:ac::7")).netns)
-                      .start())
+    b2 = f.add_instance("b2", 3, "acme", A("fd00:ac::7"))
+    net6.echos.append(EchoServer("b2", b2.netns, family=socket.AF_INET6).start())
     moved = AppliedRecord("acme", A("fd00:ac::7"), phys(17), "h3", 2)
     for dp in (net6.dps["h2"], net6.dps["h1"], net6.dps["h3"]):  # old host first
         dp.apply([moved])
