@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -179,9 +180,18 @@ def route_domain_address(address: IPv4Address, ifname: str) -> None:
 
 def remove_domain_netns(netns: str, ifname: str | None = None) -> None:
     """Remove the namespace; with ``ifname``, its veth pair (and host route) right away."""
-    if ifname is not None:
+    if ifname is not None and _link_exists(ifname):  # no ``ip`` process (~10 ms) for nothing
         nn.ip("link", "del", ifname, check=False)
     nn.delete_netns(netns)
+
+
+def _link_exists(ifname: str) -> bool:
+    """In this thread's network namespace (not /sys, which may show another's)."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
 
 
 # -- cgroups --------------------------------------------------------------------------------
