@@ -332,6 +332,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in steps_rows:
         print(r)
+    print()
+    print(f"Both simulated hosts share this machine's CPUs; the source's loop/FUSE cleanup "
+          f"after quiesce was deferred by {args.cleanup_delay_s:g} s "
+          f"(`domains.quiesce_cleanup_delay_s`, default 0) so it does not compete with the "
+          f"target's start, as it would not on two real hosts. `--cleanup-delay-s 0` "
+          f"measures them competing.")  # fmt: skip
     return 0
 
 
