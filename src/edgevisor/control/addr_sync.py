@@ -51,7 +51,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,15 +76,21 @@ __all__ = [
     "Push",
     "ReportWriter",
     "account_hosts",
+    "add_record_event",
     "bound_per_host",
+    "ensure_default_pool",
+    "event_data",
     "host_payload",
     "net_store",
     "push",
+    "push_change",
     "record_out",
+    "record_ref",
     "report_writer",
     "resolve_endpoints",
     "run_leak_collector",
     "run_records_reconciler",
+    "stage_change",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,6 +222,67 @@ class Push:
             hosts.remove(self.first)
             hosts.insert(0, self.first)
         return [(h, h not in (self.before & self.after)) for h in hosts]
+
+
+def record_ref(ref: str) -> records.RecordRef:
+    """A record named by its id (digits) or its logical address."""
+    return int(ref) if ref.isdigit() else ref
+
+
+def event_data(rec: AddressRecord) -> dict[str, Any]:
+    """What a record's history event carries."""
+    return {"record": rec.id, "state": rec.state.value, "generation": rec.generation,
+            "host": rec.host, "instance": rec.instance, "physical": rec.physical}
+
+
+def add_record_event(
+    s: Session, st: ControllerState, kind: str, account_id: int | None, rec: AddressRecord
+) -> None:
+    repos.add_event(s, kind, st.clock(), subject=rec.logical, account_id=account_id,
+                    data=event_data(rec))
+
+
+def ensure_default_pool(s: Session, st: ControllerState, logical: str) -> None:
+    """Create the default physical pool on first use when the settings name one."""
+    cfg = st.settings.network
+    if cfg.default_physical_cidr is None:
+        return
+    fam = 6 if ":" in logical else 4
+    pools = records.list_physical_pools(s)
+    if any(x.host_group == cfg.host_group and x.family == fam for x in pools):
+        return
+    if (":" in cfg.default_physical_cidr) == (fam == 6):
+        records.create_physical_pool(s, host_group=cfg.host_group,
+                                     cidr=cfg.default_physical_cidr)
+
+
+def stage_change(
+    s: Session,
+    st: ControllerState,
+    *,
+    account: str,
+    account_id: int | None,
+    kind: str,
+    op: Callable[[Session], AddressRecord | None],
+    first: str | None = None,
+) -> Push | None:
+    """One record change inside the caller's transaction: ``op``, its history event, and
+    the push it needs (endpoints and bodies resolved here, so the push touches no store).
+    ``first`` is the host giving the record up (pushed first). None: nothing changed."""
+    before = account_hosts(s, account)
+    rec = op(s)
+    if rec is None:
+        return None
+    add_record_event(s, st, kind, account_id, rec)
+    change = Push(rec, before, account_hosts(s, account), first=first)
+    resolve_endpoints(s, st, change)
+    return change
+
+
+async def push_change(st: ControllerState, change: Push) -> None:
+    """Push a staged change to the hosts it concerns (none: nothing to do)."""
+    if change.before or change.after:
+        await push(st, change)
 
 
 def resolve_endpoints(s: Session, st: ControllerState, change: Push) -> None:

@@ -19,7 +19,17 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from edgevisor.control import addr_sync
-from edgevisor.control.addr_sync import Push, account_hosts, net_store, push, record_out
+from edgevisor.control.addr_sync import (
+    Push,
+    ensure_default_pool,
+    event_data,
+    net_store,
+    push,
+    push_change,
+    record_out,
+    record_ref,
+    stage_change,
+)
 from edgevisor.control.auth import Principal, require_host, require_principal, state_of
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import Forbidden, NotFound, RequestError
@@ -51,26 +61,12 @@ def _account(s: Session, p: Principal, given: str | None) -> Account:
     return acct
 
 
-def _ref(ref: str) -> records.RecordRef:
-    return int(ref) if ref.isdigit() else ref
-
-
 def _network_out(n: records.NetworkInfo) -> w.Network:
     return w.Network(account=n.account, name=n.name, cidr=n.cidr, family=n.family,
                      gateway=n.gateway, size=n.size, assignable=n.assignable)
 
 
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
-
-
-def _event_data(rec: AddressRecord) -> dict[str, Any]:
-    return {"record": rec.id, "state": rec.state.value, "generation": rec.generation,
-            "host": rec.host, "instance": rec.instance, "physical": rec.physical}
-
-
-def _event(s: Session, st: ControllerState, kind: str, acct: Account, rec: AddressRecord) -> None:
-    repos.add_event(s, kind, st.clock(), subject=rec.logical, account_id=acct.id,
-                    data=_event_data(rec))
 
 
 async def _run(st: ControllerState, fn: Callable[[Session], Any]) -> Any:
@@ -159,20 +155,6 @@ async def list_physical_pools(p: Auth, request: Request) -> list[w.PhysicalPool]
 # --- address lifecycle --------------------------------------------------------------------
 
 
-def _ensure_pool(s: Session, st: ControllerState, logical: str) -> None:
-    """Create the default physical pool on first use when the settings name one."""
-    cfg = st.settings.network
-    if cfg.default_physical_cidr is None:
-        return
-    fam = 6 if ":" in logical else 4
-    pools = records.list_physical_pools(s)
-    if any(x.host_group == cfg.host_group and x.family == fam for x in pools):
-        return
-    if (":" in cfg.default_physical_cidr) == (fam == 6):
-        records.create_physical_pool(s, host_group=cfg.host_group,
-                                     cidr=cfg.default_physical_cidr)
-
-
 def _scoped_load(s: Session, acct: Account, ref: records.RecordRef, *, claim: bool) -> None:
     """Refuse another account's record given by id: 403 for a claim, else 404."""
     _scoped_ref(s, acct.name, ref, claim=claim)
@@ -195,23 +177,19 @@ async def _change(
 ) -> w.AddressRecord:
     st = state_of(request)
 
-    def fn(s: Session) -> Push:
+    def fn(s: Session) -> Push | None:
         acct = _account(s, p, account)
-        rref = _ref(ref) if ref is not None else None
+        rref = record_ref(ref) if ref is not None else None
         old_host = None
         if rref is not None:
             _scoped_load(s, acct, rref, claim=claim)
             old_host = records.get_record(s, account=acct.name, record=rref).host
-        before = account_hosts(s, acct.name)
-        rec = op(s, acct, rref)
-        _event(s, st, kind, acct, rec)
-        change = Push(rec, before, account_hosts(s, acct.name), first=old_host)
-        addr_sync.resolve_endpoints(s, st, change)
-        return change
+        return stage_change(s, st, account=acct.name, account_id=acct.id, kind=kind,
+                            op=lambda s: op(s, acct, rref), first=old_host)
 
-    change: Push = await _run(st, fn)
-    if change.before or change.after:
-        await push(st, change)
+    change: Push | None = await _run(st, fn)
+    assert change is not None  # every op here returns its record
+    await push_change(st, change)
     return record_out(change.record)
 
 
@@ -230,7 +208,7 @@ async def bind(ref: str, body: w.AddressBind, p: Auth, request: Request) -> w.Ad
 
     def op(s: Session, acct: Account, r: Any) -> AddressRecord:
         repos.get_host(s, body.host)
-        _ensure_pool(s, st, records.get_record(s, account=acct.name, record=r).logical)
+        ensure_default_pool(s, st, records.get_record(s, account=acct.name, record=r).logical)
         return records.bind(s, account=acct.name, record=r, instance=body.instance,
                             host=body.host, host_group=st.settings.network.host_group,
                             expected_generation=body.expected_generation)
@@ -244,7 +222,7 @@ async def claim(ref: str, body: w.AddressBind, p: Auth, request: Request) -> w.A
 
     def op(s: Session, acct: Account, r: Any) -> AddressRecord:
         repos.get_host(s, body.host)
-        _ensure_pool(s, st, records.get_record(s, account=acct.name, record=r).logical)
+        ensure_default_pool(s, st, records.get_record(s, account=acct.name, record=r).logical)
         return records.claim(s, account=acct.name, record=r, instance=body.instance,
                              host=body.host, host_group=st.settings.network.host_group,
                              expected_generation=body.expected_generation)
@@ -306,7 +284,7 @@ async def move(ref: str, body: w.AddressMove, p: Auth, request: Request) -> w.Ad
 
     def fn(s: Session) -> Push:
         acct_id, acct = _account_id(s, p, body.account)
-        rref = _ref(ref)
+        rref = record_ref(ref)
         if isinstance(rref, int):
             _scoped_ref(s, acct, rref, claim=False)
         if not s.execute(select(Host.id).where(Host.name == body.host)).first():
@@ -317,7 +295,7 @@ async def move(ref: str, body: w.AddressMove, p: Auth, request: Request) -> w.Ad
                                      expected_generation=body.expected_generation)
         s.execute(insert(_EVENTS).values(at=st.clock(), kind="address.moved",
                                          subject=rec.logical, account_id=acct_id,
-                                         data=_event_data(rec)))
+                                         data=event_data(rec)))
         before = set(per_host)
         after = set(per_host)
         if old.host is not None and per_host.get(old.host, 0) <= 1:
@@ -360,7 +338,7 @@ async def get_address(
 ) -> w.AddressRecord:
     def fn(s: Session) -> w.AddressRecord:
         acct = _account(s, p, account)
-        r = _ref(ref)
+        r = record_ref(ref)
         _scoped_load(s, acct, r, claim=False)
         return record_out(records.get_record(s, account=acct.name, record=r))
 
@@ -375,7 +353,7 @@ async def address_history(
     """Every transition, oldest first; outlives the record (released addresses too)."""
     def fn(s: Session) -> list[w.AddressHistoryEntry]:
         acct = _account(s, p, account)
-        r = _ref(ref)
+        r = record_ref(ref)
         if isinstance(r, int):
             rows = records.history(s, account=acct.name, record_id=r)
         else:

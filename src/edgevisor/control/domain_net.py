@@ -28,7 +28,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from edgevisor.control.addr_sync import Push, account_hosts, net_store, push, resolve_endpoints
+from edgevisor.control.addr_sync import (
+    Push,
+    ensure_default_pool,
+    net_store,
+    push_change,
+    record_ref,
+    stage_change,
+)
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import Forbidden, RequestError
 from edgevisor.network import records
@@ -72,26 +79,10 @@ def instance_name(account: str, name: str) -> str:
     return f"domain:{account}.{name}"
 
 
-def _event(
-    st: ControllerState, s: Session, kind: str, account_id: int | None, rec: AddressRecord
-) -> None:
-    repos.add_event(s, kind, st.clock(), subject=rec.logical, account_id=account_id, data={
-        "record": rec.id, "state": rec.state.value, "generation": rec.generation,
-        "host": rec.host, "instance": rec.instance, "physical": rec.physical,
-    })  # fmt: skip
-
-
 def _account_id(s: Session, account: str) -> int | None:
     from edgevisor.store.models import Account
 
     return s.execute(select(Account.id).where(Account.name == account)).scalar()
-
-
-def _ensure_pool(s: Session, st: ControllerState, logical: str) -> None:
-    """The default physical pool on first use, as ``/v1/addresses`` bind does."""
-    from edgevisor.control.api_addresses import _ensure_pool as ensure
-
-    ensure(s, st, logical)
 
 
 async def _change(
@@ -105,28 +96,16 @@ async def _change(
     """Run ``op`` in one transaction (with its event), then push the change to the hosts.
     ``op`` returning None means nothing changed (nothing is pushed)."""
 
-    def work() -> Push | AddressRecord | None:
+    def work() -> Push | None:
         with net_store(st).session() as s:
-            old_host = first(s) if first is not None else None
-            before = account_hosts(s, account)
-            rec = op(s)
-            if rec is None:
-                return None
-            _event(st, s, kind, _account_id(s, account), rec)
-            change = Push(rec, before, account_hosts(s, account), first=old_host)
-            resolve_endpoints(s, st, change)
-            return change
+            return stage_change(s, st, account=account, account_id=_account_id(s, account),
+                                kind=kind, op=op, first=first(s) if first else None)
 
     change = await run_in_threadpool(work)
-    if not isinstance(change, Push):
-        return change
-    if change.before or change.after:
-        await push(st, change)
+    if change is None:
+        return None
+    await push_change(st, change)
     return change.record
-
-
-def _ref(ref: str) -> records.RecordRef:
-    return int(ref) if ref.isdigit() else ref
 
 
 async def reserve(
@@ -140,7 +119,7 @@ async def reserve(
     def op(s: Session) -> AddressRecord:
         repos.get_host(s, host)
         if req.claim is not None:
-            ref = _ref(req.claim)
+            ref = record_ref(req.claim)
             if isinstance(ref, int):
                 owner = s.execute(select(REC.c.account).where(REC.c.id == ref)).scalar()
                 if owner is not None and owner != account:
@@ -153,7 +132,7 @@ async def reserve(
                     raise RequestError(f"address {rec.logical} is not in network "
                                        f"{req.network!r}")  # fmt: skip
             _check_v4(rec.logical)
-            _ensure_pool(s, st, rec.logical)
+            ensure_default_pool(s, st, rec.logical)
             return records.claim(s, account=account, record=rec.id, instance=instance,
                                  host=host, host_group=group)  # fmt: skip
         assert req.network is not None
@@ -162,7 +141,7 @@ async def reserve(
             raise RequestError(f"network {req.network!r} is IPv{net.family}; domains take "
                                "IPv4 logical addresses")  # fmt: skip
         rec = records.allocate(s, account=account, network=req.network, address=req.address)
-        _ensure_pool(s, st, rec.logical)
+        ensure_default_pool(s, st, rec.logical)
         return records.bind(s, account=account, record=rec.id, instance=instance, host=host,
                             host_group=group)  # fmt: skip
 
