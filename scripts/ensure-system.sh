@@ -11,6 +11,7 @@ PKGS=(
   nbdkit libnbd-bin qemu-utils
   mosquitto mosquitto-clients
   postgresql
+  wrk
 )
 
 missing=()

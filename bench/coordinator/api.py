@@ -8,7 +8,10 @@ Starts real processes (`edgevisor up` for the API path; `edgevisor controller` +
 1. Sync invoke latency through the HTTP API (one client, keep-alive), p50/p99, against the
    same client's `GET /healthz` round trip (the HTTP floor) and a raw
    `multiprocessing.Pipe` echo (the IPC floor).
-2. Throughput of no-op sync calls with 8 concurrent HTTP callers.
+2. Throughput of no-op sync calls with 8 concurrent HTTP callers: 8 threads of one Python
+   client (GIL-bound: the client is the limit), and `wrk` (a C load generator, one thread,
+   8 connections) when it is installed, with `GET /healthz` under the same load as the
+   HTTP floor.
 3. Idle RSS of a standalone agent process (coordinator, sandboxes, MQTT broker included).
 
 Prints markdown tables.
@@ -20,6 +23,8 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -106,6 +111,29 @@ def _env() -> dict[str, str]:
     return env | {"EDGEVISOR_NETWORK__DATAPLANE_MODE": "off", "EDGEVISOR_DEVICES__BROKER_PORT": "0"}
 
 
+_WRK_POST = """wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["content-type"] = "application/json"
+"""
+
+
+def wrk_rate(url: str, token: str, seconds: float, post: bool, tmp: Path) -> float:
+    """Requests/s from ``wrk`` (one thread, 8 connections); any non-2xx answer fails the run."""
+    script = tmp / "wrk.lua"
+    auth = f'wrk.headers["authorization"] = "Bearer {token}"\n'
+    script.write_text(_WRK_POST + auth if post else auth)
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failed requests:\n{out}")
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    if m is None:
+        raise RuntimeError(f"no rate in wrk output:\n{out}")
+    return float(m.group(1))
+
+
 def api_bench(calls: int, seconds: float) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="evbench-"))
     port = _free_port()
@@ -153,10 +181,14 @@ def api_bench(calls: int, seconds: float) -> dict[str, float]:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
+        wrk_invoke = wrk_health = float("nan")
+        if shutil.which("wrk"):
+            wrk_invoke = wrk_rate(url + path, admin, seconds, True, tmp)
+            wrk_health = wrk_rate(url + "/healthz", admin, seconds, False, tmp)
         return {
             "p50": statistics.median(lat), "p99": _pct(lat, 0.99),
             "h50": statistics.median(health), "h99": _pct(health, 0.99),
-            "tput": sum(done) / elapsed,
+            "tput": sum(done) / elapsed, "wrk": wrk_invoke, "wrk_health": wrk_health,
         }  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -220,18 +252,40 @@ def main() -> None:
     print("## Calls through the HTTP API (`edgevisor up`, no-op Python task, warm)\n")
     print("| path | p50 | p99 | ratio of p50 to the floor |")
     print("|---|---:|---:|---:|")
-    print(f"| `multiprocessing.Pipe` echo (IPC floor) | {statistics.median(floor) * us:.0f} µs "
-          f"| {_pct(floor, 0.99) * us:.0f} µs | 1.0x |")
-    print(f"| HTTP `GET /healthz` (HTTP floor) | {r['h50'] * us:.0f} µs | {r['h99'] * us:.0f} µs "
-          f"| {r['h50'] / statistics.median(floor):.1f}x |")
-    print(f"| HTTP invoke → scheduler → warm environment → result | {r['p50'] * us:.0f} µs "
-          f"| {r['p99'] * us:.0f} µs | {r['p50'] / r['h50']:.1f}x of /healthz |")
     print(
-        f"\nThroughput, 8 concurrent HTTP callers, no-op sync calls: **{r['tput']:,.0f} "
-        "calls/s** (target >= 3,000/s; Celery publishes ~2,000/s).\n"
+        f"| `multiprocessing.Pipe` echo (IPC floor) | {statistics.median(floor) * us:.0f} µs "
+        f"| {_pct(floor, 0.99) * us:.0f} µs | 1.0x |"
     )
-    print(f"Idle RSS of a standalone `edgevisor agent`: **{rss:.0f} MiB** (target <= 80 MiB; "
-          "the Greengrass v2 nucleus needs 350-400 MB).")
+    print(
+        f"| HTTP `GET /healthz` (HTTP floor) | {r['h50'] * us:.0f} µs | {r['h99'] * us:.0f} µs "
+        f"| {r['h50'] / statistics.median(floor):.1f}x |"
+    )
+    print(
+        f"| HTTP invoke → scheduler → warm environment → result | {r['p50'] * us:.0f} µs "
+        f"| {r['p99'] * us:.0f} µs | {r['p50'] / r['h50']:.1f}x of /healthz |"
+    )
+    print(
+        "\nThroughput of no-op sync calls, 8 concurrent callers (target >= 3,000/s; Celery "
+        "publishes ~2,000/s):\n"
+    )
+    print("| load generator | invoke calls/s | `GET /healthz` req/s (HTTP floor) | ratio |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| 8 threads of one Python httpx client (the client's GIL is the limit) "
+        f"| {r['tput']:,.0f} | | |"
+    )
+    if r["wrk"] == r["wrk"]:
+        print(
+            f"| `wrk -t1 -c8` (C, same 2 cores as the server) | **{r['wrk']:,.0f}** "
+            f"| {r['wrk_health']:,.0f} | {r['wrk'] / r['wrk_health']:.2f} |"
+        )
+    else:
+        print("| `wrk` not installed (`scripts/ensure-system.sh` installs it) | - | - | - |")
+    print()
+    print(
+        f"Idle RSS of a standalone `edgevisor agent`: **{rss:.0f} MiB** (target <= 80 MiB; "
+        "the Greengrass v2 nucleus needs 350-400 MB)."
+    )
 
 
 if __name__ == "__main__":

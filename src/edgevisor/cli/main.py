@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,9 +70,18 @@ def isolation_warning() -> str | None:
     )
 
 
-def _run_daemon(coro: Any) -> None:
+def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
+def _run_daemon(coro: Any, settings: Settings) -> None:
     try:
-        asyncio.run(coro)
+        with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
+            runner.run(coro)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except (StoreUnavailable, ConfigError, Conflict) as exc:
@@ -97,7 +107,7 @@ def up(
     _logging(settings)
     if (warning := isolation_warning()) is not None:
         logging.getLogger("edgevisor").warning(warning)
-    _run_daemon(run_up(settings))
+    _run_daemon(run_up(settings), settings)
 
 
 @app.command()
@@ -121,7 +131,7 @@ def controller(
         },
     )
     _logging(settings)
-    _run_daemon(run_controller(settings))
+    _run_daemon(run_controller(settings), settings)
 
 
 @app.command()
@@ -155,7 +165,7 @@ def agent(
     _logging(settings)
     if (warning := isolation_warning()) is not None:
         logging.getLogger("edgevisor").warning(warning)
-    _run_daemon(run_agent(settings))
+    _run_daemon(run_agent(settings), settings)
 
 
 @config_app.command("show")
