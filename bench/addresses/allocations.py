@@ -13,9 +13,12 @@ assignable) the cursor runs out after 253 and allocations come from the free-lis
 /8 they always come from the cursor.
 
 Baselines in the same run: the floor of the store, a transaction inserting two rows of the
-same shape without any allocation logic, through a Session and on a raw connection.
+same shape without any allocation logic, through a Session and on a raw connection. With
+``--baseline-rev REV`` also the hot path as it is in git revision REV (e.g. ``HEAD``), on
+the /24 and /8 pools, interleaved in the same rounds: a before/after from the same minutes.
 
     .venv/bin/python bench/addresses/allocations.py [--n 3000] [--no-postgres]
+        [--baseline-rev HEAD]
 
 Prints a markdown table (paste into docs/benchmarks.md).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +35,8 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from types import ModuleType
+from typing import Any, cast
 
 from sqlalchemy import Engine, Table, create_engine, insert, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,6 +48,18 @@ from edgevisor.store.base import Base
 from edgevisor.testing.postgres import PostgresUnavailable, throwaway_postgres
 
 KEEP = 200
+REPO = Path(__file__).resolve().parents[2]
+
+
+def baseline_allocator(rev: str) -> Any:
+    """The ``FastAllocator`` class of ``fast_alloc.py`` as it is in git revision ``rev``."""
+    src = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:src/edgevisor/network/fast_alloc.py"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    mod = ModuleType(f"fast_alloc_at_{rev}")
+    exec(compile(src, f"fast_alloc.py@{rev}", "exec"), mod.__dict__)  # our own file, at REV
+    return mod.FastAllocator
 
 
 def _engine(url: str) -> Engine:
@@ -158,10 +175,13 @@ def _row(backend: str, what: str, d: list[float], cpu: list[float], ratio: str =
             f"{statistics.median(d) * 1e3:.3f} | {q[98] * 1e3:.3f} | {ratio} |")
 
 
-def bench_backend(backend: str, url: str, n: int, rounds: int = 10) -> list[str]:
+def bench_backend(
+    backend: str, url: str, n: int, rounds: int = 10, baseline: tuple[str, Any] | None = None
+) -> list[str]:
     engine = _engine(url)
     sessions = sessionmaker(engine, expire_on_commit=False)
     fast = FastAllocator(engine)
+    old = baseline[1](engine) if baseline else None
     with engine.connect() as c:  # warm the connection and statement caches
         c.execute(text("SELECT 1"))
     PoolRun(sessions, "warmup", "10.250.0.0/24", fast).step(300)
@@ -172,6 +192,8 @@ def bench_backend(backend: str, url: str, n: int, rounds: int = 10) -> list[str]
     many = PoolRun(sessions, "initech", "10.0.0.0/8", fast, batch=100)
     burst = PoolRun(sessions, "hooli", "10.0.0.0/8", fast, burst=100)
     slow = PoolRun(sessions, "umbrella", "10.0.0.0/8")
+    olds = [PoolRun(sessions, "stark", "10.1.0.0/24", old),
+            PoolRun(sessions, "wayne", "10.0.0.0/8", old)] if old else []  # fmt: skip
     floor: list[float] = []
     floor_cpu: list[float] = []
     raw: list[float] = []
@@ -183,10 +205,14 @@ def bench_backend(backend: str, url: str, n: int, rounds: int = 10) -> list[str]
             raw += run_raw_floor(engine, chunk, raw_cpu)
         p24.step(chunk)
         p8.step(chunk)
+        for o in olds:
+            o.step(chunk)
         many.step(chunk)
         burst.step(chunk)
         slow.step(chunk // 3)
     fast.close()
+    if old is not None:
+        old.close()
     engine.dispose()
     d24, d8 = p24.durations, p8.durations
     r24, r8 = len(d24) / sum(d24), len(d8) / sum(d8)
@@ -194,6 +220,15 @@ def bench_backend(backend: str, url: str, n: int, rounds: int = 10) -> list[str]
     rows = [_row(backend, "floor: 2-row insert txn, Session", floor, floor_cpu)]
     if raw:
         rows.append(_row(backend, "floor: 2-row insert txn, raw connection", raw, raw_cpu))
+    if baseline and olds:
+        rev = baseline[0]
+        for o, pool, p in ((olds[0], "/24", p24), (olds[1], "/8", p8)):
+            wall = sum(o.durations) / sum(p.durations)
+            cpu = sum(o.cpu) / sum(p.cpu)
+            med = statistics.median(o.durations) / statistics.median(p.durations)
+            rows.append(_row(backend, f"allocate from {pool} (hot path at {rev})", o.durations,
+                             o.cpu, f"now ÷ {rev} = {wall:.2f} (per s), {med:.2f} (1/p50), "
+                             f"{cpu:.2f} (per CPU-s)"))  # fmt: skip
     return [
         *rows,
         _row(backend, "allocate from /24 (hot path, 1 per txn)", d24, p24.cpu),
@@ -210,14 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=3000, help="allocations per pool")
     ap.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    ap.add_argument("--baseline-rev", metavar="REV",
+                    help="also run the hot path of this git revision (before/after)")
     args = ap.parse_args(argv)
+    base = (args.baseline_rev, baseline_allocator(args.baseline_rev)) if args.baseline_rev \
+        else None  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgevisor-bench-") as tmp:
-        rows += bench_backend("SQLite (WAL)", f"sqlite:///{Path(tmp) / 'bench.db'}", args.n)
+        rows += bench_backend("SQLite (WAL)", f"sqlite:///{Path(tmp) / 'bench.db'}", args.n,
+                              baseline=base)  # fmt: skip
     if not args.no_postgres:
         try:
             with throwaway_postgres(database="bench") as pg:
-                rows += bench_backend("PostgreSQL 15", pg.url, args.n)
+                rows += bench_backend("PostgreSQL 15", pg.url, args.n, baseline=base)
         except PostgresUnavailable as exc:
             print(f"PostgreSQL skipped: {exc}", file=sys.stderr)
     print(f"Allocations, one transaction each with one history row; {KEEP} held, "

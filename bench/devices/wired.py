@@ -63,6 +63,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=500, help="Sequential requests per mode.")
     ap.add_argument("--rates", default="500,1000,2000", help="Offered rates (msg/s).")
     ap.add_argument("--seconds", type=float, default=3.0, help="Seconds per offered rate.")
+    ap.add_argument(
+        "--modes", default="plain,routed", help="Which sustained modes to run (plain,routed)."
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         api, mqtt_port = free_port(), free_port()
@@ -109,6 +112,8 @@ def main() -> int:
             for rate in (int(r) for r in args.rates.split(",")):
                 for mode, topic in (("plain", "devices/bench.dev/echo"),
                                     ("routed", "devices/bench.dev/req")):  # fmt: skip
+                    if mode not in args.modes.split(","):
+                        continue
                     row = sustained(dev, topic, rate, args.seconds, base, up.pid)
                     rows.append({"mode": mode, **row})
                     base += 10_000_000

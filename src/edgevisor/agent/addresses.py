@@ -16,10 +16,12 @@ Operations (called by the controller):
   default) or the whole set. Bound records translate; any other state, and everything
   in ``removed``, drops its mapping. The answer lists, per record, the generation
   applied or the error; a refused transaction keeps the last good table (the
-  controller's reconciler retries). The answer comes once the translation is committed
-  (new connections use it); the link-level work and the conntrack flush of the old
-  mapping (~10 ms: the kernel walks its whole hash table) follow right after, before
-  the next update.
+  controller's reconciler retries). The answer comes once the translation is committed:
+  new connections use it, and flows opened to the old mapping are dropped from that
+  moment (the dataplane's ``stale`` fence is in the same nftables transaction). The
+  link-level work (addresses, routes, gratuitous ARPs) follows right after, before the
+  next update; the conntrack cleanup of the fenced flows (~10 ms: the kernel walks its
+  whole hash table) runs after that, off the lock, so it delays no later update.
 - ``records.state``: what this host translates now (per record id: generation).
 - ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
   a veth holding its logical address (until domains exist). The instances are noted in
@@ -150,7 +152,7 @@ class AddressesCapability:
         self.instances: dict[str, dict[str, str]] = {}
         self._agent: Agent | None = None
         self._lock = asyncio.Lock()
-        self._finisher: asyncio.Task[None] | None = None
+        self._finishers: set[asyncio.Task[None]] = set()  # running, and holding references
         self._path: Path | None = None
         self._sources: list[Callable[[], Iterable[str]]] = []
 
@@ -210,8 +212,8 @@ class AddressesCapability:
     async def stop(self) -> None:
         # The kernel table stays: instances keep talking while the agent restarts; the
         # next start rebuilds it from the controller's records.
-        if self._finisher is not None:
-            await asyncio.gather(self._finisher, return_exceptions=True)
+        if self._finishers:
+            await asyncio.gather(*self._finishers, return_exceptions=True)
         if self.dp is not None:
             # In a thread: pyroute2's close runs its own event loop, which cannot run
             # inside this one ("Cannot run the event loop while another loop is running").
@@ -293,10 +295,13 @@ class AddressesCapability:
                         pending = dp.commit(by_key.values(), full=False)
                     extra = {"element_ops": pending.batch.element_ops,
                              "committed_s": pending.committed_s, "warnings": []}
-                    # Answer once the translation is in the kernel; addresses, routes, the
-                    # conntrack flush and gratuitous ARPs follow at once, still under the
-                    # lock, so the next update starts after them.
-                    self._finisher = asyncio.create_task(self._finish(dp, pending))
+                    # Answer once the translation (and the fence of old flows) is in the
+                    # kernel; addresses, routes and gratuitous ARPs follow at once, still
+                    # under the lock, so the next update starts after them; the conntrack
+                    # cleanup after that, off the lock (see _finish).
+                    task = asyncio.create_task(self._finish(dp, pending))
+                    self._finishers.add(task)
+                    task.add_done_callback(self._finishers.discard)
                     finishing = True
             except ApplyFailed as exc:
                 log.warning("records not applied (last good table kept): %s", exc.message)
@@ -323,11 +328,27 @@ class AddressesCapability:
 
     async def _finish(self, dp: Dataplane, pending: Pending) -> None:
         try:
-            await asyncio.to_thread(dp.finish, pending)
+            warnings = await asyncio.to_thread(dp.finish_links, pending)
+            if warnings:
+                log.warning("dataplane %s: %s", dp.host, "; ".join(warnings))
         except Exception:  # link work failing must not wedge the lock
             log.exception("finishing a records update failed")
         finally:
             self._lock.release()
+        if not pending.batch.flush:
+            return
+        # Cleanup of flows the commit already fenced off: off the lock (flushes are
+        # serialized by the dataplane); its elements go with a later commit.
+        try:
+            _deleted, warning = await asyncio.to_thread(dp.flush_stale, pending)
+        except Exception:
+            log.exception("conntrack cleanup after a records update failed")
+            return
+        if warning is not None:
+            log.warning("dataplane %s: %s", dp.host, warning)
+            return
+        async with self._lock:
+            dp.flushed(pending)
 
     async def op_state(self, _payload: dict[str, Any]) -> dict[str, Any]:
         dp = self._need()

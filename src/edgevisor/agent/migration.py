@@ -13,10 +13,12 @@ Ops (payload always has ``account`` and ``name``, the domain):
                                    NBD endpoint of the export
 ``migration.prepare``      target  define the domain here (not started), check that the
                                    source's export opens with this host's certificate
-                                   (the authenticated link) and remember the source
+                                   (the authenticated link) and remember the source;
+                                   post-copy: stage the domain and its lazy volume, held
 ``migration.quiesce``      source  freeze, flush, stop the domain; flush the volume
 ``migration.set_role``     both    ``primary``/``secondary`` of this host's copy
-``migration.start``        target  create the lazy volume (if absent) and start the domain
+``migration.start``        target  release the lazy volume (create it if absent) and
+                                   start the domain
 ``migration.fill``         target  create the volume if absent (stop-and-copy) and set
                                    the fill rate; returns progress
 ``migration.progress``     target  bytes present / total, done
@@ -29,13 +31,17 @@ Ops (payload always has ``account`` and ``name``, the domain):
 ``migration.discard``      target  delete the domain and its volume
 =========================  ======  ===================================================
 
-Why the lazy volume is created at ``migration.start`` (post-copy) rather than at
-``prepare``: a lazy volume begins its background fill at once, and before the switch the
-source domain is still writing; blocks fetched then would be stale. Created after
-``quiesce``, every fetched block is the final one, and creating it costs a sparse file and
-one NBD handshake inside the downtime. Until ``migration.fill`` (StartFill, right after
-the switch) the fill only trickles, so the reads the target's mount and the starting
-domain miss are not queued behind fill traffic: that halves the switch downtime.
+Why the lazy volume is created *held* at ``prepare`` (post-copy) and released at
+``migration.start``: before the switch the source domain is still writing, so a block
+fetched then would be stale; a held volume fetches nothing, mirrors nothing (its fill and
+read misses wait for the release), yet everything that does not depend on the data is
+ready before the switch: its sparse file, the NBD links to the source, the FUSE process
+and loop device of its attachment (``volumes.attach(mount=False)``), next to the domain's
+staged cgroups and namespace. The switch then only releases the volume, mounts ext4 (on
+the source's final data: the source quiesced), renames the veth and spawns the domain.
+Until ``migration.fill`` (StartFill, right after the switch) the fill only trickles, so
+the reads the target's mount and the starting domain miss are not queued behind fill
+traffic.
 
 Why ``resync`` compares instead of replaying a dirty set: the ``volumes`` capability
 mirrors synchronously (a write the source did not take fails instead of being
@@ -300,6 +306,12 @@ class MigrationCapability:
             "volume": spec.volume,
         }
         self._save(spec.account, spec.name, state)
+        if p.get("lazy"):
+            # the volume held (nothing fetched before the source stops) with its FUSE
+            # process and loop device up: the switch only releases it and mounts
+            await self._ensure_volume(spec.account, spec.name, rate_bytes_s=_TRICKLE, held=True)
+            d = self.domains.get(spec.account, spec.name)
+            await self.volumes.attach(spec.volume_id, d.mnt, mount=False)
         return {"prepared": True}
 
     async def _probe(self, source: dict[str, Any], size_bytes: int) -> None:
@@ -322,36 +334,53 @@ class MigrationCapability:
         )  # fmt: skip
 
     async def _ensure_volume(
-        self, account: str, name: str, *, rate_bytes_s: int | None = None
+        self, account: str, name: str, *, rate_bytes_s: int | None = None, held: bool = False
     ) -> dict[str, Any]:
         """The lazy copy of the source's volume, created on first call (its fill at
-        ``rate_bytes_s``; None: the migration's rate)."""
+        ``rate_bytes_s``; None: the migration's rate). ``held``: created held (see the
+        module docstring); the fill's timer starts at the release (:meth:`_release`)."""
         st = self._load(account, name)
         vid = str(st["volume_id"])
         if not self._has_volume(vid):
             await self.volumes.create_lazy(
                 str(st["volume"]), int(st["size_bytes"]), account=account,
-                source=st["source"], mirror="sync",
+                source=st["source"], mirror="sync", held=held,
             )  # fmt: skip
             # Before any await: the fill task has not taken its first tokens yet.
             if rate_bytes_s is None:
                 rate_bytes_s = int(st.get("rate_bytes_s") or _UNLIMITED)
             self.volumes.set_fill_rate(vid, rate_bytes_s)
-            self._fill_started[vid] = t0 = time.monotonic()
-            task = asyncio.get_running_loop().create_task(self._time_fill(vid, t0))
-            self._timers.add(task)
-            task.add_done_callback(self._timers.discard)
+            if not held:
+                self._time_fill_from_now(vid)
         return st
 
+    def _time_fill_from_now(self, vid: str) -> None:
+        if vid in self._fill_started or vid in self._fill_took:  # timed (or timing) already
+            return
+        self._fill_started[vid] = t0 = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._time_fill(vid, t0))
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)
+
+    async def _release(self, vid: str) -> None:
+        """End the hold of a volume created in prepare (the source's data is final now)."""
+        await self.volumes.release_lazy(vid)
+        self._time_fill_from_now(vid)
+
     async def _time_fill(self, vid: str, t0: float) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await self.volumes.wait_filled(vid, None)
             self._fill_took[vid] = time.monotonic() - t0
+        except Exception:  # e.g. the volume went away: progress falls back to bytes
+            log.debug("fill timer of %s ended without a figure", vid, exc_info=True)
+        finally:
+            self._fill_started.pop(vid, None)
 
     async def op_start(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
         t0 = time.monotonic()
-        await self._ensure_volume(account, name, rate_bytes_s=_TRICKLE)
+        st = await self._ensure_volume(account, name, rate_bytes_s=_TRICKLE)
+        await self._release(str(st["volume_id"]))
         d = self.domains.get(account, name)
         await d.start()
         out = self.domains.info(d)
@@ -373,7 +402,10 @@ class MigrationCapability:
         lazy = info.get("lazy")
         total = int(info["size_bytes"])
         present = int(lazy["bytes_present"]) if lazy else int(info["present_bytes"])
-        done = present >= total
+        # Every byte present is not yet the fill's end (its final flush makes them
+        # durable); while a fill timed here runs, "done" waits for it, so a done answer
+        # always carries ``fill_s`` (the runner reads it only once).
+        done = present >= total and vid not in self._fill_started
         return {
             "present_bytes": present,
             "total_bytes": total,

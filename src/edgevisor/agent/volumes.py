@@ -287,10 +287,15 @@ class VolumesCapability:
         account: str,
         source: dict[str, Any],
         mirror: Mirror = "sync",
+        held: bool = False,
     ) -> dict[str, Any]:
         """A volume whose blocks come from ``source`` (``{"host", "address", "port",
         "export"}``, an export of another host designated for this one) on first read and
-        by a background fill; writes are mirrored back per ``mirror``."""
+        by a background fill; writes are mirrored back per ``mirror``.
+
+        ``held``: nothing is fetched (nor mirrored) until :meth:`release_lazy` says the
+        source's data is final; a migration's target creates it so before the switch.
+        The hold is persisted (a restarted agent keeps holding)."""
         vid = volume_id(account, name)
         src = _check_source(source)
         block_size = int(source.get("block_size", self.cfg.default_block_size_bytes))
@@ -315,10 +320,12 @@ class VolumesCapability:
             except BaseException:
                 shutil.rmtree(d, ignore_errors=True)
                 raise
-            meta = {
+            meta: dict[str, Any] = {
                 "account": account, "name": name, "kind": "lazy", "role": "primary",
                 "source": src, "mirror": mirror,
             }  # fmt: skip
+            if held:
+                meta["held"] = True
             e = self._add(vid, d, vol, meta)
             e.save()
             self._start_lazy(e)
@@ -328,8 +335,21 @@ class VolumesCapability:
         """The volume's block device (stays valid across :meth:`promote`)."""
         return self._get(name).ref
 
-    async def attach(self, name: str, target: Path, *, mount_ns: Path | None = None) -> None:
-        """Mount the volume as a filesystem at ``target`` (created on first use)."""
+    async def release_lazy(self, name: str) -> None:
+        """End the hold of a lazy volume created ``held`` (idempotent)."""
+        e = self._get(name)
+        if e.meta.pop("held", None):
+            e.save()
+        if e.lazy is not None:
+            e.lazy.release()
+
+    async def attach(
+        self, name: str, target: Path, *, mount_ns: Path | None = None, mount: bool = True
+    ) -> None:
+        """Mount the volume as a filesystem at ``target`` (created on first use).
+
+        ``mount=False`` brings up the FUSE process and loop device only (no byte read):
+        staged ahead of a switch; a later ``attach`` adopts them and mounts."""
         e = self._get(name)
         if e.meta["role"] != "primary":
             raise Conflict(f"volume {name!r} is {e.meta['role']}: only a primary is mounted")
@@ -341,7 +361,7 @@ class VolumesCapability:
                 arg=self._fuse_arg(e), settings=self.cfg.attach, mount_ns=mount_ns,
                 spares=self.spares,
             )  # fmt: skip
-            await av.attach()
+            await av.attach(mount=mount)
             e.attached = av
             e.meta["attached"] = {"target": str(av.target), "mount_ns": _opt_str(mount_ns)}
             e.save()
@@ -595,7 +615,7 @@ class VolumesCapability:
         async def connect() -> RemoteSource:
             return await self._connect(src)
 
-        e.lazy = LazyVolume(e.volume, connect, lazy_cfg)
+        e.lazy = LazyVolume(e.volume, connect, lazy_cfg, held=bool(e.meta.get("held")))
         e.ref.target = e.lazy
         e.lazy.start()
 

@@ -1,12 +1,17 @@
 """Accounts and tokens: ``/v1/accounts``, ``/v1/tokens``, ``/v1/whoami``.
 
-Deleting an account. What the account owns falls in two kinds:
+Deleting an account. What the account owns falls in three kinds:
 
 - *state that holds data or addresses* — domains (running or not: their volumes are on a
-  host's disk), volumes, and address records not yet released. Deleting the account would
-  drop the rows and leave these on the hosts with nobody able to reach or free them, so the
-  delete is refused (409, the objects listed in ``details``) until they are removed with
-  their own commands;
+  host's disk), volumes, and addresses the account still holds (allocated, bound or
+  preserved). Deleting the account would drop the rows and leave these on the hosts with
+  nobody able to reach or free them, so the delete is refused (409, the objects listed in
+  ``details``) until they are removed with their own commands;
+- *networks* (logical address ranges, rows in the store only) go with the account, with
+  their free-lists; addresses released but still in their hold-down end it early, each
+  with a history row (:func:`edgevisor.network.pools.delete_account_networks`). The address
+  history stays: it outlives addresses by design, and names the account. A new account of
+  the same name starts without networks;
 - *configuration on the agents* — tasks, devices (credentials, certificates), routes,
   timers, shadows, deployments. These cascade: the rows go with the account (foreign keys
   ``ON DELETE CASCADE``) and every host purges the account's objects (agent op
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -38,6 +44,7 @@ from edgevisor.control.auth import (
     token_cache,
 )
 from edgevisor.errors import Conflict, EdgevisorError, Forbidden, RequestError
+from edgevisor.network.pools import HOLDING_STATES, delete_account_networks
 from edgevisor.sdk import models as m
 from edgevisor.store import repos
 from edgevisor.store.domain_models import Domain
@@ -112,7 +119,8 @@ def _blockers(s: Session, acct: Account) -> dict[str, list[str]]:
         "addresses": sorted(
             s.scalars(
                 select(AddressRecordRow.logical).where(
-                    AddressRecordRow.account == acct.name, AddressRecordRow.state != "released"
+                    AddressRecordRow.account == acct.name,
+                    AddressRecordRow.state.in_(HOLDING_STATES),
                 )
             )
         ),
@@ -132,11 +140,13 @@ async def delete_account(name: str, p: Auth, request: Request) -> None:
             raise Conflict(
                 f"account {name!r} still has {what}; remove them first", details=blockers
             )
+        now = st.clock()
+        # Networks first: it re-checks held addresses under the lock allocations take.
+        networks = delete_account_networks(s, account=name, now=datetime.fromtimestamp(now, UTC))
         hosts = [h.name for h in repos.list_hosts(s)]
         repos.delete_account(s, acct)
         token_cache(request).clear()
-        now = st.clock()
-        repos.add_event(s, "account.deleted", now, subject=name)
+        repos.add_event(s, "account.deleted", now, subject=name, data={"networks": networks})
         pending = {
             h: repos.add_event(s, PURGE_PENDING, now, subject=name, data={"host": h}).id
             for h in hosts

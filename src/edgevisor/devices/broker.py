@@ -16,15 +16,8 @@ broker accepted for delivery (i.e. after the ACL check) to the agent, and
 This skips two MQTT encode/decode/TCP hops per routed message, which is where most of the
 time of a routed round trip goes with amqtt.
 
-Per-message cost. amqtt runs every plugin hook as its own asyncio task (a task plus a
-``gather`` for each ACL check, on publish and again for every delivery; a task for each
-broadcast event). At thousands of messages a second that bookkeeping is a large part of the
-broker's CPU, so :class:`_FastBroker` answers the ACL check synchronously from the policy and
-hands accepted publishes to the tap inline (which also back-pressures a device whose
-messages the agent cannot take fast enough, instead of piling up tasks); its broadcast loop
-takes messages without a task and an ``asyncio.wait`` each. The decisions are
-the same :class:`BrokerPolicy` ones; the plugins stay registered and are what runs on an
-amqtt whose internals differ (see :data:`_FAST_PATH`).
+amqtt internals overridden for speed and for losing nothing at a client's end live in
+:mod:`edgevisor.devices.broker_amqtt`.
 
 TLS listener (``devices.tls_port``): the same broker also listens with TLS and *requires*
 a client certificate of the agent's devices CA (:mod:`edgevisor.devices.tls`; amqtt's own
@@ -45,11 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import logging
 import secrets
 import socket
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,11 +51,11 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from edgevisor.devices.broker_amqtt import _FAST_PATH, _FastBroker, _PlainBroker
 from edgevisor.devices.registry import DeviceRegistry, verify_password
 from edgevisor.errors import UnavailableError
 
 if TYPE_CHECKING:
-    import ssl
 
     from edgevisor.devices.tls import DevicesTLS
 
@@ -228,124 +220,6 @@ class AgentTapPlugin(BasePlugin):  # type: ignore[misc]
 
 # The fast path overrides four private amqtt 0.12 methods; on an amqtt without them (or with
 # other signatures) the broker falls back to the plugin hooks, which decide the same way.
-def _has_method(name: str, params: list[str]) -> bool:
-    fn = getattr(Broker, name, None)
-    return callable(fn) and list(inspect.signature(fn).parameters)[: len(params)] == params
-
-
-_FAST_PATH = (
-    _has_method("_topic_filtering", ["self", "session", "topic", "action"])
-    and _has_method("_broadcast_message", ["self", "session", "topic", "data", "force_qos"])
-    and _has_method("_stop_handler", ["self", "handler"])
-    and _has_method("_run_broadcast", ["self", "running_tasks"])
-)
-
-
-class _FastBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with the ACL check and the agent tap called directly, not as tasks.
-
-    A client's accepted PUBLISH goes ``_topic_filtering`` (PUBLISH, allowed) and then
-    ``_broadcast_message`` with the same session and topic, in that session's message loop;
-    will messages and the agent's own publishes reach ``_broadcast_message`` without the
-    check. ``_accepted`` remembers the topic a session was just allowed to publish so only
-    checked messages are tapped, as with the plugin hook (MESSAGE_BROADCAST).
-    """
-
-    def __init__(
-        self,
-        config: dict[str, Any],
-        policy: BrokerPolicy,
-        tls: DevicesTLS | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(config, **kwargs)
-        self._policy = policy
-        self._tls = tls
-        self._accepted: dict[int, str] = {}
-
-    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        if session is None or topic is None or action is None:
-            return False
-        allowed = self._policy.allow(session.username, action, topic)
-        if allowed and action == Action.PUBLISH:
-            self._accepted[id(session)] = topic
-        return allowed
-
-    async def _broadcast_message(
-        self,
-        session: Session | None,
-        topic: str | None,
-        data: bytes | bytearray | None,
-        force_qos: int | None = None,
-    ) -> None:
-        if session is not None and topic and self._accepted.pop(id(session), None) == topic:
-            tap = self._policy.tap
-            if tap is not None:
-                await tap(topic, bytes(data or b""))
-        await super()._broadcast_message(session, topic, data, force_qos)
-
-    async def _broadcast_loop(self) -> None:
-        """amqtt's loop, without a task and an ``asyncio.wait`` per message.
-
-        amqtt wraps each ``_run_broadcast`` (take one message, start its deliveries) in a
-        task and waits for it or for shutdown; here it runs inline and shutdown cancels the
-        loop instead. Delivery tasks are reaped as amqtt does.
-        """
-        running: deque[asyncio.Task[Any]] = self._tasks_queue
-        me = asyncio.current_task()
-        stop = self._broadcast_shutdown_waiter
-        if me is not None:
-            stop.add_done_callback(lambda _: me.cancel())
-        try:
-            while not stop.done():
-                while running and running[0].done():
-                    task = running.popleft()
-                    if not task.cancelled() and task.exception() is not None:
-                        log.warning("mqtt delivery failed: %r", task.exception())
-                try:
-                    await self._run_broadcast(running)
-                except Exception:  # one bad message must not end all delivery (as in amqtt)
-                    log.exception("mqtt broadcast failed")
-        except asyncio.CancelledError:
-            if not stop.done():
-                raise  # cancelled from outside, not a shutdown
-        finally:
-            pending = [t for t in running if not t.done()]
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5.0)
-
-    async def _stop_handler(self, handler: Any) -> None:
-        # A session that goes away must not leave a stale entry (ids are reused).
-        session = getattr(handler, "session", None)
-        if session is not None:
-            self._accepted.pop(id(session), None)
-        await super()._stop_handler(handler)
-
-    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
-        return _tls_context(self, listener)
-
-
-class _PlainBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker as is, except for the TLS listener's context (see _tls_context)."""
-
-    def __init__(self, config: dict[str, Any], tls: DevicesTLS | None, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self._tls = tls
-
-    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
-        return _tls_context(self, listener)
-
-
-def _tls_context(broker: Any, listener: Any) -> ssl.SSLContext:
-    # amqtt's own context makes client certificates optional; ours requires them.
-    tls: DevicesTLS | None = getattr(broker, "_tls", None)
-    if tls is None:
-        return Broker._create_ssl_context(listener)  # type: ignore[no-any-return]
-    return tls.server_context()
-
-
 async def _close_writer(writer: Any) -> None:
     try:
         await writer.close()

@@ -21,17 +21,19 @@ Theory of operation (one :class:`Domain`)::
    blocks until it sits in the cgroups, so everything the domain runs is limited.
 
 Layers 1-3 are independent, so ``start`` builds them concurrently (the volume's attach
-is the long one); ``stage`` builds the cgroups ahead (a migration's target, in prepare).
+is the long one); ``stage`` builds the cgroups and the namespace ahead (a migration's
+target, in prepare), the veth under a staged name that the start renames to its own (the
+source may hold that name until it quiesces: simulated hosts share one root namespace).
 
 An exit while not stopping goes to the restart policy (:func:`restart_delay`); the
 volume, network and cgroups stay up across restarts. A domain that is not restarted is
 torn down like a stop. ``quiesce`` (the migration's QuiesceSource, on the switch's
-critical path) is freeze -> syncfs -> SIGKILL -> cgroups and network removed, ext4
-unmounted: nothing the domain wrote after the freeze can exist, every write it completed
-is on the volume, and nothing on this host writes the volume any more when it returns.
-The loop device and FUSE process go in the background; every later lifecycle call (and
-:meth:`Domain.wait_torn_down`) waits for that first. Each operation's sub-step durations
-are kept in ``Domain.timings`` (benchmarks report them).
+critical path) is freeze -> syncfs -> SIGKILL -> cgroups removed, ext4 unmounted, veth
+deleted (the last two concurrently): nothing the domain wrote after the freeze can exist,
+every write it completed is on the volume, and nothing on this host writes the volume any
+more when it returns. The namespace, loop device and FUSE process go in the background;
+every later lifecycle call (and :meth:`Domain.wait_torn_down`) waits for that first. Each
+operation's sub-step durations are kept in ``Domain.timings`` (benchmarks report them).
 
 bwrap runs with ``--die-with-parent`` from the event loop's thread, so domains die with
 the agent: :func:`clear_stale` (agent start) finds what a previous run left (namespaces by
@@ -60,12 +62,13 @@ from edgevisor.migration.domain_host import (
     DomainError,
     LocalVolumes,
     VolumeBackend,
+    activate_domain_netns,
     clear_stale,
     create_domain_netns,
     domain_cgroup,
     remove_domain_netns,
-    route_domain_address,
     set_freezer,
+    stage_domain_netns,
     syncfs,
     unmount,
 )
@@ -167,6 +170,9 @@ class Domain:
         self._cg = domain_cgroup(host, self.tag)
         self.phase = "stopped"
         self.ifname: str | None = None
+        """The host side of the veth while it carries the domain's own name (we hold it)."""
+        self._staged_ifname = "evs" + self.tag  # its name while staged (<= 15 characters)
+        self._net_staged = False  # the namespace exists under ``_staged_ifname``
         self.last_exit: int | None = None
         self.started_at: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -245,10 +251,10 @@ class Domain:
 
     async def stage(self) -> None:
         """Build what a start needs that touches neither the volume's data nor the
-        address (directories, cgroups) while the domain is stopped: a migration's target
-        does this in *prepare*, before the source stops, so the switch does less.
-        Idempotent; ``stop`` removes it again. (The network is built at the start, next
-        to the volume's attach, see :meth:`_bring_up_network`.)
+        address's routing (directories, cgroups, the network namespace with its veth
+        under a staged name) while the domain is stopped: a migration's target does this
+        in *prepare*, before the source stops, so the switch only renames the veth and
+        routes to it. Idempotent; ``stop`` removes it again.
         """
         async with self._lock:
             await self._settle()
@@ -257,7 +263,23 @@ class Domain:
             clock = StepClock()
             try:
                 self._make_dirs()
-                await self._bring_up_cgroups(clock)
+                t0 = clock.now()
+
+                async def network() -> None:
+                    await asyncio.to_thread(
+                        stage_domain_netns, self.netns, self.spec.account, self.address,
+                        self._staged_ifname,
+                    )  # fmt: skip
+                    self._net_staged = True
+                    clock.since(t0, "netns")
+
+                results = await asyncio.gather(
+                    self._bring_up_cgroups(clock), network(), return_exceptions=True
+                )
+                clock.skip()
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
             except BaseException:
                 await self._tear_down()
                 raise
@@ -296,9 +318,10 @@ class Domain:
 
         This is the source's share of a migration's downtime, so only that is waited for:
         the processes get SIGKILL while frozen (their writes are flushed and they are
-        discarded anyway), cgroups and network go at once, the filesystem is unmounted
-        with umount(2); the volume's loop device and FUSE process go in the background,
-        and every later lifecycle call, and :meth:`wait_torn_down`, waits for that. If a
+        discarded anyway), cgroups and the veth (its name, and the
+        address's route) go at once, the filesystem is unmounted with umount(2); the
+        namespace, the volume's loop device and FUSE process go in the background, and
+        every later lifecycle call, and :meth:`wait_torn_down`, waits for that. If a
         step fails, everything is torn down the ordinary way before the error is raised.
         """
         async with self._lock:
@@ -342,10 +365,11 @@ class Domain:
                 clock.since(t0, "unmount")
 
             async def network() -> None:
-                # Now, not later: the target builds a veth of the same name (it derives
-                # from the address, which moves with the domain) when it starts.
-                ifname = nn.instance_ifname(self.spec.account, self.address)
-                await asyncio.to_thread(remove_domain_netns, self.netns, ifname)
+                # The veth now, not later: the target gives its veth the same name (it
+                # derives from the address, which moves with the domain) when it starts.
+                # The namespace itself (another ~10 ms) goes with the deferred teardown.
+                if self.ifname is not None:
+                    await asyncio.to_thread(nn.ip, "link", "del", self.ifname, check=False)
                 self.ifname = None
                 clock.since(t0, "netns")
 
@@ -445,18 +469,26 @@ class Domain:
         route of a test address, or the address dataplane's route of a logical one
         (``plug``).
 
-        Not staged ahead of a start: the veth's name derives from (account, address), and
-        a migrating domain keeps its address, so on one machine (simulated hosts share
-        the root namespace) the target's veth would replace the running source's.
+        Staged (:meth:`stage`), the namespace exists already and its veth only gets its
+        own name here: the name derives from (account, address), and a migrating domain
+        keeps its address, so on one machine (simulated hosts share the root namespace)
+        the target's veth would otherwise replace the running source's.
         """
         t0 = clock.now()
-        self.ifname = await asyncio.to_thread(
-            create_domain_netns, self.netns, self.spec.account, self.address, host_route=False
-        )
+        test_route = self.plug is None
+        if self._net_staged:
+            self.ifname = await asyncio.to_thread(
+                activate_domain_netns, self._staged_ifname, self.spec.account, self.address,
+                host_route=test_route,
+            )  # fmt: skip
+            self._net_staged = False
+        else:
+            self.ifname = await asyncio.to_thread(
+                create_domain_netns, self.netns, self.spec.account, self.address,
+                host_route=test_route,
+            )  # fmt: skip
         if self.plug is not None:
             await self.plug(self.spec.account, self.address)
-        else:
-            await asyncio.to_thread(route_domain_address, self.address, self.ifname)
         clock.since(t0, "netns")
 
     async def _bring_up_cgroups(self, clock: StepClock) -> None:
@@ -488,12 +520,16 @@ class Domain:
             clock.since(t0, "cgroups")
 
         async def network() -> None:
-            ifname = nn.instance_ifname(self.spec.account, self.address)
+            # Only a veth we hold is deleted by name: after a quiesce (veth gone) or
+            # while staged, the domain's own name may belong to the domain's other copy
+            # on this machine (simulated hosts). Deleting the namespace takes the pair.
+            ifname = self.ifname or (self._staged_ifname if self._net_staged else None)
             try:
                 await asyncio.to_thread(remove_domain_netns, self.netns, ifname)
             except EdgevisorError as exc:
                 errors.append(exc.message)
             self.ifname = None
+            self._net_staged = False
             clock.since(t0, "netns")
 
         async def volume() -> None:

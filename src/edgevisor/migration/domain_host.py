@@ -17,6 +17,7 @@ import errno
 import os
 import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -36,6 +37,7 @@ __all__ = [
     "LocalVolumes",
     "StaleReport",
     "VolumeBackend",
+    "activate_domain_netns",
     "clear_stale",
     "create_domain_netns",
     "domain_cgroup",
@@ -43,6 +45,7 @@ __all__ = [
     "remove_host_cgroups",
     "route_domain_address",
     "set_freezer",
+    "stage_domain_netns",
     "syncfs",
     "unmount",
 ]
@@ -169,6 +172,30 @@ def create_domain_netns(
     return inst.ifname
 
 
+def stage_domain_netns(netns: str, account: str, address: IPv4Address, staged_ifname: str) -> None:
+    """Build the domain's namespace ahead of its start (a migration's target, in
+    prepare) with the host side of its veth named ``staged_ifname``, not its own name:
+    that name derives from (account, address), and the running source may still hold it
+    (on one machine, simulated hosts share the root namespace). Nothing is routed to it
+    yet. :func:`activate_domain_netns` gives it its name when the domain starts."""
+    remove_domain_netns(netns, staged_ifname)  # leftovers of ours (names are per agent)
+    nn.create_instance(netns, None, account, address, ifname=staged_ifname)
+
+
+def activate_domain_netns(
+    staged_ifname: str, account: str, address: IPv4Address, *, host_route: bool = True
+) -> str:
+    """Rename a staged veth to the domain's own name (and, with ``host_route``, route
+    the test address over it) in one ``ip`` process; returns the name. A leftover of that
+    name is ours: the source removed its veth when it quiesced."""
+    ifname = nn.instance_ifname(account, address)
+    if _link_exists(ifname):
+        nn.ip("link", "del", ifname, check=False)
+    route = [f"route replace {address}/32 dev {ifname} src {nn.GATEWAY}"] if host_route else []
+    nn.rename_link(staged_ifname, ifname, then=route)
+    return ifname
+
+
 def route_domain_address(address: IPv4Address, ifname: str) -> None:
     """The host's /32 route to a domain's test address over its veth ``ifname``.
 
@@ -179,10 +206,19 @@ def route_domain_address(address: IPv4Address, ifname: str) -> None:
 
 
 def remove_domain_netns(netns: str, ifname: str | None = None) -> None:
-    """Remove the namespace; with ``ifname``, its veth pair (and host route) right away."""
-    if ifname is not None and _link_exists(ifname):  # no ``ip`` process (~10 ms) for nothing
-        nn.ip("link", "del", ifname, check=False)
-    nn.delete_netns(netns)
+    """Remove the namespace; with ``ifname``, its veth pair (and host route) right away.
+
+    One ``ip`` process for both (each costs ~10 ms, on a switch's critical path), and
+    none for what does not exist."""
+    lines = []
+    if ifname is not None and _link_exists(ifname):
+        lines.append(f"link del {ifname}")
+    if nn.netns_exists(netns):
+        lines.append(f"netns del {netns}")
+    if lines:
+        # -force: one line failing (gone meanwhile) does not skip the other
+        subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n",
+                       capture_output=True, text=True, check=False)  # fmt: skip
 
 
 def _link_exists(ifname: str) -> bool:

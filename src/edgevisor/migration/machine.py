@@ -8,21 +8,28 @@ machine performs no I/O and reads no clock: the runner calls ``start(now)``, the
 ``handle(event, now)`` for every event, and performs the commands returned (in order).
 Commands that expect an answer are answered with ``Done(cmd)`` or ``Failed(cmd, reason)``.
 
-Forward path (post-copy, the product's mode), one step at a time (``table.PLANS``)::
+Forward path (post-copy, the product's mode), one step at a time (``table.PLANS``;
+the commands of one step are issued together and the step ends when all are done)::
 
-    requested ─▶ preparing   PrepareTarget(lazy)          target volume reads through
+    requested ─▶ preparing   PrepareTarget(lazy)          target: domain defined, its
+                                                          cgroups and namespace staged
               ─▶ switching   QuiesceSource                 ┐ downtime: from issuing
-                             SetRoles(target primary)      │ QuiesceSource to
-                               [+ MoveRecord(target)]      │ StartOnTarget done
-                             StartOnTarget                 ┘
+                             + SetRoles(target primary)    │ QuiesceSource to
+                             [MoveRecord(target)]          │ StartOnTarget done
+                             + StartOnTarget               ┘
               ─▶ post_sync   StartFill (ResyncSource first if the source fell behind)
               ─▶ verifying   Verify
               ─▶ committed   ReleaseSource                 ◀── the one commit point
 
-MoveRecord (only for a domain with a logical address) runs with SetRoles, after the stop
-on the source and before the start on the target: the source stops translating for the
-address before the target does (fencing), and the domain is reachable at its logical
-address as soon as it runs on the target.
+The switch has two steps because each step costs the downtime a write-ahead persist
+and a round trip. SetRoles runs with QuiesceSource: in post-copy the target's copy does
+not exist yet (StartOnTarget creates it, primary), so the fence costs nothing there, and
+the source's demotion is queued behind the quiesce on the source's host (the runner's
+per-host FIFO). MoveRecord (only for a domain with a logical address) runs with
+StartOnTarget, after the stop on the source: the move pushes the source first, so the
+source stops translating for the address before the target does (fencing); moving it
+any earlier would cut clients off a domain that still serves. If either of a step's
+commands fails, the other is drained before the rollback starts.
 
 The baseline ``stop-and-copy`` mode uses the same machine with another plan: quiesce,
 fill, verify, set roles (+ move the record), start, commit.

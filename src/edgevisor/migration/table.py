@@ -18,12 +18,16 @@ __all__ = ["EFFECT_OF", "ON_ABORT", "ON_HOST_DOWN", "PLANS", "ROLLBACK_ORDER"]
 PLANS: Final[Mapping[Mode, tuple[tuple[Phase, tuple[str, ...]], ...]]] = {
     Mode.POST_COPY: (
         (Phase.PREPARING, ("PrepareTarget",)),
-        (Phase.SWITCHING, ("QuiesceSource",)),
-        # The record moves while the roles switch (both controller-side, so the downtime
-        # grows by neither): the domain starts on the target already reachable at its
-        # logical address, and the source stopped translating for it before (fencing).
-        (Phase.SWITCHING, ("SetRoles", "MoveRecord")),
-        (Phase.SWITCHING, ("StartOnTarget",)),
+        # Each step of the switch costs the downtime a write-ahead persist and a round
+        # trip, so the switch has two. The roles switch while the source quiesces: the
+        # target's copy does not exist yet (StartOnTarget creates it, as primary), and
+        # the source's demotion queues behind the quiesce on that host.
+        (Phase.SWITCHING, ("QuiesceSource", "SetRoles")),
+        # The record moves while the target starts, after the stop on the source (the
+        # move fences: the source stops translating first); moving it earlier would cut
+        # clients off a domain still serving. Issued first, it is mostly done when the
+        # start is.
+        (Phase.SWITCHING, ("MoveRecord", "StartOnTarget")),
         (Phase.POST_SYNC, ("StartFill",)),
         (Phase.VERIFYING, ("Verify",)),
         (Phase.COMMITTED, ("ReleaseSource",)),

@@ -14,6 +14,12 @@ physical address as source or destination. That covers, on any host:
 - when the record was local: its own outbound flows (orig src = logical) and inbound
   flows to it (orig dst = physical).
 
+The dataplane fences these flows off in the update's own nftables transaction (their
+conntrack mark holds the epoch they were opened in, see ``dataplane.py``), so the flush
+is cleanup off the critical path: given the fence's epoch, it deletes only entries opened
+up to that epoch (and those whose mark is not an epoch), never a flow opened after the
+update.
+
 A flush is ONE ctnetlink dump of the namespace's entries over a raw netlink socket,
 matched in Python, then one delete per matching entry. Measured: the kernel walks the
 whole machine-wide hash table (``nf_conntrack_buckets``, 262,144 here) on every dump,
@@ -69,7 +75,7 @@ _CT_GET = (1 << 8) | 1  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
 _CT_DELETE = (1 << 8) | 2
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_CTA_TUPLE_ORIG, _CTA_ZONE, _CTA_FILTER = 1, 18, 25
+_CTA_TUPLE_ORIG, _CTA_MARK, _CTA_ZONE, _CTA_FILTER = 1, 8, 18, 25
 _CTA_TUPLE_IP, _CTA_IP_V4_SRC, _CTA_IP_V4_DST = 1, 1, 2
 _CTA_IP_V6_SRC, _CTA_IP_V6_DST = 3, 4
 _CTA_FILTER_ORIG_FLAGS = 1
@@ -166,8 +172,12 @@ class ConntrackFlusher:
                 if kind == _NLMSG_ERROR:
                     return
 
-    def _matches(self, targets: set[FlushTarget]) -> list[tuple[bytes, int, int]]:
-        """(original-tuple attribute, zone, family) of every entry matching a target.
+    def _matches(
+        self, targets: set[FlushTarget], epoch: int | None = None, epoch_limit: int = 0
+    ) -> list[tuple[bytes, int, int]]:
+        """(original-tuple attribute, zone, family) of every entry matching a target
+        (with ``epoch``: and whose mark is not an epoch after it, i.e. not in
+        ``(epoch, epoch_limit)``).
 
         One dump for all targets: the kernel walks the whole (machine-wide) conntrack hash
         table for every dump, filtered or not, so N filtered dumps cost N walks. With an
@@ -187,12 +197,14 @@ class ConntrackFlusher:
                 if code:
                     raise ConntrackError(f"conntrack dump failed: {os.strerror(-code)}")
                 continue
-            zone = 0
+            zone = mark = 0
             tuple_orig = b""
             src = dst = b""
             for akind, value, whole in _attrs(payload[4:]):
                 if akind == _CTA_ZONE:
                     (zone,) = struct.unpack("!H", value[:2])
+                elif akind == _CTA_MARK:
+                    (mark,) = struct.unpack("!I", value[:4])
                 elif akind == _CTA_TUPLE_ORIG:
                     tuple_orig = whole
                     for tkind, tvalue, _ in _attrs(value):
@@ -202,18 +214,25 @@ class ConntrackFlusher:
                                     src = ivalue
                                 elif ikind in (_CTA_IP_V4_DST, _CTA_IP_V6_DST):
                                     dst = ivalue
+            if epoch is not None and epoch < mark < epoch_limit:
+                continue  # opened after the update: it uses the new mapping
             if tuple_orig and ((zone, "src", src) in wanted or (zone, "dst", dst) in wanted):
                 found.append((tuple_orig, zone, payload[0]))
         return found
 
-    def flush(self, targets: Iterable[FlushTarget]) -> int:
-        """Delete every entry matching one of ``targets``; return how many went."""
+    def flush(
+        self, targets: Iterable[FlushTarget], *, epoch: int | None = None,
+        epoch_limit: int = 0xFFFFFFFF,
+    ) -> int:
+        """Delete every entry matching one of ``targets``; return how many went. With
+        ``epoch``, entries whose conntrack mark is an epoch after it (``epoch < mark <
+        epoch_limit``) stay: they were opened after the update that fenced the rest."""
         wanted = set(targets)
         if not wanted:
             return 0
         deleted = 0
         try:
-            for tuple_orig, zone, family in self._matches(wanted):
+            for tuple_orig, zone, family in self._matches(wanted, epoch, epoch_limit):
                 seq = self._next_seq()
                 self._sock.send(delete_request(tuple_orig, zone, seq, family))
                 for _kind, payload in self._messages(seq):

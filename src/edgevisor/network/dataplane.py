@@ -51,11 +51,27 @@ kernel transaction: it applies entirely or not at all, so a failed apply leaves 
 good table. Only after it succeeded does the in-memory state advance and the link-level
 work run. :meth:`Dataplane.rebuild` drops and recreates the table with all elements in
 one transaction (agent restart: state comes from records, not memory).
+
+Old flows (fencing). A remap does not move flows that exist: their conntrack entries keep
+the old translation. They are cut in the update's own transaction, not after it: every
+new instance flow is stamped at ``forward`` with the host's current *epoch*
+(``ct mark set meta protocol map @epoch``), and a packet of an existing flow is dropped
+when ``zone . original src (or dst) . ct mark`` is in the interval set ``stale``. An
+update that changes or removes a mapping adds ``zone . address . 0-E`` for the old
+logical and physical addresses (exactly the conntrack flush's targets, E = the epoch so
+far) and moves the epoch to E+1, in the same transaction as the maps: flows opened before
+it stop at the commit, flows opened after it are stamped E+1 and pass. The conntrack
+flush then runs off the critical path (entries of epoch <= E only, so a new flow opened
+in between survives); its ``stale`` elements are removed by the next transaction once
+the flush succeeded. Epochs live in conntrack marks below ``mark_base`` (from there up
+the marks are accounts' marks on host-service connections); the current one is read back
+from the kernel table when the dataplane opens, so an agent restart continues it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,9 +85,11 @@ from edgevisor.network.dp_core import (
     Batch,
     DataplaneSettings,
     Key,
+    StaleKey,
     assign_ids,
     count_accounts,
     element_lists,
+    epoch_limit,
     plan,
     render_batch,
     render_table,
@@ -89,6 +107,7 @@ __all__ = [
     "DataplaneSettings",
     "Key",
     "Pending",
+    "StaleKey",
     "assign_ids",
     "count_accounts",
     "element_lists",
@@ -138,7 +157,8 @@ class Dataplane:
     """The translation tables, addresses and routes of one host.
 
     ``netns`` is the namespace to act in (``None``: the caller's own, the agent's case).
-    Not thread-safe; the agent applies updates one at a time.
+    Not thread-safe; the agent applies updates one at a time (only :meth:`flush_stale`
+    may run beside them).
     """
 
     def __init__(self, host: str, settings: DataplaneSettings, netns: str | None = None) -> None:
@@ -152,14 +172,36 @@ class Dataplane:
         self.counts: dict[str, tuple[int, int]] = {}
         self.generation = 0
         self.last_error: str | None = None
+        # The fence of old flows (see the theory of operation): the epoch new flows get,
+        # the ``stale`` set's elements, and those of them whose conntrack flush is done.
+        self.epoch = 1
+        self.stale: dict[StaleKey, int] = {}
+        self.stale_done: set[StaleKey] = set()
         self._nft = Nft(netns)
         self._ipr: Any = IPRoute(netns=netns) if netns else IPRoute()
         self._ct = ConntrackFlusher(netns)
+        self._flush_lock = threading.Lock()
         self._garp = GarpSender(settings.fabric_if, netns)
         idx = self._ipr.link_lookup(ifname=settings.fabric_if)
         if not idx:
             raise ApplyFailed(f"fabric interface {settings.fabric_if} not found")
         self._fabric_index: int = idx[0]
+        self.epoch = self._kernel_epoch()
+
+    def _kernel_epoch(self) -> int:
+        """The epoch of a table an earlier process left (flows stamped up to it may
+        exist); 1 without one."""
+        found = 0
+        for fam, name in (("ip", "epoch"), ("ip6", "epoch6")):
+            try:
+                data = self._nft.query(f"list map {fam} {self.settings.table} {name}")
+            except NftError:
+                continue
+            for item in (data or {}).get("nftables", []):
+                for elem in item.get("map", {}).get("elem", []):
+                    if isinstance(elem, list) and len(elem) == 2 and isinstance(elem[1], int):
+                        found = max(found, elem[1])
+        return max(1, min(found, epoch_limit(self.settings) - 1))
 
     def close(self) -> None:
         self._nft.close()
@@ -184,9 +226,12 @@ class Dataplane:
         except ValueError as exc:
             raise ApplyFailed(str(exc)) from exc
         text = render_table(self.settings,
-                            element_lists(desired, self.host, ids, self.settings))
+                            element_lists(desired, self.host, ids, self.settings),
+                            epoch=self.epoch)
         self._run(text)
         committed = time.perf_counter() - t0
+        self.stale.clear()
+        self.stale_done.clear()
         old_local = {r.physical for r in self.records.values() if r.host == self.host}
         self.records, self.ids = desired, ids
         self.counts = count_accounts(desired, self.host)
@@ -206,10 +251,10 @@ class Dataplane:
     def commit(self, records: Iterable[AppliedRecord], *, full: bool = False) -> Pending:
         """The first half of :meth:`apply`: the translation, in one nftables transaction.
 
-        New connections use it once this returns. The caller must run :meth:`finish` on
-        the result (addresses, routes, conntrack flush, gratuitous ARPs) before the next
-        ``commit``; the agent does that after answering, so a remap is acknowledged at
-        commit time and old flows are cut right after.
+        New connections use it once this returns, and flows opened to a changed mapping
+        before it are dropped (the ``stale`` fence, same transaction). The caller must
+        run :meth:`finish` on the result (addresses, routes, conntrack cleanup, gratuitous
+        ARPs) before the next ``commit``; the agent does that after answering.
         """
         t0 = time.perf_counter()
         given = {r.key: r for r in records}
@@ -224,35 +269,63 @@ class Dataplane:
         try:
             batch = plan(self.records, changes, host=self.host, ids=self.ids,
                          counts=self.counts, settings=self.settings,
-                         generation=self.generation)
+                         generation=self.generation, epoch=self.epoch, stale=self.stale,
+                         stale_done=self.stale_done)
         except ValueError as exc:
             self.last_error = str(exc)
             raise ApplyFailed(str(exc)) from exc
-        if batch.element_ops:
+        if batch.element_ops or batch.stale_add or batch.stale_del:
             self._run(render_batch(batch, self.settings.table))
         committed = time.perf_counter() - t0
         self._commit(batch)
         return Pending(batch, t0, committed)
 
     def finish(self, pending: Pending) -> ApplyResult:
-        """The second half of :meth:`apply`: link-level work and the conntrack flush."""
+        """The second half of :meth:`apply`: :meth:`finish_links`, then the conntrack
+        cleanup of the flows the commit fenced off (:meth:`flush_stale`, :meth:`flushed`)."""
+        warnings = self.finish_links(pending)
+        deleted, warning = self.flush_stale(pending)
+        if warning is None:
+            self.flushed(pending)
+        else:
+            warnings.append(warning)
+        if warnings:
+            log.warning("dataplane %s: %s", self.host, "; ".join(warnings))
+        return ApplyResult(pending.batch.generation, pending.batch.element_ops, deleted,
+                           tuple(warnings), pending.committed_s,
+                           time.perf_counter() - pending.started)
+
+    def finish_links(self, pending: Pending) -> list[str]:
+        """Addresses, rules, routes and gratuitous ARPs of a commit; the warnings. Must run
+        before the next :meth:`commit`."""
         batch = pending.batch
         warnings = self._links(batch)
-        deleted = 0
-        if batch.flush:
-            try:
-                deleted = self._ct.flush(batch.flush)
-            except UnavailableError as exc:
-                warnings.append(str(exc))
         for addr in batch.garp:
             try:
                 self._garp.send(addr, self.settings.garp_count)
             except OSError as exc:
                 warnings.append(f"gratuitous ARP for {addr}: {exc}")
-        if warnings:
-            log.warning("dataplane %s: %s", self.host, "; ".join(warnings))
-        return ApplyResult(batch.generation, batch.element_ops, deleted, tuple(warnings),
-                           pending.committed_s, time.perf_counter() - pending.started)
+        return warnings
+
+    def flush_stale(self, pending: Pending) -> tuple[int, str | None]:
+        """Delete the conntrack entries the commit fenced off: (deleted, warning if it
+        failed). Cleanup only (the fence already stops those flows), so it may run
+        concurrently with later commits; flushes are serialized among themselves."""
+        batch = pending.batch
+        if not batch.flush:
+            return 0, None
+        with self._flush_lock:
+            try:
+                return self._ct.flush(batch.flush, epoch=batch.epoch - 1,
+                                      epoch_limit=epoch_limit(self.settings)), None
+            except UnavailableError as exc:
+                return 0, str(exc)  # the fence stays until a later change replaces it
+
+    def flushed(self, pending: Pending) -> None:
+        """Note that :meth:`flush_stale` of ``pending`` succeeded: its ``stale`` elements
+        go with the next commit. Call it where commits are serialized."""
+        self.stale_done.update(k for k, hi in pending.batch.stale_add.items()
+                               if self.stale.get(k) == hi)
 
     def plug(self, account: str, logical: IPv4Address | IPv6Address) -> None:
         """(Re)install the route of a local instance whose veth appeared after apply."""
@@ -285,6 +358,13 @@ class Dataplane:
             else:
                 self.counts.pop(account, None)
         self.ids, self.generation = batch.ids, batch.generation
+        for sk in batch.stale_del:
+            self.stale.pop(sk, None)
+            self.stale_done.discard(sk)
+        for sk, hi in batch.stale_add.items():
+            self.stale[sk] = hi
+            self.stale_done.discard(sk)
+        self.epoch = batch.epoch
 
     def _run(self, text: str) -> None:
         try:

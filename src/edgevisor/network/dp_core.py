@@ -1,6 +1,6 @@
 """Pure core of the host dataplane: which nftables elements, addresses, routes, rules,
-conntrack flushes and gratuitous ARPs an update needs. No I/O; see ``dataplane.py`` for
-the theory of operation and the shell that performs a :class:`Batch`.
+conntrack flushes, stale-flow fences and gratuitous ARPs an update needs. No I/O; see
+``dataplane.py`` for the theory of operation and the shell that performs a :class:`Batch`.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from socket import inet_ntoa
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,9 +21,11 @@ __all__ = [
     "Batch",
     "DataplaneSettings",
     "Key",
+    "StaleKey",
     "assign_ids",
     "count_accounts",
     "element_lists",
+    "epoch_limit",
     "plan",
     "render_batch",
     "render_table",
@@ -31,6 +34,7 @@ __all__ = [
 RecordState = Literal["active", "preserved", "released"]
 IPAddress = IPv4Address | IPv6Address
 Key = tuple[str, IPAddress]  # (account, logical)
+StaleKey = tuple[int, IPAddress]  # (conntrack zone = account id, logical or physical)
 MAX_ACCOUNTS = 0xFFFF  # conntrack zones are 16 bits
 
 
@@ -167,6 +171,12 @@ class Batch:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # touched accounts only
     updates: dict[Key, AppliedRecord | None] = field(default_factory=dict)
     generation: int = 0
+    # The fence of old flows (see "Old flows" in dataplane.py): the epoch new flows are
+    # stamped with after this batch, and the ``stale`` set's elements (zone, address) ->
+    # highest stale epoch, deleted and added in the same transaction as the maps.
+    epoch: int = 1
+    stale_del: dict[StaleKey, int] = field(default_factory=dict)
+    stale_add: dict[StaleKey, int] = field(default_factory=dict)
 
     @property
     def element_ops(self) -> int:
@@ -188,6 +198,12 @@ def count_accounts(
     return out
 
 
+def epoch_limit(settings: DataplaneSettings) -> int:
+    """Epochs live in conntrack marks below ``mark_base``: marks from ``mark_base`` up are
+    the account marks copied into host-service connections (``input_f``)."""
+    return settings.mark_base if settings.mark_base else 0xFFFFFFFF
+
+
 def plan(
     current: Mapping[Key, AppliedRecord],
     changes: Mapping[Key, AppliedRecord | None],
@@ -197,13 +213,19 @@ def plan(
     counts: Mapping[str, tuple[int, int]],
     settings: DataplaneSettings,
     generation: int = 0,
+    epoch: int = 1,
+    stale: Mapping[StaleKey, int] | None = None,
+    stale_done: Iterable[StaleKey] = (),
 ) -> Batch:
     """Exact work to go from ``current`` (active records) to it updated by ``changes``.
 
     ``changes`` maps a key to its new record (any state) or ``None`` (gone); ``counts``
     is :func:`count_accounts` of ``current``. Only changed keys are looked at, so a
-    one-record remap costs O(1) however large the table. Raises ValueError on input the
-    dataplane cannot honour (two local records given one physical address in one batch).
+    one-record remap costs O(1) however large the table. ``epoch`` is the epoch flows are
+    stamped with now, ``stale`` the ``stale`` set's elements and ``stale_done`` those of
+    them whose conntrack entries are gone (they are dropped). Raises ValueError on input
+    the dataplane cannot honour (two local records given one physical address in one
+    batch; epochs exhausted).
     """
     touched: list[tuple[AppliedRecord | None, AppliedRecord | None]] = []
     batch = Batch()
@@ -288,23 +310,64 @@ def plan(
     batch.addr_del = [a for a in batch.addr_del if a not in both]
     # The applied generation covers every record given, removals (preserved) included.
     batch.generation = max([generation, *(r.generation for r in changes.values() if r)])
+    _fence(batch, epoch, stale or {}, stale_done, settings)
     return batch
 
 
+def _fence(
+    batch: Batch, epoch: int, stale: Mapping[StaleKey, int], done: Iterable[StaleKey],
+    settings: DataplaneSettings,
+) -> None:
+    """Flows of a changed mapping become stale in the batch's own transaction: every
+    flow stamped so far (epoch <= ``epoch``) with a flushed address in its original
+    tuple is dropped, new flows get ``epoch + 1``. Elements whose flush is done go."""
+    batch.epoch = epoch
+    if batch.flush:
+        batch.epoch = epoch + 1
+        if batch.epoch >= epoch_limit(settings):
+            raise ValueError(f"flow epochs exhausted ({epoch}); the table must be rebuilt")
+        for t in sorted(batch.flush):
+            key = (t.zone, t.address)
+            if key in stale:
+                batch.stale_del[key] = stale[key]
+            batch.stale_add[key] = epoch
+    for key in done:
+        if key in stale and key not in batch.stale_add:
+            batch.stale_del[key] = stale[key]
+
+
 def render_batch(batch: Batch, table: str) -> str:
-    """The element part of ``batch`` as one nftables text buffer."""
+    """The element part of ``batch`` as one nftables text buffer: the maps' elements and
+    the fence (``stale`` elements, and the ``epoch`` element when a mapping changed)."""
     lines: list[str] = []
     for name, keys in sorted(batch.deletes.items()):
+        lines.append(f"delete element {_family(name)} {table} {name} {{ {', '.join(keys)} }}")
+    for name, keys in sorted(_stale_elements(batch.stale_del).items()):
         lines.append(f"delete element {_family(name)} {table} {name} {{ {', '.join(keys)} }}")
     for name, items in sorted(batch.adds.items()):
         body = ", ".join(k if v is None else f"{k} : {v}" for k, v in items)
         lines.append(f"add element {_family(name)} {table} {name} {{ {body} }}")
+    for name, keys in sorted(_stale_elements(batch.stale_add).items()):
+        lines.append(f"add element {_family(name)} {table} {name} {{ {', '.join(keys)} }}")
+    if batch.flush:  # the epoch moved on (see _fence)
+        for fam, proto, name in (("ip", "ip", "epoch"), ("ip6", "ip6", "epoch6")):
+            lines.append(f"delete element {fam} {table} {name} {{ {proto} }}")
+            lines.append(f"add element {fam} {table} {name} {{ {proto} : {batch.epoch} }}")
     return "\n".join(lines) + "\n"
+
+
+def _stale_elements(elements: Mapping[StaleKey, int]) -> dict[str, list[str]]:
+    """``stale`` set elements per set: ``zone . address . 0-hi`` (epochs 0..hi)."""
+    out: dict[str, list[str]] = {}
+    for (zone, addr), hi in sorted(elements.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        name = "stale6" if addr.version == 6 else "stale"
+        out.setdefault(name, []).append(f"{zone} . {addr} . 0-{hi}")
+    return out
 
 
 def _family(name: str) -> str:
     """The table family of a map or set: the ip6 table's names end in "6"."""
-    return "ip6" if name in _MAPS6 else "ip"
+    return "ip6" if name in _NAMES6 else "ip"
 
 
 _MAPS = {
@@ -325,16 +388,19 @@ _SETS = {"acct_if", "if_addr", "local_logical"}
 _MAPS6 = {name + "6": decl.replace("ipv4_addr", "ipv6_addr").replace("ip daddr", "ip6 daddr")
           for name, decl in _MAPS.items()}
 _SETS6 = {name + "6" for name in _SETS}
+_NAMES6 = {*_MAPS6, "stale6", "epoch6"}
 # Neighbour discovery is not instance traffic: it must pass untouched (no mark, no NAT,
 # no spoofing check on its link-local source) in both directions.
 _ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }"
 
 
-def render_table(settings: DataplaneSettings, by_name: Mapping[str, list[str]]) -> str:
+def render_table(
+    settings: DataplaneSettings, by_name: Mapping[str, list[str]], epoch: int = 1
+) -> str:
     """Both tables (``ip`` and ``ip6``) with their elements (rendered ``key`` or
     ``key : value`` per map/set, see :func:`element_lists`), replacing any previous ones,
-    as one transaction."""
-    parts = _table_text(settings, 4) + _table_text(settings, 6)
+    as one transaction; new flows are stamped with ``epoch``."""
+    parts = _table_text(settings, 4, epoch) + _table_text(settings, 6, epoch)
     t = settings.table
     for name, items in sorted(by_name.items()):
         # Chunks keep single statements moderate; they are still one transaction.
@@ -344,7 +410,7 @@ def render_table(settings: DataplaneSettings, by_name: Mapping[str, list[str]]) 
     return "\n".join(parts) + "\n"
 
 
-def _table_text(settings: DataplaneSettings, version: int) -> list[str]:
+def _table_text(settings: DataplaneSettings, version: int, epoch: int = 1) -> list[str]:
     """One family's table: the same chains for ``ip`` and ``ip6`` (see the theory of
     operation in ``dataplane.py``), plus neighbour discovery let through for IPv6."""
     t, fab = settings.table, settings.fabric_if
@@ -361,6 +427,12 @@ def _table_text(settings: DataplaneSettings, version: int) -> list[str]:
     grants = ", ".join(f"tcp . {p}" for p in settings.granted_tcp_ports)
     parts.append(f"  set grants{f} {{ type inet_proto . inet_service; "
                  f"{'elements = { ' + grants + ' }' if grants else ''} }}")
+    # The fence of old flows: the epoch new flows are stamped with (one element), and the
+    # (zone . original address . epochs) whose flows are stale (see dataplane.py).
+    parts.append(f"  map epoch{f} {{ typeof meta protocol : ct mark; "
+                 f"elements = {{ {fam} : {epoch} }} }}")
+    parts.append(f"  set stale{f} {{ typeof ct zone . ct original {ipx} saddr . ct mark; "
+                 "flags interval; }")
     parts += [
         "  chain raw_pre { type filter hook prerouting priority raw; policy accept;",
         *nd,
@@ -384,6 +456,9 @@ def _table_text(settings: DataplaneSettings, version: int) -> list[str]:
         "  }",
         "  chain forward_f { type filter hook forward priority filter; policy accept;",
         f"    meta mark & {mask} != {base} return",
+        f"    ct state new ct mark set meta protocol map @epoch{f}",
+        f"    ct state != new ct zone . ct original {ipx} saddr . ct mark @stale{f} drop",
+        f"    ct state != new ct zone . ct original {ipx} daddr . ct mark @stale{f} drop",
         "    ct state established,related accept",
         f'    iifname "{fab}" meta mark . {ipx} saddr @in_snat{f}'
         f" meta mark . oifname @acct_if{f} accept",
@@ -416,14 +491,25 @@ def element_lists(
     same elements as :func:`_record_elements`, without a dict per record)."""
     marks = {a: _mark(settings, i) for a, i in ids.items()}
     out: dict[str, list[str]] = {name: [] for name in [*_MAPS, *_MAPS6]}
+    # The remote maps hold nearly all elements: their appends are bound once, and IPv4
+    # addresses are formatted by inet_ntoa (3x faster than str() of an address).
+    out_dnat, in_snat = out["out_dnat"].append, out["in_snat"].append
     for r in records.values():
         m = marks[r.account]
-        lg, ph = str(r.logical), str(r.physical)
-        f = "6" if r.v6 else ""
-        if r.host != host:
-            out["out_dnat" + f].append(f"{m} . {lg} : {ph}")
-            out["in_snat" + f].append(f"{m} . {ph} : {lg}")
-            continue
+        if r.logical.version == 4:
+            lg, ph = inet_ntoa(r.logical.packed), inet_ntoa(r.physical.packed)
+            f = ""
+            if r.host != host:
+                out_dnat(f"{m} . {lg} : {ph}")
+                in_snat(f"{m} . {ph} : {lg}")
+                continue
+        else:
+            lg, ph = str(r.logical), str(r.physical)
+            f = "6"
+            if r.host != host:
+                out["out_dnat6"].append(f"{m} . {lg} : {ph}")
+                out["in_snat6"].append(f"{m} . {ph} : {lg}")
+                continue
         aid = ids[r.account]
         ifn = f'"{instance_ifname(r.account, r.logical)}"'
         out["iif_acct" + f].append(f"{ifn} : {m}")

@@ -24,7 +24,9 @@ translates for it::
   address goes back to its pool. *claim* binds it to another instance of the same account.
 - *held*: released, waiting out the hold-down so peers stop using it; not reusable.
 - *released*: the record is gone and the address is back in the free pool; only the
-  history remains.
+  history remains. Deleting the account ends a hold early (*account_deleted*): with the
+  account's instances gone nobody can still be using the address, and its network goes
+  with the account.
 
 Every transition increments the record's generation (compare-and-set) and appends exactly
 one history row in the same transaction.
@@ -56,6 +58,7 @@ class Event(enum.StrEnum):
     RELEASE = "release"
     LEAK = "leak_collected"
     EXPIRE = "expire"
+    ACCOUNT_DELETED = "account_deleted"
 
 
 #: (from_state or None for a new record, event) -> to_state. Anything else is refused.
@@ -70,6 +73,7 @@ TRANSITIONS: dict[tuple[State | None, Event], State] = {
     (State.PRESERVED, Event.RELEASE): State.HELD,
     (State.BOUND, Event.LEAK): State.HELD,
     (State.HELD, Event.EXPIRE): State.RELEASED,
+    (State.HELD, Event.ACCOUNT_DELETED): State.RELEASED,
 }
 
 _HINTS: dict[tuple[State, Event], str] = {

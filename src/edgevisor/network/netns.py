@@ -20,7 +20,7 @@ import hashlib
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import TypeVar
@@ -43,6 +43,7 @@ __all__ = [
     "netns_exists",
     "prepare_host",
     "remove_instance",
+    "rename_link",
 ]
 
 T = TypeVar("T")
@@ -195,10 +196,19 @@ class Instance:
 
 
 def create_instance(
-    netns: str, host_netns: str | None, account: str, logical: IPv4Address | IPv6Address
+    netns: str,
+    host_netns: str | None,
+    account: str,
+    logical: IPv4Address | IPv6Address,
+    *,
+    ifname: str | None = None,
 ) -> Instance:
-    """Create netns ``netns`` behind a veth in ``host_netns`` holding only ``logical``."""
-    ifname = instance_ifname(account, logical)
+    """Create netns ``netns`` behind a veth in ``host_netns`` holding only ``logical``.
+
+    ``ifname`` names the host side instead of :func:`instance_ifname` (a namespace built
+    ahead of time under a name of its own, renamed with :func:`rename_link` when used).
+    """
+    ifname = ifname or instance_ifname(account, logical)
     create_netns(netns, lo_up=logical.version == 6)  # v4: lo comes up in the batch below
     if logical.version == 6:
         try:
@@ -236,6 +246,20 @@ def _plug_v6(netns: str, host_netns: str | None, ifname: str, logical: IPv6Addre
     ip("-6", "addr", "add", f"{logical}/128", "dev", "eth0", "nodad", netns=netns)
     ip("link", "set", "eth0", "up", netns=netns)
     ip("-6", "route", "add", "default", "via", str(GATEWAY6), "dev", "eth0", netns=netns)
+
+
+def rename_link(old: str, new: str, *, netns: str | None = None, then: Sequence[str] = ()) -> None:
+    """Rename interface ``old`` to ``new`` keeping its addresses, state and sysctls, then
+    run the ``ip`` commands ``then`` (e.g. a route over ``new``), all in one ``ip``
+    process. Kernels that refuse to rename an interface that is up (EBUSY) get it taken
+    down, renamed and brought up again."""
+    try:
+        ip_batch([f"link set {old} name {new}", *then], netns=netns)
+    except NetnsError as exc:
+        if "busy" not in str(exc).lower():
+            raise
+        ip_batch([f"link set {old} down", f"link set {old} name {new}",
+                  f"link set {new} up", *then], netns=netns)  # fmt: skip
 
 
 def remove_instance(instance: Instance) -> None:

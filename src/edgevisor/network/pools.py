@@ -46,8 +46,11 @@ from edgevisor.network.ipam import (
     IpNetwork,
     parse_network,
 )
+from edgevisor.network.lifecycle import Event, State, next_state
 from edgevisor.store.network_models import (
+    AddressHistory,
     AddressRecordRow,
+    HostApplied,
     Network,
     NetworkFreeAddress,
     PhysicalFreeAddress,
@@ -55,11 +58,13 @@ from edgevisor.store.network_models import (
 )
 
 __all__ = [
+    "HOLDING_STATES",
     "NetworkInfo",
     "PhysicalPoolInfo",
     "configure_sqlite",
     "create_network",
     "create_physical_pool",
+    "delete_account_networks",
     "delete_network",
     "get_network",
     "list_networks",
@@ -71,9 +76,13 @@ POOL: Table = PhysicalPool.__table__  # type: ignore[assignment]
 NFREE: Table = NetworkFreeAddress.__table__  # type: ignore[assignment]
 PFREE: Table = PhysicalFreeAddress.__table__  # type: ignore[assignment]
 REC: Table = AddressRecordRow.__table__  # type: ignore[assignment]
+HIST: Table = AddressHistory.__table__  # type: ignore[assignment]
+APPLIED: Table = HostApplied.__table__  # type: ignore[assignment]
 
 #: Cursors stop here even in larger pools (an IPv6 /64): far beyond any allocation count.
 CURSOR_CAP = 2**62
+#: Record states in which the account holds the address (deleting it is refused).
+HOLDING_STATES = (State.ALLOCATED.value, State.BOUND.value, State.PRESERVED.value)
 CAS_RETRIES = 20
 
 
@@ -294,6 +303,59 @@ def delete_network(session: Session, *, account: str, name: str) -> None:
         )
     session.execute(delete(NFREE).where(NFREE.c.network_id == row.id))
     session.execute(delete(NET).where(NET.c.id == row.id))
+
+
+def delete_account_networks(
+    session: Session, *, account: str, now: datetime | None = None
+) -> list[str]:
+    """Delete every network of ``account`` (account deletion); the names deleted.
+
+    Conflict, nothing changed, while the account holds an address (allocated, bound or
+    preserved). Addresses in their hold-down (released, state held) do not block: with the
+    account's instances gone nobody can still be using them, so their holds end here, each
+    with one history row (``account_deleted``, held -> released) like any other end of a
+    hold. The free-lists go with their networks; the history stays (it has no foreign keys
+    and outlives addresses by design).
+
+    Race-free against allocations in other transactions: the first statement writes the
+    account's network rows, which takes SQLite's one write lock, and on PostgreSQL locks
+    those rows, which every allocation (cursor ``UPDATE`` or ``FOR UPDATE``) also takes;
+    the check below then sees every record committed before.
+    """
+    now = utcnow(now)
+    session.execute(
+        update(NET).where(NET.c.account == account).values(next_offset=NET.c.next_offset)
+    )
+    nets = {r.id: r.name for r in session.execute(
+        select(NET.c.id, NET.c.name).where(NET.c.account == account)
+    )}
+    held = session.execute(
+        select(REC.c.logical).where(
+            REC.c.account == account, REC.c.state.in_(HOLDING_STATES)
+        ).order_by(REC.c.logical)
+    ).scalars().all()
+    if held:
+        raise Conflict(
+            f"account {account!r} still holds address(es) {', '.join(held)}; "
+            "release them first",
+            details={"addresses": list(held)},
+        )
+    # Only held (hold-down) records are left; any network of the account (or none).
+    rows = session.execute(select(REC).where(REC.c.account == account)).all()
+    for row in rows:
+        to = next_state(State(row.state), Event.ACCOUNT_DELETED)
+        session.execute(delete(APPLIED).where(APPLIED.c.record_id == row.id))
+        session.execute(delete(REC).where(REC.c.id == row.id))
+        session.execute(insert(HIST).values(
+            record_id=row.id, account=row.account, network_id=row.network_id,
+            address=row.logical, event=Event.ACCOUNT_DELETED.value, from_state=row.state,
+            to_state=to.value, instance=None, host=None, physical=None,
+            generation=row.generation + 1, at=now,
+        ))
+    if nets:
+        session.execute(delete(NFREE).where(NFREE.c.network_id.in_(nets)))
+        session.execute(delete(NET).where(NET.c.id.in_(nets)))
+    return sorted(nets.values())
 
 
 # --- physical pools ------------------------------------------------------------------------

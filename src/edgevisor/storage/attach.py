@@ -334,6 +334,13 @@ class AttachedVolume:
         self.spares = spares
         self._state_path = self.dir / _STATE_FILE
         self._state = _State.load(self._state_path)
+        self.timings: dict[str, float] = {}
+        """Seconds per layer of the last :meth:`attach` (``fuse``, ``loop``, ``fs``,
+        ``mount``; a layer already up is not timed): benchmarks report them."""
+
+    @property
+    def _source(self) -> tuple[str, str]:
+        return self.kind, self.arg
 
     @property
     def pid(self) -> int | None:
@@ -351,27 +358,45 @@ class AttachedVolume:
     def _save(self) -> None:
         self._state.save(self._state_path)
 
-    async def attach(self) -> bool:
-        """Bring every layer up (only what is missing); True when a filesystem was created."""
+    async def attach(self, *, mount: bool = True) -> bool:
+        """Bring every layer up (only what is missing); True when a filesystem was created.
+
+        ``mount=False`` stops after the loop device: no byte of the image is read, so the
+        layers that cost a switch most (FUSE process, loop device) can be staged for a
+        volume whose data is not final yet (a migration's target, before the source
+        stops, if its reads are held until then); a later ``attach()`` adopts them and
+        only checks and mounts the filesystem.
+        """
         s = self.settings
+        t = time.monotonic()
+        self.timings = {}
+
+        def mark(step: str) -> None:
+            nonlocal t
+            now = time.monotonic()
+            self.timings[step] = now - t
+            t = now
+
         self.dir.mkdir(parents=True, exist_ok=True)
         fuse_target = str(self.fuse_dir)
-        mount = mount_at(fuse_target) if self.fuse_dir.exists() else None
+        fuse_mount = mount_at(fuse_target) if self.fuse_dir.exists() else None
         health = (
-            await probe_fuse_mount(self.fuse_dir, timeout_s=s.probe_timeout_s) if mount else None
+            await probe_fuse_mount(self.fuse_dir, timeout_s=s.probe_timeout_s)
+            if fuse_mount
+            else None
         )
         if health is not None and health != "live":
             await recover_stale(self.dir.parent, settings=s, only=self.name)
-            mount = None
-        elif mount is not None and not (self._state.pid and _pid_alive(self._state.pid)):
+            fuse_mount = None
+        elif fuse_mount is not None and not (self._state.pid and _pid_alive(self._state.pid)):
             # a live mount whose process we do not know: not ours to adopt
             raise AttachError(f"{fuse_target} is mounted by an unknown process")
-        elif mount is not None and (self._state.kind, self._state.arg) != (self.kind, self.arg):
+        elif fuse_mount is not None and (self._state.kind, self._state.arg) != self._source:
             raise AttachError(
                 f"{self.name} is attached to {self._state.kind}:{self._state.arg}, "
                 f"not {self.kind}:{self.arg}"
             )
-        if mount is None:
+        if fuse_mount is None:
             self._state = _State(kind=self.kind, arg=self.arg)
             self._state.pid = await start_fuse(
                 self.fuse_dir,
@@ -382,18 +407,26 @@ class AttachedVolume:
                 fsname=f"edgevisor:{self.name}",
                 spares=self.spares,
             )
-            mount = mount_at(fuse_target)
-        self._state.fuse_dev = mount.dev if mount else None
+            fuse_mount = mount_at(fuse_target)
+            mark("fuse")
+        self._state.fuse_dev = fuse_mount.dev if fuse_mount else None
         self._state.mount_ns = str(self.mount_ns) if self.mount_ns else None
         self._state.target = str(self.target)
         self._save()
         try:
+            t = time.monotonic()  # the probe and state file count as neither layer
             self._state.loop_device = await setup_loop(self.image, settings=s)
             self._save()
+            mark("loop")
+            if not mount:
+                log.info("staged %s: %s, not mounted", self.name, self._state.loop_device)
+                return False
             created = await ensure_filesystem(self._state.loop_device, settings=s)
+            mark("fs")
             await mount_filesystem(
                 self._state.loop_device, self.target, settings=s, mount_ns=self.mount_ns
             )
+            mark("mount")
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.detach()

@@ -107,7 +107,9 @@ class Bitmap:
         return all(self.get(i) for i in range(first, first + count))
 
     def count(self) -> int:
-        return sum(bin(b).count("1") for b in self._bits)
+        # One C-level popcount: progress asks for this on every poll (O(n) in Python
+        # was ~0.2 ms per call for a 1 GiB volume, on the loop that serves the I/O).
+        return int.from_bytes(self._bits, "little").bit_count()
 
     def runs(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool]]:
         """Maximal runs ``(first_bit, count, value)`` covering ``[first, end)``."""

@@ -21,7 +21,11 @@ Used on a migration target after the switch. It is a
   straight in buffers and are stored on the lane's thread; a background ``fdatasync``
   every ``flush_every_blocks`` makes them durable (present bits are journaled after it)
   while the fill goes on. Progress (bytes present / total, rate, ETA) never goes
-  backwards: present blocks never become missing.
+  backwards: present blocks never become missing. Two cheap paths: lanes store with
+  ``O_DIRECT`` from page-aligned buffers (no page-cache copy of bytes nobody reads
+  soon), and runs the source reports as holes (``base:allocation`` block status, asked
+  per 256 MiB window) are not transferred at all: they are deallocated here and marked
+  present (the store follows the same rules as a fetched one).
 * **source outage**: a fetch, a synchronously mirrored write and a flush wait up to
   ``fetch_timeout_s`` for the source to come back (reconnecting every
   ``reconnect_interval_s``) and then fail with :class:`SourceUnavailable` (served as EIO
@@ -64,15 +68,17 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar, cast
 
 from edgevisor.errors import Conflict, PeerUnavailable
+from edgevisor.proto.nbd_wire import STATE_ZERO
 from edgevisor.storage.lazy_lane import FillLanes
 from edgevisor.storage.lazy_parts import (
     LazySettings,
     Progress,
     RemoteSource,
+    SourceLayout,
     SourceUnavailable,
     TokenBucket,
 )
-from edgevisor.storage.nbd_client import Endpoint
+from edgevisor.storage.nbd_client import Endpoint, NBDCommandError
 from edgevisor.storage.volume import Volume
 
 __all__ = ["LazySettings", "LazyVolume", "Progress", "RemoteSource", "SourceUnavailable"]
@@ -84,6 +90,14 @@ _DETACH_GRACE_S = 5.0
 
 
 _Futures = dict[int, "asyncio.Future[None]"]
+_STATUS_WAIT_S = 2.0
+"""How long the fill waits for the source's block status before fetching blindly."""
+_STATUS_WINDOW_BLOCKS = 4096
+"""Blocks per ``base:allocation`` question to the source (256 MiB of 64 KiB blocks)."""
+
+
+class _NoStatus(Exception):
+    """The source offers no block status."""
 
 
 class LazyVolume:
@@ -94,6 +108,8 @@ class LazyVolume:
         local: Volume,
         connect: Callable[[], Awaitable[RemoteSource]],
         settings: LazySettings | None = None,
+        *,
+        held: bool = False,
     ) -> None:
         self.local = local
         self.settings = settings or LazySettings()
@@ -109,6 +125,8 @@ class LazyVolume:
         self._cursor = 0
         self._bucket = TokenBucket(self.settings.fill_rate_bytes_per_s)
         self._fill_task: asyncio.Task[None] | None = None
+        self._layout = SourceLayout(local.block_size, local.size_bytes)  # holes at the source
+        self._status_ok = True
         self._mirror_q: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self._mirror_task: asyncio.Task[None] | None = None
         self._since_flush = 0
@@ -119,6 +137,11 @@ class LazyVolume:
         self._detached = False
         self._closed = False  # no (re)connects any more
         self.filled = asyncio.Event()
+        # Switch hold (added for the migration switch; see ``release``): a volume created
+        # ahead of a switch takes no byte from its source until released.
+        self._released = asyncio.Event()
+        if not held:
+            self._released.set()
         self._t0 = time.monotonic()
         self._present0 = local.present_blocks
         if not local.missing_blocks():
@@ -136,6 +159,21 @@ class LazyVolume:
         if self.settings.mirror == "async" and self._mirror_task is None:
             self._mirror_task = asyncio.create_task(self._mirror_loop())
             self._mirror_task.add_done_callback(_log_crash)
+
+    def release(self) -> None:
+        """End the hold of a volume created ``held``: from now on the source's data is
+        final (a migration's source stopped). Until then the fill, read misses and writes
+        wait (nothing is fetched or mirrored); a flush passes. Idempotent."""
+        if not self._released.is_set():
+            self._t0 = time.monotonic()  # the fill's rate counts from here
+            # The time held earns the fill no burst: right after a switch, the mount's
+            # and the starting domain's read misses get the link first.
+            self._bucket.tokens, self._bucket.t = 0.0, self._t0
+            self._released.set()
+
+    @property
+    def held(self) -> bool:
+        return not self._released.is_set()
 
     @property
     def detached(self) -> bool:
@@ -203,6 +241,7 @@ class LazyVolume:
 
     async def _close_links(self) -> None:
         self._closed = True
+        self._released.set()  # what waits for a release finds the link closed instead
         t, self._mirror_task = self._mirror_task, None
         if t is not None:
             t.cancel()
@@ -216,8 +255,7 @@ class LazyVolume:
 
     def set_fill_rate(self, bytes_per_s: int) -> None:
         """Change the background fill's rate limit (0: unlimited); applies at once."""
-        self._bucket.rate = max(0, bytes_per_s)
-        self._bucket.tokens = min(self._bucket.tokens, float(max(bytes_per_s, 0)))
+        self._bucket.set_rate(bytes_per_s)
 
     async def drain_mirror(self) -> None:
         """Wait until every async-mirrored write reached the source."""
@@ -272,6 +310,7 @@ class LazyVolume:
         self.local.present(offset, len(data))
         with self._op() as linked:
             if linked:
+                await self._released.wait()  # never mirror to a source still in use
                 await self._prepare_write(offset, len(data))
             with self._writing_span(offset, len(data)):
                 await self.local.write(offset, data, fua=fua)
@@ -282,6 +321,7 @@ class LazyVolume:
         self.local.present(offset, length)
         with self._op() as linked:
             if linked:
+                await self._released.wait()
                 await self._prepare_write(offset, length)
             with self._writing_span(offset, length):
                 await self.local.write_zeroes(offset, length, fua=fua)
@@ -307,7 +347,17 @@ class LazyVolume:
         return self.local.present(offset, length)
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        return self.local.allocated(offset, length)
+        """Holes only where present blocks are holes: a missing block's bytes are at the
+        source, so it counts as data (a peer filling from us must fetch it)."""
+        out: list[tuple[int, int, bool]] = []
+        for off, n, here in self.local.present(offset, length):
+            parts = self.local.allocated(off, n) if here else [(off, n, True)]
+            for o, m, data in parts:
+                if out and out[-1][2] == data and out[-1][0] + out[-1][1] == o:
+                    out[-1] = (out[-1][0], out[-1][1] + m, data)
+                else:
+                    out.append((o, m, data))
+        return out
 
     def file_extent(self, offset: int, length: int) -> tuple[int, int] | None:
         """Zero-copy reads only where every block is already here."""
@@ -364,9 +414,62 @@ class LazyVolume:
                     j += 1
                 # fill_blocks takes any buffer (it wraps it in a memoryview).
                 part = memoryview(data)[i * bs : j * bs]
-                stored += self.local.fill_blocks(first + i, cast("bytes", part))
+                stored += self.local.fill_blocks(first + i, cast("bytes", part), direct=True)
                 i = j
         return stored
+
+    def _store_zeroes(self, first: int, count: int) -> int:
+        """Blocks the source holds as a hole: zero them here (no transfer), skipping
+        taken ones (rule 2). On the owning loop with no await: rule 3 holds too."""
+
+        def busy(b: int) -> bool:  # a reader's fetch may have claimed it meanwhile
+            return self._taken(b) or b in self._inflight
+
+        stored = 0
+        with self._store_lock:
+            i = 0
+            while i < count:
+                if busy(first + i):
+                    i += 1
+                    continue
+                j = i + 1
+                while j < count and not busy(first + j):
+                    j += 1
+                stored += self.local.fill_zero_blocks(first + i, j - i)
+                i = j
+        return stored
+
+    async def _source_layout(self, first: int, count: int) -> list[tuple[int, int, bool]]:
+        """``[first, first + count)`` split into ``(first, count, zero)`` segments by the
+        source's allocation (``base:allocation`` block status, asked once per window of
+        ``_STATUS_WINDOW_BLOCKS``); all data when the source cannot tell."""
+        if self._status_ok and not self._layout.covers(first):
+            await self._ask_status(first)
+        return self._layout.segments(first, count)
+
+    async def _ask_status(self, first: int) -> None:
+        bs = self.local.block_size
+        hi = min(self.local.nblocks, first + _STATUS_WINDOW_BLOCKS)
+        off, length = first * bs, min(hi * bs, self.size_bytes) - first * bs
+        # Short: with the source away the fetches below wait (and retry) anyway.
+        deadline = time.monotonic() + min(self.settings.fetch_timeout_s, _STATUS_WAIT_S)
+
+        async def ask(src: RemoteSource) -> list[tuple[int, int, int]]:
+            fn = getattr(src, "block_status", None)
+            if fn is None:
+                raise _NoStatus
+            res: list[tuple[int, int, int]] = await fn(off, length)
+            return res
+
+        try:
+            extents = await self._on_source("block status", ask, deadline)
+        except (_NoStatus, NBDCommandError):
+            self._status_ok = False  # this source cannot tell: fetch everything
+            return
+        except PeerUnavailable as e:  # unknown for now: these blocks are fetched
+            log.info("lazy fill: no block status from the source: %s", e)
+            return
+        self._layout.learn(first, hi, [(o, n, bool(f & STATE_ZERO)) for o, n, f in extents])
 
     # ------------------------------------------------------------ fetching
 
@@ -412,6 +515,7 @@ class LazyVolume:
         """Make ``blocks`` present: fetch missing runs, wait for fetches in flight."""
         if all(self.local.is_present(b) for b in blocks):
             return
+        await self._released.wait()
         deadline = time.monotonic() + self.settings.fetch_timeout_s
         first_round = True
         while True:
@@ -576,23 +680,27 @@ class LazyVolume:
         bs = self.local.block_size
         if self._lanes is None:
             self._lanes = await self._open_lanes()
+        await self._released.wait()  # connected while held: ready at the release
         try:
             while True:
                 while len(inflight) < self.settings.fill_inflight:
                     runs = self._next_runs(1)
                     if not runs:
                         break
-                    first, count = runs[0]
-                    await self._bucket.take(count * bs)
-                    blocks = range(first, first + count)
-                    if any(self.local.is_present(b) or b in self._inflight for b in blocks):
-                        continue  # a reader got there during the rate-limit wait
-                    futs = self._register(first, count)  # before any await (rule 1)
-                    deadline = time.monotonic() + self.settings.fetch_timeout_s
-                    t = asyncio.create_task(
-                        self._fetch_run(first, count, futs, deadline, lanes=self._lanes)
-                    )
-                    inflight.add(t)
+                    for first, count, zero in await self._source_layout(*runs[0]):
+                        if zero:  # a hole at the source: nothing to transfer
+                            self._since_flush += self._store_zeroes(first, count)
+                            continue
+                        await self._bucket.take(count * bs)
+                        blocks = range(first, first + count)
+                        if any(self.local.is_present(b) or b in self._inflight for b in blocks):
+                            continue  # a reader got there during the waits
+                        futs = self._register(first, count)  # before any await (rule 1)
+                        deadline = time.monotonic() + self.settings.fetch_timeout_s
+                        t = asyncio.create_task(
+                            self._fetch_run(first, count, futs, deadline, lanes=self._lanes)
+                        )
+                        inflight.add(t)
                 if not inflight:
                     if not self.local.missing_blocks():
                         if self._flush_task is not None:

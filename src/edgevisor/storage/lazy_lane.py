@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
+import mmap
 import queue
 import threading
 import time
@@ -193,7 +194,7 @@ class FillLanes:
         self._bs = block_size
         self._buffer_bytes = buffer_bytes
         self._reconnect_interval_s = reconnect_interval_s
-        self._buffers: list[bytearray] = []
+        self._buffers: list[mmap.mmap] = []
         self._turn = itertools.cycle(range(n))
         self._closer: asyncio.Task[None] | None = None
 
@@ -204,7 +205,8 @@ class FillLanes:
         PeerUnavailable once ``deadline`` passed (or ``closed()``) without success."""
         lane = self.lanes[next(self._turn)]
         while True:
-            buf = self._buffers.pop() if self._buffers else bytearray(self._buffer_bytes)
+            # Page-aligned (mmap): the store can write it with O_DIRECT.
+            buf = self._buffers.pop() if self._buffers else mmap.mmap(-1, self._buffer_bytes)
             view = memoryview(buf)[:length]
             try:
                 if isinstance(lane, BlockingLane):

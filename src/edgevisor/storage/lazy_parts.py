@@ -4,6 +4,7 @@ limit, the source protocol and its error (:mod:`edgevisor.storage.lazy` re-expor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -12,7 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgevisor.errors import PeerUnavailable
 
-__all__ = ["LazySettings", "Progress", "RemoteSource", "SourceUnavailable", "TokenBucket"]
+__all__ = [
+    "LazySettings",
+    "Progress",
+    "RemoteSource",
+    "SourceLayout",
+    "SourceUnavailable",
+    "TokenBucket",
+]
 
 
 class SourceUnavailable(PeerUnavailable):
@@ -92,12 +100,22 @@ class Progress:
 
 
 class TokenBucket:
-    """The fill's rate limit (``rate`` 0: unlimited); ``rate`` may change at any time."""
+    """The fill's rate limit (``rate`` 0: unlimited); change it with :meth:`set_rate`,
+    which also wakes a waiting :meth:`take` (a 1 MiB/s trickle would otherwise keep a
+    batch asleep for up to a second after the limit was lifted)."""
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self.tokens = float(rate)
         self.t = time.monotonic()
+        self._changed: asyncio.Event | None = None  # created on the loop that waits
+
+    def set_rate(self, rate: int) -> None:
+        """New limit in bytes/s (0: unlimited); applies at once, also to a waiter."""
+        self.rate = max(0, rate)
+        self.tokens = min(self.tokens, float(self.rate))
+        if self._changed is not None:
+            self._changed.set()
 
     async def take(self, n: int) -> None:
         while True:
@@ -109,4 +127,74 @@ class TokenBucket:
             if self.tokens >= n:
                 self.tokens -= n
                 return
-            await asyncio.sleep((n - self.tokens) / self.rate)
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), (n - self.tokens) / self.rate)
+
+
+class SourceLayout:
+    """Which blocks of one window read as zeroes at the source (pure bookkeeping).
+
+    :meth:`learn` takes the source's extents ``(offset, length, zero)`` for blocks
+    ``[first, end)``; :meth:`segments` then splits a run of blocks inside the window into
+    ``(first, count, zero)`` pieces. Only whole blocks inside a zero extent count as zero
+    (a block partly data is data), and whatever the extents do not cover is data: the
+    fill may fetch more than needed, never skip a block that holds bytes.
+    """
+
+    def __init__(self, block_size: int, size_bytes: int) -> None:
+        self.bs = block_size
+        self.size = size_bytes
+        self.nblocks = -(-size_bytes // block_size)
+        self.lo = self.hi = 0
+        self.runs: list[tuple[int, int, bool]] = []  # (first, end, zero), covering [lo, hi)
+
+    def covers(self, block: int) -> bool:
+        return self.lo <= block < self.hi
+
+    def learn(self, first: int, end: int, extents: list[tuple[int, int, bool]]) -> None:
+        bs = self.bs
+        zeros: list[tuple[int, int]] = []
+        for off, n, zero in extents:
+            if not zero:
+                continue
+            lo = -(-off // bs)
+            e_end = off + n
+            up = e_end // bs if e_end < self.size else self.nblocks  # the short last block
+            lo, up = max(lo, first), min(up, end)
+            if up > lo:
+                zeros.append((lo, up))
+        runs: list[tuple[int, int, bool]] = []
+        pos = first
+        for lo, up in sorted(zeros):
+            lo = max(lo, pos)
+            if up <= lo:
+                continue
+            if lo > pos:
+                runs.append((pos, lo, False))
+            runs.append((lo, up, True))
+            pos = up
+        if pos < end:
+            runs.append((pos, end, False))
+        self.runs, self.lo, self.hi = runs, first, end
+
+    def segments(self, first: int, count: int) -> list[tuple[int, int, bool]]:
+        end = first + count
+        if not self.covers(first):
+            return [(first, count, False)]
+        out: list[tuple[int, int, bool]] = []
+        b = first
+        for lo, hi, zero in self.runs:
+            if hi <= b or lo >= end:
+                continue
+            seg_end = min(hi, end)
+            if out and out[-1][2] == zero:
+                out[-1] = (out[-1][0], out[-1][1] + seg_end - b, zero)
+            else:
+                out.append((b, seg_end - b, zero))
+            b = seg_end
+        if b < end:  # beyond the window: asked about next time
+            out.append((b, end - b, False))
+        return out

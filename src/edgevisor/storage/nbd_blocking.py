@@ -136,7 +136,7 @@ class BlockingReader:
             while pending:
                 ev = self._core.next_event()
                 if ev is None:
-                    self._receive()
+                    self._receive(view.obj)
                     continue
                 if isinstance(ev, Reply):
                     o = pending.pop(ev.handle)
@@ -157,9 +157,24 @@ class BlockingReader:
             self.close()
             raise
 
-    def _receive(self) -> None:
+    def _receive(self, dest: object) -> None:
+        """Receive once; into the core's buffer, or (payload of a read into ``dest``)
+        until the payload's piece of ``dest`` is full."""
         target = self._core.get_buffer(_RECV_MIN)
-        n = self._sock.recv_into(target)
-        if n == 0:  # every caller is waiting for a reply: the link is gone
-            raise PeerUnavailable("nbd connection lost: server closed the connection")
-        self._core.buffer_updated(n)
+        if target.obj is not dest:
+            n = self._sock.recv_into(target)
+            if n == 0:  # every caller is waiting for a reply: the link is gone
+                raise PeerUnavailable("nbd connection lost: server closed the connection")
+            self._core.buffer_updated(n)
+            return
+        # A payload's destination (the core's zero-copy sink): fill it in a tight loop
+        # (over TLS each recv_into yields one 16 KiB record; going through the core for
+        # each costs more than the decryption).
+        recv_into = self._sock.recv_into
+        got, want = 0, len(target)
+        while got < want:
+            n = recv_into(target[got:])
+            if n == 0:
+                raise PeerUnavailable("nbd connection lost: server closed the connection")
+            got += n
+        self._core.buffer_updated(got)

@@ -46,6 +46,7 @@ from edgevisor.storage.blockdev import OutOfRange
 __all__ = ["DEFAULT_BLOCK_SIZE", "StateCorrupt", "VerifyReport", "Volume"]
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
+_DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, offset and length in these units
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -104,6 +105,8 @@ class Volume:
         self._fast_active = 0
         self._tracking = store.tracking  # live view; True from the moment a mark begins
         self._closed = False
+        self._dfd = -1  # O_DIRECT twin of _fd for fill stores (opened on first use)
+        self._direct_ok = True
 
     # ------------------------------------------------------------ lifecycle
 
@@ -168,6 +171,9 @@ class Volume:
             os.fdatasync(self._fd)
             self._store.commit(self._take_pending())
         os.close(self._fd)
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
         self._store.close()
         self._closed = True
 
@@ -322,12 +328,20 @@ class Volume:
         self._check(offset, length)
         self._wrote(offset, length)
 
-    def fill_blocks(self, first: int, data: bytes) -> int:
+    def fill_blocks(self, first: int, data: bytes, *, direct: bool = False) -> int:
         """Store fetched content for whole blocks from ``first`` that are still missing.
 
         Blocks that became present meanwhile (a local write won) are left alone; no
         written-since-mark intent is logged (this is sync, not a change). Returns the
         number of blocks stored; they are journaled present at the next flush.
+
+        ``direct``: write with ``O_DIRECT`` where buffer, offset and length allow it (a
+        page-aligned buffer such as a lane's ``mmap``; else, or on a filesystem without
+        it, a plain ``pwrite``). Why: a bulk fill writes every byte once and nobody reads
+        it back soon; through the page cache each byte is copied into a freshly allocated
+        page (on a VM with free-page reporting, a host fault per page: most of a fill's
+        CPU), and written back later anyway. The fill's next flush makes it durable as
+        before (``fdatasync`` covers the inode however it was written).
         """
         offset = first * self._bs
         self._check(offset, len(data))
@@ -344,13 +358,66 @@ class Volume:
                 j += 1
             chunk = view[i * self._bs : j * self._bs]
             at = (first + i) * self._bs
-            done = 0
-            while done < len(chunk):
-                done += os.pwrite(self._fd, chunk[done:], at + done)
+            if not (direct and self._pwrite_direct(chunk, at)):
+                done = 0
+                while done < len(chunk):
+                    done += os.pwrite(self._fd, chunk[done:], at + done)
             self._wrote(at, len(chunk))
             stored += j - i
             i = j
         return stored
+
+    def fill_zero_blocks(self, first: int, count: int) -> int:
+        """Like :meth:`fill_blocks` for blocks whose fetched content is all zeroes (a
+        hole at the source): the still-missing ones are deallocated here (read back as
+        zeroes, whatever the file held) and become present, without any data copied."""
+        offset = first * self._bs
+        end_off = min((first + count) * self._bs, self._size)
+        self._check(offset, end_off - offset)
+        stored = 0
+        i = 0
+        while i < count:
+            if self._present.get(first + i):
+                i += 1
+                continue
+            j = i + 1
+            while j < count and not self._present.get(first + j):
+                j += 1
+            at = (first + i) * self._bs
+            n = min((first + j) * self._bs, self._size) - at
+            self._zero(at, n)
+            self._wrote(at, n)
+            stored += j - i
+            i = j
+        return stored
+
+    def _pwrite_direct(self, chunk: memoryview, at: int) -> bool:
+        """Write ``chunk`` at ``at`` with O_DIRECT; False (nothing written) if it cannot."""
+        if not self._direct_ok or at % _DIRECT_ALIGN or len(chunk) % _DIRECT_ALIGN:
+            return False
+        if self._dfd < 0:
+            with self._mlock:  # lanes on several threads: open it once
+                if self._dfd < 0:
+                    try:
+                        self._dfd = os.open(self.data_path, os.O_WRONLY | os.O_DIRECT)
+                    except OSError:  # e.g. tmpfs: no O_DIRECT
+                        self._direct_ok = False
+                        return False
+        done = 0
+        try:
+            while done < len(chunk):
+                n = os.pwrite(self._dfd, chunk[done:], at + done)
+                if n == 0 or n % _DIRECT_ALIGN:  # a short odd write: finish buffered
+                    done += n
+                    break
+                done += n
+        except OSError as e:
+            if e.errno != errno.EINVAL or done:  # EINVAL: this buffer is not aligned
+                raise
+            return False
+        while done < len(chunk):
+            done += os.pwrite(self._fd, chunk[done:], at + done)
+        return True
 
     def is_present(self, block: int) -> bool:
         return self._present.get(block)

@@ -153,6 +153,58 @@ async def _read_to_eof(fd: int, limit: int = 1 << 16) -> bytes:
     return data
 
 
+class _CallTimer:
+    """The timeout of an environment's call in progress, without a timer per call.
+
+    ``asyncio.timeout`` arms and cancels a timer handle per call (plus its bookkeeping),
+    a visible cost at thousands of warm calls a second. Here one handle stays armed while
+    calls come and go: a call only sets its deadline; when the handle fires it compares
+    the time with the deadline of the call then in progress, re-arms for a later one,
+    disarms when no call runs, and cancels the calling task when the deadline has passed
+    (``fired`` then tells the caller that the cancellation was a timeout).
+    """
+
+    __slots__ = ("_deadline", "_handle", "_task", "fired")
+
+    def __init__(self) -> None:
+        self._deadline = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self.fired = False
+
+    def start(self, task: asyncio.Task[Any], timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout_s
+        self._task = task
+        self.fired = False
+        if self._handle is None or self._handle.when() > self._deadline:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = loop.call_at(self._deadline, self._check)
+
+    def stop(self) -> None:
+        self._task = None  # the armed handle finds no call and disarms
+
+    def close(self) -> None:
+        self._task = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        task = self._task
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._handle = loop.call_at(self._deadline, self._check)
+            return
+        self._task = None
+        self.fired = True
+        task.cancel()
+
+
 class _ProcessEnvironment:
     """What both kinds share: the pipes, the protocol, invoke, timeouts, outcomes."""
 
@@ -174,6 +226,7 @@ class _ProcessEnvironment:
         self._state = "new"
         self._init_s = 0.0
         self._first_call = True
+        self._timer = _CallTimer()
 
     # -- the contract ------------------------------------------------------------------
 
@@ -257,25 +310,35 @@ class _ProcessEnvironment:
         logs: list[bytes] = []
         result: proto.Result | None = None
         t0 = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._timer.start(task, self.spec.timeout_s)
         try:
-            async with asyncio.timeout(self.spec.timeout_s):
-                await self._write(frame)
-                while True:
-                    ev = await self._next_event()
-                    if isinstance(ev, proto.Log):
-                        # The runtime caps its output; a hostile one is capped here too.
-                        cap = self._settings.log_cap_bytes + 1024  # + the truncation note
-                        if sum(map(len, logs)) < cap:
-                            logs.append(ev.data[:cap])
-                    elif isinstance(ev, proto.Subcall):
-                        await self._answer_subcall(ev, subcall)
-                    elif isinstance(ev, proto.Result):
-                        result = ev
-                        break
-                    else:  # Closed: the runtime died mid-call
-                        run_s = time.perf_counter() - t0
-                        return await self._death_outcome(_text(logs), init_s, run_s)
-        except TimeoutError:
+            await self._write(frame)
+            while True:
+                ev = await self._next_event()
+                if isinstance(ev, proto.Log):
+                    # The runtime caps its output; a hostile one is capped here too.
+                    cap = self._settings.log_cap_bytes + 1024  # + the truncation note
+                    if sum(map(len, logs)) < cap:
+                        logs.append(ev.data[:cap])
+                elif isinstance(ev, proto.Subcall):
+                    await self._answer_subcall(ev, subcall)
+                elif isinstance(ev, proto.Result):
+                    result = ev
+                    break
+                else:  # Closed: the runtime died mid-call
+                    self._timer.stop()
+                    run_s = time.perf_counter() - t0
+                    return await self._death_outcome(_text(logs), init_s, run_s)
+        except asyncio.CancelledError:
+            # A timeout only if the call timer fired and nobody else cancelled as well (the
+            # rule of asyncio.timeout); any other cancellation goes on.
+            self._timer.stop()
+            if not self._timer.fired or task.uncancel() > cancelling:
+                raise
+            self._timer.fired = False
             run_s = time.perf_counter() - t0
             await self._kill()
             return Outcome(
@@ -290,6 +353,7 @@ class _ProcessEnvironment:
                 run_s=run_s,
             )
         except (proto.RemoteProtocolError, OSError) as exc:
+            self._timer.stop()
             run_s = time.perf_counter() - t0
             await self._kill()
             return Outcome(
@@ -302,6 +366,7 @@ class _ProcessEnvironment:
                 init_s=init_s,
                 run_s=run_s,
             )
+        self._timer.stop()
         run_s = time.perf_counter() - t0
         self._state = "warm"
         if result.ok:
@@ -313,6 +378,7 @@ class _ProcessEnvironment:
         if self._state == "closed":
             return
         self._state = "closed"
+        self._timer.close()
         self._stop_reading()
         with contextlib.suppress(Exception):
             await self._kill()

@@ -10,8 +10,11 @@ actions are performed afterwards (environments created, closed, calls run).
 The step runs where something changes: when a call is submitted, when one finishes, when
 an environment starts or goes away, and on a timer for keep-warm expiry and prewarm. A
 synchronous caller whose own call is selected runs it in its own coroutine (no task, no
-extra loop hop): that is the warm path. Async calls are committed to the journal before
-their id is returned; sync calls are journaled lazily in batches.
+extra loop hop): that is the warm path. A synchronous call that had to queue is handed
+back to its waiting caller when it is selected, and runs there too (``_dispatch``); only
+async calls, and calls whose caller has gone, run in tasks of their own. Async calls are
+committed to the journal before their id is returned; sync calls are journaled lazily in
+batches.
 """
 
 from __future__ import annotations
@@ -374,19 +377,36 @@ class Coordinator:
         if async_:
             self._kick()
             return call_id
-        fut: asyncio.Future[CallRecord] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # Resolved with the record when the call ends, or with its dispatch when it leaves
+        # the queue: then this coroutine runs it (see _dispatch).
+        fut: asyncio.Future[Any] = loop.create_future()
         state.waiters.append(fut)
+        state.runner = fut
         mine = self._kick(inline=call_id)
-        if mine is not None:
-            await self._run_call(*mine)
-            return await fut
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            # the caller went away (e.g. an HTTP client disconnected): do not run it later
-            if self._sched.cancel(call_id):
-                self._fail_unrunnable(state, "Cancelled", "the caller cancelled the call")
-            raise
+        if mine is None:
+            try:
+                got = await fut
+            except asyncio.CancelledError:
+                # the caller went away (e.g. an HTTP client disconnected): do not run it
+                # later; if it was dispatched already, it runs without the caller.
+                if fut.done() and not fut.cancelled() and isinstance(fut.result(), tuple):
+                    self._spawn(self._run_call(*fut.result()))
+                elif self._sched.cancel(call_id):
+                    self._fail_unrunnable(state, "Cancelled", "the caller cancelled the call")
+                raise
+            if not isinstance(got, tuple):
+                ended: CallRecord = got  # ended without running here (failed, removed, ...)
+                return ended
+            if self._closed:  # closed between the dispatch and this caller's turn
+                raise UnavailableError("coordinator closed")
+            mine = got
+            fut = loop.create_future()
+            state.waiters.append(fut)
+        state.runner = None
+        await self._run_call(*mine)
+        result: CallRecord = await fut
+        return result
 
     async def _idem_lookup(self, key: str) -> tuple[str | None, asyncio.Future[str] | None]:
         """(existing call id, None) or (None, a claim the caller resolves with its id)."""
@@ -452,6 +472,8 @@ class Coordinator:
 
     def _step(self) -> builtins.list[Action]:
         """The pure decision: scheduler + resource manager. No await, no I/O."""
+        if not self._sched.pending_count:
+            return []  # nothing queued: nothing to decide (half the kicks, at steady load)
         now = self._clock()
         dispatches = self._sched.decide(self._rm.free_for_calls(), now)
         if not dispatches:
@@ -479,19 +501,31 @@ class Coordinator:
                 if a.call_id == inline:
                     mine = (a.env_id, a.call_id, False)
                 else:
-                    self._spawn(self._run_call(a.env_id, a.call_id, False))
+                    self._dispatch(a.env_id, a.call_id, False)
             elif isinstance(a, Create):
                 if a.call_id is None:
                     self._spawn(self._prewarm(a.env_id, a.key))
                 elif a.call_id == inline:
                     mine = (a.env_id, a.call_id, True)
                 else:
-                    self._spawn(self._run_call(a.env_id, a.call_id, True))
+                    self._dispatch(a.env_id, a.call_id, True)
             elif isinstance(a, Evict | Expire):
                 env = self._envs.pop(a.env_id, None)
                 if env is not None:
                     self._spawn(self._close_env(env))
         return mine
+
+    def _dispatch(self, env_id: int, call_id: str, fresh: bool) -> None:
+        """Start a dispatched call: in its sync caller's coroutine when one waits for it
+        (it has to wake up anyway; a task of its own would cost a second wake-up), else in
+        a task."""
+        state = self._calls.get(call_id)
+        runner = state.runner if state is not None else None
+        if runner is not None and not runner.done():
+            state.runner = None  # type: ignore[union-attr]
+            runner.set_result((env_id, call_id, fresh))
+        else:
+            self._spawn(self._run_call(env_id, call_id, fresh))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -207,7 +207,8 @@ def test_domains_reach_each_other_by_logical_address_across_a_migration(
         assert moved.generation > rec.generation and moved.physical != rec.physical
         history = [h.event for h in fleet.admin.address_history(B_ADDR, account="acme")]
         assert history[-1] == "move"
-        # The record moved after the stop on the source and before the start on the target.
+        # The record moved after the stop on the source, issued with the start on the
+        # target (the switch's second step).
         runner = runner_for(fleet.ctl.state)
         took = dict(runner.timings[m.id])
         print(f"switch downtime {info.downtime_s:.3f} s; MoveRecord {took['MoveRecord']:.3f} s, "
@@ -215,6 +216,8 @@ def test_domains_reach_each_other_by_logical_address_across_a_migration(
         trace = runner.trace[m.id]
         assert trace.index("QuiesceSource") < trace.index("MoveRecord")
         assert trace.index("MoveRecord") < trace.index("StartOnTarget")
+        spans = {label: (t0, t1) for label, t0, t1 in runner.spans[m.id]}
+        assert spans["MoveRecord"][0] >= spans["QuiesceSource"][1]
         assert not netns_exists(old_netns)  # released on the source
 
         # The peer reaches b at the same logical address on its new host, and back.

@@ -24,7 +24,7 @@ from edgevisor.migration.domain_parts import (
     netns_prefix,
     slot_address,
 )
-from edgevisor.network.netns import netns_exists
+from edgevisor.network.netns import instance_ifname, netns_exists
 from edgevisor.storage.attach import AttachSettings
 from edgevisor.storage.hostfs import is_mounted, read_mountinfo
 from edgevisor.tasks.cgroups import CgroupError
@@ -43,17 +43,34 @@ class Env:
         self.host = f"s{os.getpid()}-{root.name[-6:]}"
         self.volumes = LocalVolumes(root / "volumes", AttachSettings(stop_timeout_s=20.0))
         self.domains: list[Domain] = []
+        self.hosts = {self.host: self.volumes}  # simulated hosts (another one: ``second``)
 
-    def kv(self, name: str = "kv") -> Domain:
+    def second(self) -> tuple[str, LocalVolumes]:
+        """Another simulated host on this machine, with volumes of its own."""
+        host = f"t{os.getpid()}-{self.root.name[-6:]}"
+        vols = LocalVolumes(self.root / "volumes-2", AttachSettings(stop_timeout_s=20.0))
+        self.hosts[host] = vols
+        return host, vols
+
+    def kv(
+        self,
+        name: str = "kv",
+        *,
+        host: str | None = None,
+        volumes: LocalVolumes | None = None,
+        slot: int | None = None,
+        settings: DomainsSettings = SETTINGS,
+    ) -> Domain:
         spec = DomainSpec(
             account="acme", name=name, command=(PY, "-I", "-S", "/task/kv.py", "--port", "8080"),
             volume=f"domain-{name}", volume_size_bytes=SIZE, restart="never", memory_mb=128,
         )  # fmt: skip
-        slot = 3000 + os.getpid() % 900 + len(self.domains)
+        slot = slot or 3000 + os.getpid() % 900 + len(self.domains)
+        host = host or self.host
         d = Domain(
-            spec, host=self.host, dir=self.root / "domains" / spec.qualified, slot=slot,
-            address=slot_address(SETTINGS.test_subnet, slot), volumes=self.volumes,
-            settings=SETTINGS,
+            spec, host=host, dir=self.root / "domains" / host / spec.qualified, slot=slot,
+            address=slot_address(SETTINGS.test_subnet, slot),
+            volumes=volumes or self.volumes, settings=settings,
         )  # fmt: skip
         d.app_dir.mkdir(parents=True)
         shutil.copy(KV, d.app_dir / "kv.py")
@@ -84,14 +101,16 @@ async def env() -> AsyncIterator[Env]:
         for d in e.domains:
             with contextlib.suppress(Exception):  # keep cleaning
                 await d.stop()
-        await clear_stale(e.host, e.volumes, [d.spec.volume_id for d in e.domains])
+        for host, vols in e.hosts.items():
+            await clear_stale(host, vols, [d.spec.volume_id for d in e.domains])
         for m in reversed(read_mountinfo()):
             if m.mount_point.startswith(str(root) + "/"):
                 subprocess.run(["umount", "-l", m.mount_point], check=False)
-        for part in ("memory", "pids", "cpu", "freezer"):
-            p = Path("/sys/fs/cgroup") / part / cgroup_parent(e.host)
-            if p.is_dir():
-                subprocess.run(["rmdir", str(p)], check=False)
+        for host in e.hosts:
+            for part in ("memory", "pids", "cpu", "freezer"):
+                p = Path("/sys/fs/cgroup") / part / cgroup_parent(host)
+                if p.is_dir():
+                    subprocess.run(["rmdir", str(p)], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -120,20 +139,70 @@ async def wait_serving(d: Domain, deadline_s: float = 60.0) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_stage_builds_cgroups_only_and_start_uses_them(env: Env) -> None:
+def _link_exists(ifname: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{ifname}")
+
+
+def _routes_to(address: object) -> str:
+    return subprocess.run(
+        ["ip", "route", "show", f"{address}/32"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+async def test_stage_builds_cgroups_and_namespace_and_start_uses_them(env: Env) -> None:
     d = env.kv()
+    own = instance_ifname(d.spec.account, d.address)
     await d.stage()
     assert d.phase == "stopped"
     assert env.cgroups() == [d.tag]
-    # neither the volume's data nor the address are touched before the start
-    assert env.mounts() == [] and env.netns() == []
+    assert env.netns() == [d.netns]
+    # the veth waits under a name of its own; neither the volume's data nor the
+    # address's routing are touched before the start
+    assert _link_exists(d._staged_ifname) and not _link_exists(own)
+    assert env.mounts() == [] and _routes_to(d.address) == ""
     await d.stage()  # idempotent
     await d.start()
     assert "cgroups" not in d.timings["start"]  # built by the stage, not again
-    assert netns_exists(d.netns)
+    assert _link_exists(own) and not _link_exists(d._staged_ifname)
+    assert own in _routes_to(d.address)
     await wait_serving(d)
     await d.stop()
     assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+    assert not _link_exists(own)
+
+
+async def test_switch_on_one_machine_keeps_the_address_and_each_side_its_veth(
+    env: Env,
+) -> None:
+    """A migration's switch with both hosts on this machine (as the testbed simulates
+    them): the target stages while the source serves at the same address (the same veth
+    name), starts after the source's quiesce, and the source's deferred teardown does not
+    take the target's veth."""
+    lazy_cleanup = SETTINGS.model_copy(update={"quiesce_cleanup_delay_s": 30.0})
+    src = env.kv(settings=lazy_cleanup)
+    await src.start()
+    await wait_serving(src)
+    base = f"http://{src.address}:8080/kv"
+    assert (await http("PUT", f"{base}/a", b"1"))[0] == 204
+    host2, vols2 = env.second()
+    dst = env.kv(host=host2, volumes=vols2, slot=src._saved.slot)
+    assert dst.address == src.address
+    await dst.stage()
+    assert await http("GET", f"{base}/a") == (200, b"1")  # the source still serves
+    await src.quiesce()
+    # the volume moves (here: a copy of the source's, consistent after the quiesce)
+    await asyncio.to_thread(
+        shutil.copytree, env.volumes.root / src.spec.volume_id, vols2.root / dst.spec.volume_id
+    )
+    await dst.start()
+    await wait_serving(dst)
+    await src.wait_torn_down()  # the source's deferred teardown, after the target's start
+    assert not netns_exists(src.netns)
+    assert await http("GET", f"{base}/a") == (200, b"1")  # served by the target
+    assert dst.pid is not None and _link_exists(instance_ifname("acme", dst.address))
+    await dst.stop()
+    await src.stop()
+    assert not _link_exists(instance_ifname("acme", dst.address))
 
 
 async def test_stage_then_stop_without_start_leaves_nothing(env: Env) -> None:
@@ -156,8 +225,10 @@ async def test_quiesce_unmounts_before_returning_and_tears_down_the_rest_later(
     assert d.phase == "stopped"
     assert not is_mounted(os.path.abspath(d.mnt))  # nothing here writes the volume any more
     assert d.pid is None
-    # the address is free at once (a target on this machine builds the same veth name)
-    assert env.netns() == [] and env.cgroups() == []
+    # the address is free at once (a target on this machine uses the same veth name); the
+    # namespace itself goes with the rest
+    assert not _link_exists(instance_ifname(d.spec.account, d.address))
+    assert _routes_to(d.address) == "" and env.cgroups() == []
     await d.wait_torn_down()
     assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
     assert "unmount" in d.timings["quiesce"] and "volume" in d.timings["teardown"]

@@ -216,6 +216,65 @@ def test_remap_moves_new_connections_and_cuts_open_flow(world: World) -> None:
     assert hello(i["a"], A("10.0.0.7"))[1] == "b2"
 
 
+def test_commit_fences_the_open_flow_before_the_conntrack_flush(world: World) -> None:
+    """The old flow stops at the commit itself (stale epoch in the same transaction), not
+    when the conntrack flush runs; a flow opened in between survives the flush."""
+    i = build(world)
+    old = connect(i["a"], A("10.0.0.7"))
+    rf = old.makefile("rb")
+    assert rf.readline().split()[0] == b"b"
+    old.sendall(b"ping\n")
+    assert rf.readline() == b"b ping\n"
+
+    b2 = world.fabric.add_instance("b2", 3, "acct1", A("10.0.0.7"))
+    world.serve("b2", b2)
+    moved = rec("acct1", "10.0.0.7", "10.250.3.7", 3, 5)
+    pending = world.dps[1].commit([moved])  # no finish: no conntrack flush yet
+    world.dps[3].apply([moved])
+    # h2, the old host, lags and still translates for b: only the fence on h1 stops it.
+    old.settimeout(2)
+    with pytest.raises(OSError):
+        old.sendall(b"again\n")
+        line = rf.readline()
+        if not line:
+            raise ConnectionResetError("closed")
+        raise AssertionError(f"old flow still answered before the flush: {line!r}")
+    old.close()
+
+    assert eventually(lambda: _try_hello(i["a"]) == ("10.0.0.5", "b2", "10.0.0.5"))
+    new = connect(i["a"], A("10.0.0.7"))
+    nf = new.makefile("rb")
+    assert nf.readline().split()[0] == b"b2"
+
+    res = world.dps[1].finish(pending)
+    assert res.conntrack_deleted >= 1  # the fenced flow's entry
+    new.sendall(b"ping\n")  # opened after the commit: not flushed
+    assert nf.readline() == b"b2 ping\n"
+    new.close()
+
+    # The next transaction drops the fence elements whose flush is done.
+    assert world.dps[1].stale
+    world.dps[1].apply([])
+    assert world.dps[1].stale == {}
+    assert world.dps[1].table_elements().get("stale") == []
+
+
+def test_a_new_dataplane_continues_the_epoch_of_the_kernel_table(world: World) -> None:
+    """An agent restart keeps the kernel table; flows stamped before it must stay older
+    than the epoch the new process fences with."""
+    build(world)
+    dp = world.dps[1]
+    start = dp.epoch
+    dp.apply([rec("acct1", "10.0.0.7", "10.250.3.7", 3, 5)])
+    dp.apply([rec("acct1", "10.0.0.7", "10.250.2.77", 2, 6)])
+    assert dp.epoch == start + 2
+    dp.close()
+    world.dps[1] = again = Dataplane("h1", SETTINGS, netns=world.fabric.host_ns(1))
+    assert again.epoch == start + 2
+    again.rebuild(base_records())
+    assert again.epoch == start + 2  # the rebuilt table keeps stamping with it
+
+
 def _try_hello(inst: Instance) -> tuple[str, str, str] | None:
     return echo_hello(inst.netns, A("10.0.0.7"), timeout=2)
 

@@ -140,3 +140,34 @@ def neighbour(netns: str, address: IPv6Address) -> str | None:
     got = json.loads(ip("-j", "-6", "neigh", "show", str(address), "dev", "fab0",
                         netns=netns) or "[]")
     return str(got[0]["lladdr"]) if got and "lladdr" in got[0] else None
+
+
+def test_ipv6_open_flow_is_fenced_at_the_commit(net6: Net6) -> None:
+    """As for IPv4: the peer's commit alone (no conntrack flush yet, the old host not
+    updated at all) stops a flow opened to the old mapping; new connections pass."""
+    f = net6.fabric
+    a = f.add_instance("a", 1, "acme", A("fd00:ac::5"))
+    b = f.add_instance("b", 2, "acme", A("fd00:ac::7"))
+    net6.echos.append(EchoServer("b", b.netns, family=socket.AF_INET6).start())
+    recs = [AppliedRecord("acme", A("fd00:ac::5"), phys(5), "h1", 1),
+            AppliedRecord("acme", A("fd00:ac::7"), phys(7), "h2", 1)]
+    apply_everywhere(net6, recs)
+    flow = connect(a, A("fd00:ac::7"))
+    reader = flow.makefile("rb")
+    assert reader.readline().split()[0] == b"b"
+    b2 = f.add_instance("b2", 3, "acme", A("fd00:ac::7"))
+    net6.echos.append(EchoServer("b2", b2.netns, family=socket.AF_INET6).start())
+    moved = AppliedRecord("acme", A("fd00:ac::7"), phys(17), "h3", 2)
+    pending = net6.dps["h1"].commit([moved])
+    net6.dps["h3"].apply([moved])
+    flow.settimeout(2.0)
+    try:
+        flow.sendall(b"still there?\n")
+        answer = reader.readline()
+    except OSError:
+        answer = b""
+    assert not answer.startswith(b"b "), answer
+    flow.close()
+    assert hello(a, A("fd00:ac::7")) == ("fd00:ac::5", "b2", "fd00:ac::5")
+    assert net6.dps["h1"].finish(pending).conntrack_deleted >= 1
+    assert hello(a, A("fd00:ac::7")) == ("fd00:ac::5", "b2", "fd00:ac::5")

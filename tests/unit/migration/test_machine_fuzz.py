@@ -4,7 +4,9 @@ The world model performs commands (possibly even when it reports them failed, as
 answer would), crashes and revives hosts, cuts the link, restarts the controller from
 the last persisted snapshot, and checks after every step that:
 
-- the domain runs on at most one host, and only on the primary copy's host;
+- the domain runs on at most one host, and only on a primary copy's host (SetRoles
+  makes the new primary's copy primary at once; the old primary's demotion waits until
+  the domain stopped there, as the runner queues it behind the quiesce);
 - the domain is never resumed on a source that lacks a write the target acknowledged;
 - nothing is started on the target unless its copy is primary and the source stopped;
 - progress never goes backwards, also across restarts;
@@ -57,6 +59,7 @@ class World:
         self.up = {SRC: True, DST: True}
         self.running: set[str] = {SRC}
         self.primary = SRC
+        self.lagging: str | None = None  # an ex-primary whose demotion waits for its stop
         self.record = SRC
         self.has_address = False
         self.source_stale = False
@@ -68,7 +71,7 @@ class World:
 
     def check(self) -> None:
         assert len(self.running) <= 1, self.running
-        assert self.running <= {self.primary}, (self.running, self.primary)
+        assert self.running <= {self.primary, self.lagging}, (self.running, self.primary)
 
     def writes_happen(self) -> None:
         # A domain on the target keeps writing; without the source those writes are
@@ -79,6 +82,8 @@ class World:
     def crash(self, host: str) -> None:
         self.up[host] = False
         self.running.discard(host)
+        if self.lagging == host:
+            self.lagging = None
 
     def revive(self, host: str) -> None:
         """The host is back; its agent's restart policy starts the domain it owns:
@@ -96,15 +101,20 @@ class World:
         elif kind == "QuiesceSource":
             self.running.discard(SRC)
             self.source_quiesced = True
+            if self.lagging == SRC:
+                self.lagging = None
         elif kind == "SetRoles":
             self.primary = cmd.primary  # type: ignore[attr-defined]
+            secondary = cmd.secondary  # type: ignore[attr-defined]
+            self.lagging = secondary if secondary in self.running else None
         elif kind == "StartOnTarget":
             assert self.primary == DST, "started on a secondary copy"
             assert SRC not in self.running, "started while the source still runs"
-            # reachable at its logical address as soon as it runs there
-            assert not self.has_address or self.record == DST, "started before the move"
             self.running.add(DST)
         elif kind == "MoveRecord":
+            # moved with the start, after the stop on the source (never off a domain
+            # that still serves there)
+            assert cmd.to_host == SRC or SRC not in self.running, "moved off a running source"  # type: ignore[attr-defined]
             self.record = cmd.to_host  # type: ignore[attr-defined]
         elif kind == "ResyncSource":
             if self.up[SRC] and DST not in self.running:
@@ -117,6 +127,8 @@ class World:
             self.source_volume = False
         elif kind == "StopTarget":
             self.running.discard(DST)
+            if self.lagging == DST:
+                self.lagging = None
         elif kind == "ResumeOnSource":
             assert not self.committed, "resumed on the source after the commit"
             assert self.primary == SRC, "resumed on a secondary copy"

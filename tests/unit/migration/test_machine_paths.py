@@ -70,15 +70,20 @@ def finish_rollback(d: Driver, final: Phase) -> None:
 def test_happy_path_post_copy_with_address() -> None:
     d = Driver(rate_bytes_s=200_000_000)
     assert d.start() == [P(Phase.PREPARING), PrepareTarget(lazy=True)]
-    assert d.done("PrepareTarget", dt=1.0) == [P(Phase.SWITCHING), QuiesceSource()]
-    # The record moves with the roles: after the stop on the source, before the start.
+    # The switch is two steps: the roles switch while the source quiesces; the record
+    # moves (after the stop on the source) while the target starts.
+    assert d.done("PrepareTarget", dt=1.0) == [
+        P(Phase.SWITCHING),
+        QuiesceSource(),
+        SetRoles(primary=DST, secondary=SRC),
+    ]
+    assert d.done("SetRoles", dt=0.005) == []  # the step waits for the quiesce
     assert d.done("QuiesceSource", dt=0.010) == [
         P(Phase.SWITCHING),
-        SetRoles(primary=DST, secondary=SRC),
         MoveRecord(to_host=DST),
+        StartOnTarget(),
     ]
-    assert d.done("SetRoles", dt=0.005) == []  # the step waits for the move
-    assert d.done("MoveRecord", dt=0.005) == [P(Phase.SWITCHING), StartOnTarget()]
+    assert d.done("MoveRecord", dt=0.005) == []  # the step waits for the start
     # Downtime: from issuing QuiesceSource (t=1.0) to StartOnTarget done.
     assert d.done("StartOnTarget", dt=0.050) == [
         P(Phase.POST_SYNC),
@@ -95,19 +100,17 @@ def test_happy_path_post_copy_with_address() -> None:
     assert d.m.status().downtime_s == pytest.approx(0.070)
 
 
-def test_failed_record_move_rolls_back_before_the_target_starts() -> None:
+def test_failed_record_move_drains_the_start_then_rolls_back() -> None:
     d = Driver()
     d.start()
     d.done("PrepareTarget")
     d.done("QuiesceSource")
+    d.done("SetRoles")
     assert d.fail("MoveRecord", "conflict: address changed meanwhile") == [P(Phase.ABORTING)]
-    # SetRoles is drained; then everything that may have happened is undone, the record's
-    # move too (idempotent: a record still on the source stays there).
-    assert d.done("SetRoles") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
-    assert d.done("SetRoles") == [P(Phase.ABORTING), MoveRecord(to_host=SRC)]
-    assert d.done("MoveRecord") == [P(Phase.ABORTING), ResumeOnSource()]
-    assert d.done("ResumeOnSource") == [P(Phase.ABORTING), DiscardTarget()]
-    assert d.done("DiscardTarget") == [P(Phase.FAILED_BACK)]
+    # StartOnTarget is drained; then everything that may have happened is undone, the
+    # record's move too (idempotent: a record still on the source stays there).
+    assert d.done("StartOnTarget") == [P(Phase.ABORTING), StopTarget()]
+    finish_rollback(d, Phase.FAILED_BACK)
     assert d.m.reason is not None and "MoveRecord failed" in d.m.reason
 
 
@@ -168,16 +171,27 @@ def test_abort_in_preparing_waits_for_the_prepare_then_discards() -> None:
     assert d.m.settled
 
 
+def test_abort_while_quiescing_drains_both_then_undoes_the_roles() -> None:
+    d = Driver()
+    d.start()
+    d.done("PrepareTarget")
+    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]  # QuiesceSource, SetRoles in flight
+    assert d.done("SetRoles") == []  # drain the quiesce too
+    # No record moved and nothing started yet: neither is undone.
+    assert d.done("QuiesceSource") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
+    assert d.done("SetRoles") == [P(Phase.ABORTING), ResumeOnSource()]
+    assert d.done("ResumeOnSource") == [P(Phase.ABORTING), DiscardTarget()]
+    assert d.done("DiscardTarget") == [P(Phase.ABORTED)]
+
+
 def test_abort_in_switching_after_quiesce() -> None:
     d = Driver()
     d.start()
     d.done("PrepareTarget")
     d.done("QuiesceSource")
-    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]  # SetRoles, MoveRecord in flight
-    assert d.done("SetRoles") == []  # drain the move first
-    assert d.done("MoveRecord") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
-    assert d.done("SetRoles") == [P(Phase.ABORTING), MoveRecord(to_host=SRC)]
-    assert d.done("MoveRecord") == [P(Phase.ABORTING), ResumeOnSource()]
+    assert d.send(AbortRequested()) == [P(Phase.ABORTING)]  # SetRoles in flight
+    assert d.done("SetRoles") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
+    assert d.done("SetRoles") == [P(Phase.ABORTING), ResumeOnSource()]
     assert d.done("ResumeOnSource") == [P(Phase.ABORTING), DiscardTarget()]
     assert d.done("DiscardTarget") == [P(Phase.ABORTED)]
 
@@ -334,12 +348,27 @@ def test_target_down_in_switching_skips_what_only_it_could_do() -> None:
     d.start()
     d.done("PrepareTarget")
     d.done("QuiesceSource")
-    # SetRoles(target primary) is in flight and can no longer be answered; the record's
-    # move (the controller's) is drained, then undone.
+    d.done("SetRoles")
+    # StartOnTarget is in flight and can no longer be answered; the record's move (the
+    # controller's) is drained, then undone.
     assert d.send(HostDown(DST)) == [P(Phase.ABORTING)]
+    # Stopping the target and resyncing from it are skipped with it gone (the source is
+    # current: the mirror never broke); what only the target could undo is left over.
     assert d.done("MoveRecord") == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
     assert d.done("SetRoles") == [P(Phase.ABORTING), MoveRecord(to_host=SRC)]
     assert d.done("MoveRecord") == [P(Phase.ABORTING), ResumeOnSource()]
+    assert d.done("ResumeOnSource") == [P(Phase.FAILED_BACK)]
+    assert d.m.leftovers == {"target:target_prepared", "target:target_running"}
+
+
+def test_target_down_while_quiescing_skips_what_only_it_could_do() -> None:
+    d = Driver()
+    d.start()
+    d.done("PrepareTarget")
+    d.done("QuiesceSource")
+    # SetRoles(target primary) is in flight and can no longer be answered.
+    assert d.send(HostDown(DST)) == [P(Phase.ABORTING), SetRoles(primary=SRC, secondary=DST)]
+    assert d.done("SetRoles") == [P(Phase.ABORTING), ResumeOnSource()]
     assert d.done("ResumeOnSource") == [P(Phase.FAILED_BACK)]
     assert d.m.leftovers == {"target:target_prepared"}
 

@@ -52,24 +52,27 @@ def in_preparing(d: Driver) -> None:
     d.start()
 
 
-def in_switching_after_quiesce(d: Driver) -> None:
+def in_switching_quiescing(d: Driver) -> None:
+    """QuiesceSource and SetRoles issued (one step)."""
     d.start()
     d.done("PrepareTarget")
 
 
-def in_switching_after_roles(d: Driver) -> None:
-    in_switching_after_quiesce(d)
+def in_switching_quiesced(d: Driver) -> None:
+    """The source stopped; SetRoles still in flight."""
+    in_switching_quiescing(d)
     d.done("QuiesceSource")
 
 
-def in_switching_after_start(d: Driver) -> None:
-    in_switching_after_roles(d)
+def in_switching_starting(d: Driver) -> None:
+    """MoveRecord and StartOnTarget issued (one step); the move done."""
+    in_switching_quiesced(d)
     d.done("SetRoles")
     d.done("MoveRecord")
 
 
 def in_post_sync(d: Driver) -> None:
-    in_switching_after_start(d)
+    in_switching_starting(d)
     d.done("StartOnTarget")
 
 
@@ -121,13 +124,16 @@ UNDO_ALL: list[Command] = [
     DiscardTarget(),
 ]
 
+UNDO_BEFORE_START: list[Command] = [UNDO_ALL[2], *UNDO_ALL[4:]]
+
 CASES: list[tuple[Callable[[Driver], None], Phase, list[Command], Phase | None]] = [
     # (bring there, phase persisted, commands after resume (persist stripped), final)
     (in_requested, Phase.REQUESTED, [PrepareTarget(lazy=True)], None),
     (in_preparing, Phase.PREPARING, [DiscardTarget()], Phase.FAILED_BACK),
-    (in_switching_after_quiesce, Phase.SWITCHING, UNDO_ALL[4:], Phase.FAILED_BACK),
-    (in_switching_after_roles, Phase.SWITCHING, UNDO_ALL[2:], Phase.FAILED_BACK),
-    (in_switching_after_start, Phase.SWITCHING, UNDO_ALL, Phase.FAILED_BACK),
+    # nothing started on the target and no record moved yet: roles back, resume, discard
+    (in_switching_quiescing, Phase.SWITCHING, UNDO_BEFORE_START, Phase.FAILED_BACK),
+    (in_switching_quiesced, Phase.SWITCHING, UNDO_BEFORE_START, Phase.FAILED_BACK),
+    (in_switching_starting, Phase.SWITCHING, UNDO_ALL, Phase.FAILED_BACK),
     (in_post_sync, Phase.POST_SYNC, [StartFill(rate_bytes_s=None)], None),
     (in_post_sync_link_cut, Phase.POST_SYNC, [ResyncSource()], None),
     (in_post_sync_source_down, Phase.POST_SYNC, [], None),

@@ -12,6 +12,7 @@ from edgevisor.network.dataplane import (
     Batch,
     DataplaneSettings,
     Key,
+    StaleKey,
     assign_ids,
     count_accounts,
     plan,
@@ -77,7 +78,44 @@ def test_remap_of_remote_record_replaces_exact_elements_and_flushes_old_mapping(
     assert b.addr_add == b.addr_del == [] and b.rule_add == b.rule_del == []
     text = render_batch(b, "edgevisor")
     assert text.index("delete element") < text.index("add element")
-    assert text.count("\n") == 4
+    # 4 map lines, the fence of the old mapping's flows (one stale line) and the epoch
+    # moving on in both tables (a delete and an add each).
+    assert text.count("\n") == 4 + 1 + 4
+    assert ("add element ip edgevisor stale { 1 . 10.0.0.7 . 0-1, 1 . 10.250.1.7 . 0-1 }"
+            in text)
+    assert "add element ip edgevisor epoch { ip : 2 }" in text
+    assert "add element ip6 edgevisor epoch6 { ip6 : 2 }" in text
+    assert b.epoch == 2
+
+
+def test_fence_replaces_an_address_stale_range_and_drops_flushed_ones() -> None:
+    old = rec("acct1", "10.0.0.7", "10.250.1.7", "h2", 3)
+    cur = {old.key: old}
+    new = rec("acct1", "10.0.0.7", "10.250.3.7", "h3", 4)
+    stale: dict[StaleKey, int] = {(1, A("10.0.0.7")): 4, (1, A("10.9.9.9")): 2,
+                                  (1, A("10.8.8.8")): 3}
+    b = plan(cur, {new.key: new}, host="h1", ids={"acct1": 1},
+             counts=count_accounts(cur, "h1"), settings=S, epoch=7, stale=stale,
+             stale_done={(1, A("10.9.9.9")), (1, A("10.0.0.7"))})
+    assert b.epoch == 8
+    # Every flushed address is fenced up to the epoch so far; its older range goes.
+    assert b.stale_add == {(1, A("10.0.0.7")): 7, (1, A("10.250.1.7")): 7}
+    # Flushed elements go; one whose flush is not done (10.8.8.8) stays.
+    assert b.stale_del == {(1, A("10.0.0.7")): 4, (1, A("10.9.9.9")): 2}
+    text = render_batch(b, "edgevisor")
+    assert text.index("delete element ip edgevisor stale { 1 . 10.0.0.7 . 0-4, "
+                      "1 . 10.9.9.9 . 0-2 }") < text.index(
+        "add element ip edgevisor stale { 1 . 10.0.0.7 . 0-7, 1 . 10.250.1.7 . 0-7 }")
+
+
+def test_a_change_without_old_mapping_keeps_the_epoch_and_the_limit_is_enforced() -> None:
+    r = rec("acct1", "10.0.0.7", "10.250.1.7", "h2", 3)
+    b = plan({}, {r.key: r}, host="h1", ids={}, counts={}, settings=S, epoch=5)
+    assert b.epoch == 5 and b.stale_add == {} and "epoch" not in render_batch(b, "t")
+    moved = rec("acct1", "10.0.0.7", "10.250.3.7", "h3", 4)
+    with pytest.raises(ValueError, match="epochs exhausted"):
+        plan({r.key: r}, {r.key: moved}, host="h1", ids={"acct1": 1},
+             counts=count_accounts({r.key: r}, "h1"), settings=S, epoch=S.mark_base - 1)
 
 
 def test_record_moving_here_gets_address_and_garp_moving_away_loses_them() -> None:
