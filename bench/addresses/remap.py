@@ -87,8 +87,7 @@ _ON = [False]
 
 
 def instrument() -> None:
-    # The move's transaction: _run_hot (inline when it can) where it exists, else _run.
-    txn_name = "_run_hot" if hasattr(api_addresses, "_run_hot") else "_run"
+    txn_name = "_run"  # the move's transaction (in a thread)
     run0 = getattr(api_addresses, txn_name)
     push0 = getattr(api_addresses, "push")  # noqa: B009 - imported there, not exported
     push_host0 = addr_sync.push_host
@@ -210,7 +209,7 @@ def run(rounds: int, tmp: Path) -> list[tuple[str, str, str, str, str]]:
     firsts = pushes[0::per_move] if per_move else []
     seconds = pushes[1::per_move] if per_move > 1 else []
     phase_rows = [
-        ("  controller transaction (inline when the SQLite lock is free, else a thread)",
+        ("  controller transaction (with thread hop)",
          PHASES["txn"]),
         ("  pushes, both hosts (wall)", PHASES["push"]),
         ("    push to the old host (fence: alone, first)", firsts),

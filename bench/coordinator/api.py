@@ -271,7 +271,7 @@ def main() -> None:
     print("| load generator | invoke calls/s | `GET /healthz` req/s (HTTP floor) | ratio |")
     print("|---|---:|---:|---:|")
     print(
-        f"| 8 threads of one Python httpx client (the client's GIL is the limit) "
+        f"| 8 threads of one Python httpx client "
         f"| {r['tput']:,.0f} | | |"
     )
     if r["wrk"] == r["wrk"]:
