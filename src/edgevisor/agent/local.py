@@ -37,6 +37,7 @@ async def run_controller(settings: Settings) -> None:
     from edgevisor.control.server import serve  # the agent alone never loads the controller
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
+    _cancel_on_signals()
     try:
         await serve(settings)
     finally:
@@ -69,6 +70,7 @@ async def run_up(settings: Settings) -> None:
     from edgevisor.control.server import serve
     lock = DataDirLock(settings.data_dir)
     lock.acquire()
+    _cancel_on_signals()
 
     async def start_agent(st: Any) -> None:  # a ControllerState
         c = settings.controller

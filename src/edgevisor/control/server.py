@@ -18,7 +18,7 @@ import uvicorn
 
 from edgevisor.control.app import create_app
 from edgevisor.control.state import ControllerState
-from edgevisor.httpserver import bound_port
+from edgevisor.httpserver import QuietServer, bound_port
 from edgevisor.settings import Settings
 from edgevisor.store import repos
 from edgevisor.store.engine import Store
@@ -69,7 +69,10 @@ async def serve(
         lifespan="on",
         access_log=False,
     )
-    server = uvicorn.Server(cfg)
+    # Signals are the process's (run_up/run_controller cancel the main task): uvicorn's own
+    # handling re-raises SIGTERM after its shutdown, which killed the process before the
+    # local agent's cleanup (environments, cgroups, mounts) could run.
+    server = QuietServer(cfg)
     serve_task = asyncio.create_task(server.serve())
     while not server.started:
         if serve_task.done():
@@ -89,4 +92,8 @@ async def serve(
             extra.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await extra
+        if not serve_task.done():  # cancelled by a signal: a graceful HTTP shutdown
+            server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(serve_task, timeout=10)
         store.dispose()
