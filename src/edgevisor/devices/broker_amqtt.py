@@ -373,20 +373,13 @@ class _FastBroker(Broker):  # type: ignore[misc]
         return True
 
     def _flush(self) -> None:
-        """Write what :meth:`_deliver_qos0` queued, one write per subscriber. Like amqtt's
-        send, a write re-arms the connection's keep-alive timer."""
+        """Write what :meth:`_deliver_qos0` queued, one write per subscriber. (No write-side
+        keep-alive timer to re-arm: :class:`_Handler` enforces keep-alive on reads.)"""
         outbox, self._outbox = self._outbox, {}
-        loop = asyncio.get_running_loop()
-        for handler, transport, frames in outbox.values():
+        for _handler, transport, frames in outbox.values():
             if transport.is_closing():
                 continue  # gone meanwhile: QoS 0 is at most once
             transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-            keepalive = getattr(handler, "_keepalive_task", None)
-            if keepalive is not None and handler.keepalive_timeout is not None:
-                keepalive.cancel()
-                handler._keepalive_task = loop.call_later(
-                    handler.keepalive_timeout, handler.handle_write_timeout
-                )
 
     @staticmethod
     def _packet_sent_hooks(handler: Any) -> bool:

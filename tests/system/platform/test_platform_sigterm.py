@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from edgevisor.testing.controller import free_port
 
 pytestmark = pytest.mark.root
 
@@ -38,12 +39,6 @@ def _bundle() -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait(pred: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -63,7 +58,7 @@ def _groups(prefix: str) -> list[str]:
 
 def test_sigterm_stops_up_cleanly_and_removes_environments(tmp_path: Path) -> None:
     account = f"sig{os.getpid()}"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVISOR_")} | {
         "EDGEVISOR_NETWORK__DATAPLANE_MODE": "off",
         "EDGEVISOR_DEVICES__BROKER_PORT": "0",
