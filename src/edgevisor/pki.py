@@ -30,8 +30,9 @@ from edgevisor.errors import RequestError
 if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
-__all__ = ["FleetCA", "HostIdentity", "InvalidCSR", "certificate_cn"]
+__all__ = ["FleetCA", "HostIdentity", "InvalidCSR", "certificate_cn", "load_csr"]
 
 _CERT_DAYS = 825
 _CA_DAYS = 3650
@@ -149,36 +150,17 @@ class FleetCA:
 
     def sign_host(self, host: str, csr_pem: str) -> str:
         """A host certificate for ``host`` over the CSR's key (CN and SAN = ``host``)."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        cert_pem, _ = self._leaf(host, load_csr(csr_pem).public_key(), dns=(host,), server=True)
+        return cert_pem
 
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode())
-        except ValueError as exc:
-            raise InvalidCSR(f"not a PEM certificate signing request: {exc}") from exc
-        if not csr.is_signature_valid:
-            raise InvalidCSR("the CSR's signature does not match its key")
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(self.cert.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=_CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        return cert.public_bytes(serialization.Encoding.PEM).decode()
+    def sign_client(self, cn: str, csr_pem: str) -> tuple[str, int]:
+        """A client certificate for ``cn`` over the CSR's key: (certificate PEM, serial).
+
+        For a party that keeps its key (a device that made its own CSR). The CN is the
+        caller's decision, whatever the CSR's subject says: the CSR only proves possession
+        of the key.
+        """
+        return self._leaf(cn, load_csr(csr_pem).public_key())
 
     def issue_key_and_cert(
         self,
@@ -195,13 +177,29 @@ class FleetCA:
         the key is made here and returned, never kept. ``server`` adds SERVER_AUTH to the
         extended key usage (CLIENT_AUTH is always there); ``dns``/``ips`` become SANs.
         """
+        key = _new_key()
+        cert_pem, serial = self._leaf(
+            cn, key.public_key(), dns=dns, ips=ips, server=server, days=days
+        )
+        return _key_pem(key).decode(), cert_pem, serial
+
+    def _leaf(
+        self,
+        cn: str,
+        public_key: CertificatePublicKeyTypes,
+        *,
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        server: bool = False,
+        days: int = _CERT_DAYS,
+    ) -> tuple[str, int]:
+        """A certificate for ``public_key`` signed by this CA: (PEM, serial)."""
         import ipaddress
 
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-        key = _new_key()
         now = dt.datetime.now(dt.UTC)
         serial = x509.random_serial_number()
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -211,7 +209,7 @@ class FleetCA:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(serial)
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
@@ -223,8 +221,30 @@ class FleetCA:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
-        cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        return _key_pem(key).decode(), cert_pem, serial
+        return cert.public_bytes(serialization.Encoding.PEM).decode(), serial
+
+
+def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+    """A parsed CSR whose signature matches its key (proof of possession)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as exc:
+        raise InvalidCSR(f"not a PEM certificate signing request: {exc}") from exc
+    try:
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except (ValueError, TypeError) as exc:  # an unsupported or broken key
+        raise InvalidCSR(f"the CSR's key cannot be used: {exc}") from exc
+    if not valid:
+        raise InvalidCSR("the CSR's signature does not match its key")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise InvalidCSR(f"an RSA key of {key.key_size} bits is too small (2048 at least)")
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        raise InvalidCSR(f"unsupported key type {type(key).__name__} (use EC, RSA or Ed25519)")
+    return csr
 
 
 class HostIdentity:

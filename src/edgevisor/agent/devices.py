@@ -360,7 +360,8 @@ class DevicesCapability:
         """A new client certificate for a device; the one it had is revoked."""
         svc = self._svc()
         full = qualified(str(p["account"]), str(p["name"]))
-        cert = svc.issue_certificate(full)
+        csr = p.get("csr_pem")
+        cert = svc.issue_certificate(full, None if csr is None else str(csr))
         return {"name": p["name"], "username": full, **cert.to_json(),
                 "url": svc.broker_tls_url}  # fmt: skip
 

@@ -87,24 +87,22 @@ def device_add(
         )
 
 
-def _write_tls(tls: DeviceTLS, name: str, out_dir: Path) -> tuple[Path, Path, Path]:
-    """Write key (0600 from its first byte), certificate and CA certificate."""
+def _write_tls(tls: DeviceTLS, name: str, out_dir: Path) -> tuple[Path | None, Path, Path]:
+    """Write the key (when one came back), certificate and CA certificate, each 0600 from
+    its first byte."""
     out_dir.mkdir(parents=True, exist_ok=True)
     key, crt, ca = out_dir / f"{name}.key", out_dir / f"{name}.crt", out_dir / "ca.crt"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
-        os.write(fd, tls.key_pem.encode())
-    finally:
-        os.close(fd)
-    for path, text in ((crt, tls.cert_pem), (ca, tls.ca_pem)):
+    files = [(crt, tls.cert_pem), (ca, tls.ca_pem)]
+    if tls.key_pem is not None:
+        files.insert(0, (key, tls.key_pem))
+    for path, text in files:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.fchmod(fd, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
             os.write(fd, text.encode())
         finally:
             os.close(fd)
-    return key, crt, ca
+    return (key if tls.key_pem is not None else None), crt, ca
 
 
 @device_app.command("list")
@@ -125,18 +123,29 @@ def device_cert(
     out_dir: Annotated[Path, typer.Option(
         "--out", help="Where the files go: NAME.key (0600), NAME.crt, ca.crt.",
     )] = Path("."),
+    csr: Annotated[Path | None, typer.Option(
+        "--csr", help="A PEM CSR made on the device (openssl req -new): the certificate is "
+        "over the device's own key, which never leaves it; no key file is written.",
+    )] = None,
     account: AccountOpt = None, url: UrlOpt = None, token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """Issue a new TLS client certificate for a device; the previous one is revoked."""
+    csr_pem = None
+    if csr is not None:
+        try:
+            csr_pem = csr.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--csr {csr}: {e}")
     with client(url, token) as c:
-        tls = c.issue_device_certificate(name, account)
+        tls = c.issue_device_certificate(name, account, csr_pem)
     key, crt, ca = _write_tls(tls, name, out_dir)
     if as_json:
         emit_json(tls)
         return
     console.print(f"new certificate for {name} (serial {tls.serial}); the old one is revoked")
-    console.print(f"  key: {key} (0600)  cert: {crt}  ca: {ca}  broker: {tls.url}")
+    where = f"key: {key} (0600)" if key is not None else f"key: the one behind {csr}"
+    console.print(f"  {where}  cert: {crt}  ca: {ca}  broker: {tls.url}")
 
 
 @device_app.command("rm")

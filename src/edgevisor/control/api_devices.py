@@ -43,12 +43,14 @@ from edgevisor.errors import (
     RequestError,
     UnavailableError,
 )
+from edgevisor.pki import load_csr
 from edgevisor.sdk import devices as wire
 from edgevisor.store import repos
 from edgevisor.store.device_models import DeviceMessage, DeviceRow, RouteRow, ShadowRow, TimerRow
 from edgevisor.store.models import Account
 
 router = APIRouter(prefix="/v1")
+_MAX_CSR = 16 << 10  # a CSR with an RSA-4096 key is under 2 KiB
 Auth = Annotated[Principal, Depends(require_principal)]
 HostAuth = Annotated[str, Depends(require_host)]
 AccountQ = Annotated[str | None, Query(description="The account (admin only).")]
@@ -170,15 +172,31 @@ async def remove_device(name: str, request: Request, p: Auth, account: AccountQ 
 
 @router.post("/devices/{name}/certificate", response_model=wire.DeviceTLS)
 async def device_certificate(
-    name: str, request: Request, p: Auth, account: AccountQ = None
+    name: str,
+    request: Request,
+    p: Auth,
+    account: AccountQ = None,
+    body: Annotated[dict[str, Any] | None, Body()] = None,
 ) -> wire.DeviceTLS:
-    """A new TLS client certificate for a device (key shown once); the old one is revoked
-    and the device's open connections are closed."""
+    """A new TLS client certificate for a device; the old one is revoked and the device's
+    open connections are closed. Body ``{"csr_pem": ...}``: over the key of the device's own
+    CSR (the key never leaves the device; the CN is still the device's username);
+    without it over a new key, shown once."""
     st = state_of(request)
     acct_id, acct = account_of(st, p, account)
+    csr = (body or {}).get("csr_pem")
+    if csr is not None:
+        if not isinstance(csr, str):
+            raise RequestError("'csr_pem' must be a PEM string")
+        if len(csr) > _MAX_CSR:
+            raise RequestError(f"'csr_pem' is {len(csr)} characters; at most {_MAX_CSR}")
+        load_csr(csr)  # refused here, before the host revokes anything
     with st.store.session() as s:
         host = _device_row(s, acct_id, name).host
-    out = await st.links.call(host, "devices.certificate", {"account": acct, "name": name})
+    call: dict[str, Any] = {"account": acct, "name": name}
+    if csr is not None:
+        call["csr_pem"] = csr
+    out = await st.links.call(host, "devices.certificate", call)
     with st.store.session() as s:
         repos.add_event(s, "device.certificate", st.clock(), subject=name, account_id=acct_id,
                         data={"host": host, "serial": out["serial"]})  # fmt: skip

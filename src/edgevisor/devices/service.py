@@ -289,15 +289,16 @@ class DeviceService:
         if self.broker is not None:
             self.broker.disconnect(name)
 
-    def issue_certificate(self, name: str) -> DeviceCertificate:
-        """A new client certificate for a registered device (the previous one is revoked);
-        the key is returned, never kept."""
+    def issue_certificate(self, name: str, csr_pem: str | None = None) -> DeviceCertificate:
+        """A new client certificate for a registered device (the previous one is revoked):
+        over the key of ``csr_pem``, or over a new key that is returned, never kept. A CSR
+        that cannot be used is refused before anything changes."""
         if self.tls is None:
             raise UnavailableError(
                 "TLS is off on this host's broker (set devices.tls_port to turn it on)"
             )
         self.registry.get(name)
-        cert = self.tls.issue_device(name)
+        cert = self.tls.issue_device(name, csr_pem)
         self.registry.set_cert_serial(name, cert.serial)
         if self.broker is not None:
             self.broker.disconnect(name)  # whoever held the old certificate

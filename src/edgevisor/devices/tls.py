@@ -39,15 +39,16 @@ _BROKER_CN = "edgevisor broker"
 
 @dataclass(frozen=True, slots=True)
 class DeviceCertificate:
-    """What a device is given once: its key, its certificate and the CA bundle (PEM)."""
+    """What a device is given once: its key (none when it sent its own CSR), its
+    certificate and the CA bundle (PEM)."""
 
     device: str
-    key_pem: str
+    key_pem: str | None
     cert_pem: str
     ca_pem: str
     serial: str
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | None]:
         return {
             "key_pem": self.key_pem,
             "cert_pem": self.cert_pem,
@@ -154,8 +155,14 @@ class DevicesTLS:
         _write_private(self.cert_path, cert_pem.encode(), 0o644)
         _write_private(meta, json.dumps(want).encode(), 0o644)
 
-    def issue_device(self, device: str) -> DeviceCertificate:
-        key_pem, cert_pem, serial = self.ca.issue_key_and_cert(device)
+    def issue_device(self, device: str, csr_pem: str | None = None) -> DeviceCertificate:
+        """A certificate for ``device``: over the key of its CSR (the key never leaves the
+        device), or over a key made here and handed over once."""
+        key_pem: str | None = None
+        if csr_pem is None:
+            key_pem, cert_pem, serial = self.ca.issue_key_and_cert(device)
+        else:
+            cert_pem, serial = self.ca.sign_client(device, csr_pem)
         return DeviceCertificate(device, key_pem, cert_pem, self.ca.cert_pem, serial_hex(serial))
 
     def server_context(self) -> ssl.SSLContext:

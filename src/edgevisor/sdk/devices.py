@@ -33,7 +33,11 @@ class DeviceTLS(_Model):
     """A device's client certificate, from the host's devices CA; the key is shown once."""
 
     url: str | None = Field(None, description="The broker's TLS listener, mqtts://host:port.")
-    key_pem: str = Field(description="The device's private key (PEM); shown only once.")
+    key_pem: str | None = Field(
+        None,
+        description="The device's private key (PEM), shown only once; none when the device "
+        "sent its own CSR (its key never left it).",
+    )
     cert_pem: str = Field(description="The device's certificate (PEM), CN = its username.")
     ca_pem: str = Field(description="CA certificate: verifies the broker (--cafile).")
     serial: str = Field(description="Certificate serial (hex); revoked when the device goes.")
@@ -133,10 +137,13 @@ def remove_device(name: str, account: str | None = None) -> Call[None]:
     return Call("DELETE", f"/v1/devices/{name}", _none, params=_params(account=account))
 
 
-def issue_device_certificate(name: str, account: str | None = None) -> Call[DeviceTLS]:
-    """A new client certificate for a device; the one it had is revoked."""
+def issue_device_certificate(
+    name: str, account: str | None = None, csr_pem: str | None = None
+) -> Call[DeviceTLS]:
+    """A new client certificate for a device; the one it had is revoked. With ``csr_pem``
+    (PEM CSR made on the device) it is over the device's own key, and no key comes back."""
     return Call("POST", f"/v1/devices/{name}/certificate", _one(DeviceTLS),
-                params=_params(account=account))  # fmt: skip
+                json=_params(csr_pem=csr_pem), params=_params(account=account))  # fmt: skip
 
 
 def add_route(
@@ -301,9 +308,12 @@ class DevicesMixin:
     def remove_device(self, name: str, account: str | None = None) -> None:
         self.call(remove_device(name, account))
 
-    def issue_device_certificate(self, name: str, account: str | None = None) -> DeviceTLS:
-        """A new TLS client certificate (key shown once); the previous one is revoked."""
-        return self.call(issue_device_certificate(name, account))
+    def issue_device_certificate(
+        self, name: str, account: str | None = None, csr_pem: str | None = None
+    ) -> DeviceTLS:
+        """A new TLS client certificate (key shown once, or over ``csr_pem``'s key); the
+        previous one is revoked."""
+        return self.call(issue_device_certificate(name, account, csr_pem))
 
     def add_route(self, route: dict[str, Any], **options: Any) -> RouteInfo:
         return self.call(add_route(route, **options))
@@ -373,8 +383,10 @@ class AsyncDevicesMixin:
     async def remove_device(self, name: str, account: str | None = None) -> None:
         await self.call(remove_device(name, account))
 
-    async def issue_device_certificate(self, name: str, account: str | None = None) -> DeviceTLS:
-        return await self.call(issue_device_certificate(name, account))
+    async def issue_device_certificate(
+        self, name: str, account: str | None = None, csr_pem: str | None = None
+    ) -> DeviceTLS:
+        return await self.call(issue_device_certificate(name, account, csr_pem))
 
     async def add_route(self, route: dict[str, Any], **options: Any) -> RouteInfo:
         return await self.call(add_route(route, **options))

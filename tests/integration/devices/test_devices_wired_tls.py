@@ -99,3 +99,59 @@ def test_device_add_with_certificate_over_tls(f: Fleet, tmp_path: Path) -> None:
     res = _cli(f, token, "device", "rm", "s1")
     assert res.returncode == 0, res.stderr
     wait_until(lambda: not pub_ok(tmp_path / "new"), 30, "certificate refused after rm")
+
+
+def test_device_cert_from_its_own_csr(f: Fleet, tmp_path: Path) -> None:
+    """A device that makes its own key sends only a CSR: the certificate is over that key,
+    its CN is the device's username whatever the CSR asks for, no key file is written, and
+    a CSR that cannot be used is refused with nothing revoked."""
+    acme = f.account_client("acme")
+    token = acme.token or ""
+    first = tmp_path / "first"
+    res = _cli(f, token, "device", "add", "s2", "--out", str(first), "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    port = int(json.loads(res.stdout)["tls"]["url"].rsplit(":", 1)[1])
+    dev = tmp_path / "on-device"
+    dev.mkdir()
+    made = subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(dev / "s2.key"), "-out", str(dev / "s2.csr"),
+         "-subj", "/CN=someone-else"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    key_before = (dev / "s2.key").read_bytes()
+
+    def pub_ok(d: Path) -> bool:
+        r = subprocess.run(["mosquitto_pub", *_tls(port, d, "s2"), "-t", "devices/acme.s2/x",
+                            "-m", "1"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        return r.returncode == 0
+
+    # Unusable CSRs: refused with the reason; the certificate the device has still works.
+    (dev / "bad.csr").write_text("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n")
+    res = _cli(f, token, "device", "cert", "s2", "--csr", str(dev / "bad.csr"), "--out", str(dev))
+    assert res.returncode != 0
+    assert "certificate signing request" in res.stdout + res.stderr
+    assert not (dev / "s2.crt").exists()
+    assert pub_ok(first)
+
+    res = _cli(f, token, "device", "cert", "s2", "--csr", str(dev / "s2.csr"), "--out", str(dev),
+               "--json")  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads(res.stdout)
+    assert out["key_pem"] is None
+    assert (dev / "s2.key").read_bytes() == key_before  # the device's key is untouched
+    subject = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-in", str(dev / "s2.crt")],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert "CN = acme.s2" in subject, subject
+    assert "someone-else" not in subject
+    pubkeys = [
+        subprocess.run(["openssl", kind, "-noout", "-pubkey", "-in", str(path)],
+                       capture_output=True, text=True, timeout=60).stdout
+        for kind, path in (("x509", dev / "s2.crt"), ("req", dev / "s2.csr"))
+    ]  # fmt: skip
+    assert pubkeys[0] and pubkeys[0] == pubkeys[1]  # over the device's own public key
+    assert pub_ok(dev)
+    assert not pub_ok(first)  # the certificate it replaced is revoked
