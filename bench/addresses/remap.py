@@ -8,10 +8,14 @@ generation each applied, so its latency is "API call -> applied on the host". A 
 series calls the agent's ``records.apply`` directly (one host: transport + nft apply) to
 split the figure. Afterwards ``record list`` must show no drift.
 
-The controller runs in this process, so the move calls are also split server-side: the
-controller transaction (with its thread hop), the push to the old host (alone and first:
-fencing), then the push to the new host; the rest of the client's figure is HTTP,
-routing and auth.
+The controller runs in this process as ``edgevisor controller`` runs it (uvicorn on
+uvloop, no access log), so the move calls are also split server-side: the time in the
+controller (request in -> answer out), the controller transaction, the push to the old
+host (alone and first: fencing), then the push to the new host; the rest of the client's
+figure is HTTP and the client. The calls are made by two clients, interleaved round by
+round (same load): a lean one (aiohttp, C parser, in a process of its own) and the SDK's
+``Client`` (httpx, in this process), each labelled; the phases are of the lean client's
+calls.
 
 Usage: ``.venv/bin/python bench/addresses/remap.py [--rounds 200]``; prints a markdown
 table. Everything it creates (namespaces, processes, temp dir) is removed at the end.
@@ -23,21 +27,31 @@ alternating with the current tree (2 shared cores: the figures swing with the lo
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import uvicorn
+import uvloop
 
 from edgevisor import Client
 from edgevisor.control import addr_sync, api_addresses
+from edgevisor.control.app import create_app
+from edgevisor.control.server import ensure_admin_token, open_store
+from edgevisor.control.state import ControllerState
+from edgevisor.httpserver import QuietServer, bound_port
+from edgevisor.settings import load_settings
 from edgevisor.store import repos
-from edgevisor.testing.controller import RunningController, running_controller
 from edgevisor.testing.topology import Topology
 
 # Between rounds: the latency of one remap, not the rate of back-to-back remaps (an agent
@@ -61,28 +75,127 @@ def agent_env(prefix: str) -> dict[str, str]:
     }
 
 
-_CLIENTS: dict[str, httpx.Client] = {}
+class Ctl:
+    """The controller as ``edgevisor controller`` serves it, in a thread of this process."""
+
+    def __init__(self, url: str, token: str, st: ControllerState) -> None:
+        self.url, self.admin_token, self.state = url, token, st
 
 
-def op(ctl: RunningController, host: str, name: str, payload: dict[str, Any]) -> Any:
-    """Call an agent operation directly (a kept-alive connection, like the controller's)."""
-    c = _CLIENTS.get(host)
-    if c is None:
-        with ctl.state.store.session() as s:
-            h = repos.get_host(s, host)
-            url, key = h.agent_url, h.agent_key
-        c = _CLIENTS[host] = httpx.Client(base_url=str(url), timeout=30,
-                                          headers={"authorization": f"Bearer {key}"})
-    r = c.post(f"/agent/v1/ops/{name}", json=payload)
-    r.raise_for_status()
-    return r.json().get("result")
+@contextlib.contextmanager
+def controller(data_dir: Path, host: str) -> Iterator[Ctl]:
+    settings = load_settings(overrides={
+        "data_dir": str(data_dir), "controller.listen_host": host,
+        "controller.listen_port": 0, "network.reconcile_interval_s": 5.0,
+    }, environ={})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings)
+    st = ControllerState(settings=settings, store=store)
+    token = ensure_admin_token(st).read_text().strip()
+    app = create_app(st)
+
+    async def timed_app(scope: Any, receive: Any, send: Any) -> None:
+        """The app, timed from the request's arrival to its answer's last byte."""
+        t0 = time.perf_counter()
+        try:
+            await app(scope, receive, send)
+        finally:
+            if _ON[0] and scope["type"] == "http" and scope["path"].endswith("/move"):
+                PHASES["server"].append(time.perf_counter() - t0)
+
+    server = QuietServer(uvicorn.Config(timed_app, host=host, port=0,
+                                        log_level="warning", access_log=False))
+
+    def serve() -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(server.serve())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise SystemExit("controller did not start")
+        time.sleep(0.02)
+    try:
+        yield Ctl(f"http://{host}:{bound_port(server)}", token, st)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        store.dispose()
 
 
-# Server-side phases of the move calls (the controller runs in this process): the
-# controller transaction (thread hop included), the push to the host giving up the
-# mapping, and the push to the rest; whatever remains of the client's figure is HTTP,
-# routing and auth.
-PHASES: dict[str, list[float]] = {"txn": [], "push_first": [], "push_rest": [], "push": []}
+# The lean client runs in a process of its own (its own interpreter lock: in this
+# process it would wait for the controller's thread to let go of it). One JSON line per
+# call in: [method, url, token, body]; one out: [seconds, status, answer]; the clock runs
+# around the call only.
+_LEAN = r"""
+import asyncio, json, sys, time
+import aiohttp, uvloop
+
+async def main():
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            method, url, token, body = json.loads(line)
+            t0 = time.perf_counter()
+            async with session.request(method, url, json=body,
+                                       headers={"authorization": "Bearer " + token}) as r:
+                data = await r.json()
+                took = time.perf_counter() - t0
+            sys.stdout.write(json.dumps([took, r.status, data]) + "\n")
+            sys.stdout.flush()
+
+with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    runner.run(main())
+"""
+
+
+class Lean:
+    """The lean client: aiohttp on uvloop with kept-alive connections, in its own process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _LEAN], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.agents: dict[str, tuple[str, str]] = {}
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+    def timed(self, method: str, url: str, token: str, body: Any = None) -> tuple[float, Any]:
+        """(seconds, JSON answer) of one call."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps([method, url, token, body]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("the lean client died")
+        took, status, data = json.loads(line)
+        if status >= 400:
+            raise SystemExit(f"{method} {url}: {status} {data}")
+        return float(took), data
+
+    def op(self, ctl: Ctl, host: str, name: str, payload: dict[str, Any]) -> tuple[float, Any]:
+        """Call an agent operation directly (a kept-alive connection, like the controller's)."""
+        if host not in self.agents:
+            with ctl.state.store.session() as s:
+                h = repos.get_host(s, host)
+                self.agents[host] = (str(h.agent_url), str(h.agent_key))
+        url, key = self.agents[host]
+        took, data = self.timed("POST", f"{url}/agent/v1/ops/{name}", key, payload)
+        return took, data.get("result")
+
+
+# Server-side phases of the lean client's move calls (the controller runs in this
+# process): the controller transaction (thread hop included), the push to the host
+# giving up the mapping, and the push to the rest; whatever remains of the client's
+# figure is HTTP, routing and auth.
+PHASES: dict[str, list[float]] = {"server": [], "txn": [], "push": []}
 _ON = [False]
 
 
@@ -92,10 +205,10 @@ def instrument() -> None:
     push0 = getattr(api_addresses, "push")  # noqa: B009 - imported there, not exported
     push_host0 = addr_sync.push_host
 
-    async def run_timed(st: Any, fn: Any) -> Any:
+    async def run_timed(st: Any, fn: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return await run0(st, fn)
+            return await run0(st, fn, *args)
         finally:
             if _ON[0]:
                 PHASES["txn"].append(time.perf_counter() - t0)
@@ -132,11 +245,19 @@ def wait(pred: Any, what: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def run(rounds: int, tmp: Path) -> list[tuple[str, str, str, str, str]]:
-    with Topology(2) as topo, running_controller(
-        tmp / "ctl", {"network.reconcile_interval_s": 5.0}, host=topo.controller_address
-    ) as ctl:
+Row = tuple[str, str, str, str, str]
+
+
+def row(name: str, xs: list[float], digits: int = 2) -> Row:
+    ms = 1000.0
+    return (name, f"{pct(xs, 10) * ms:.{digits}f}", f"{statistics.median(xs) * ms:.{digits}f}",
+            f"{pct(xs, 99) * ms:.{digits}f}", str(len(xs)))
+
+
+def run(rounds: int, tmp: Path) -> list[Row]:
+    with Topology(2) as topo, controller(tmp / "ctl", topo.controller_address) as ctl:
         admin = Client(ctl.url, ctl.admin_token)
+        lean = Lean()
         port = int(ctl.url.rsplit(":", 1)[1])
         env = agent_env(topo.prefix)
         for h in topo.hosts:
@@ -157,28 +278,40 @@ def run(rounds: int, tmp: Path) -> list[tuple[str, str, str, str, str]]:
         for addr, host, name in [("10.0.0.5", h0, "a"), ("10.0.0.7", h1, "b")]:
             admin.allocate_address("net", addr, account="bench")
             admin.bind_address(addr, f"{topo.prefix}{name}", host, account="bench")
-            op(ctl, host, "instances.create",
-               {"name": name, "account": "bench", "logical": addr})
-        # Warm up, then time the moves of 10.0.0.7 between the hosts.
+            lean.op(ctl, host, "instances.create",
+                    {"name": name, "account": "bench", "logical": addr})
+        # Warm up, then time the moves of 10.0.0.7 between the hosts; the two clients
+        # take turns in pairs of rounds, so each moves the record both ways.
         where = [h0, h1]
+        move_url = f"{ctl.url}/v1/addresses/10.0.0.7/move"
         api: list[float] = []
-        for k in range(rounds + 5):
+        api_httpx: list[float] = []
+        for k in range(2 * rounds + 8):
             dst = where[k % 2]
+            use_lean = (k // 2) % 2 == 0
             time.sleep(PAUSE_S)
-            _ON[0] = k >= 5
-            t0 = time.perf_counter()
-            admin.move_address("10.0.0.7", dst, account="bench")
-            if k >= 5:
-                api.append(time.perf_counter() - t0)
+            _ON[0] = k >= 8 and use_lean
+            if use_lean:
+                took, _ = lean.timed("POST", move_url, ctl.admin_token,
+                                     {"host": dst, "account": "bench"})
+            else:
+                t0 = time.perf_counter()
+                admin.move_address("10.0.0.7", dst, account="bench")
+                took = time.perf_counter() - t0
+            if k >= 8:
+                (api if use_lean else api_httpx).append(took)
         _ON[0] = False
         wait(lambda: all(not r.drift for r in admin.list_records(account="bench")),
              "no drift after the moves", 30)
-        # The API floor: a read of the same record through the same client and server.
+        # The API floor: a read of the same record through the same clients and server.
+        get_url = f"{ctl.url}/v1/addresses/10.0.0.7?account=bench"
         api_get: list[float] = []
+        api_get_httpx: list[float] = []
         for _ in range(rounds):
+            api_get.append(lean.timed("GET", get_url, ctl.admin_token)[0])
             t0 = time.perf_counter()
             admin.get_address("10.0.0.7", account="bench")
-            api_get.append(time.perf_counter() - t0)
+            api_get_httpx.append(time.perf_counter() - t0)
         rec = next(r for r in admin.list_addresses(account="bench")
                    if r.logical == "10.0.0.7")
         direct: list[float] = []
@@ -190,45 +323,33 @@ def run(rounds: int, tmp: Path) -> list[tuple[str, str, str, str, str]]:
             body = {"full": False, "removed": [], "records": [
                 base | {"physical": phys, "generation": rec.generation}]}
             time.sleep(PAUSE_S)
-            t0 = time.perf_counter()
-            res = op(ctl, h0, "records.apply", body)
-            direct.append(time.perf_counter() - t0)
+            took, res = lean.op(ctl, h0, "records.apply", body)
+            direct.append(took)
             commits.append(res["committed_s"])
-        noop: list[float] = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            op(ctl, h0, "records.state", {})
-            noop.append(time.perf_counter() - t0)
+        noop = [lean.op(ctl, h0, "records.state", {})[0] for _ in range(rounds)]
+        lean.close()
         admin.close()
-        for c in _CLIENTS.values():
-            c.close()
-    ms = 1000.0
     # Each move pushes to both hosts (2 push_host calls).
     pushes = PHASES["_pushes"]
     per_move = len(pushes) // max(1, len(api))
     firsts = pushes[0::per_move] if per_move else []
     seconds = pushes[1::per_move] if per_move > 1 else []
     phase_rows = [
-        ("  controller transaction (with thread hop)",
-         PHASES["txn"]),
+        ("  in the controller (request in -> answer out)", PHASES["server"]),
+        ("  controller transaction (incl. any thread hop)", PHASES["txn"]),
         ("  pushes, both hosts (wall)", PHASES["push"]),
         ("    push to the old host (fence: alone, first)", firsts),
         ("    push to the new host (after the old one answered)", seconds),
     ]
     return [
-        ("move via API -> applied on both hosts", f"{pct(api, 10) * ms:.2f}",
-         f"{pct(api, 50) * ms:.2f}", f"{pct(api, 99) * ms:.2f}", str(len(api))),
-        *((name, f"{pct(xs, 10) * ms:.2f}", f"{pct(xs, 50) * ms:.2f}",
-           f"{pct(xs, 99) * ms:.2f}", str(len(xs))) for name, xs in phase_rows if xs),
-        ("  API floor: GET of the record (no change, no push)", f"{pct(api_get, 10) * ms:.2f}",
-         f"{pct(api_get, 50) * ms:.2f}", f"{pct(api_get, 99) * ms:.2f}", str(len(api_get))),
-        ("records.apply on one agent (HTTP round trip)", f"{pct(direct, 10) * ms:.2f}",
-         f"{pct(direct, 50) * ms:.2f}", f"{pct(direct, 99) * ms:.2f}", str(len(direct))),
-        ("records.state on one agent (HTTP round trip, no work)", f"{pct(noop, 10) * ms:.2f}",
-         f"{pct(noop, 50) * ms:.2f}", f"{pct(noop, 99) * ms:.2f}", str(len(noop))),
-        ("  of which nft commit in the agent", f"{pct(commits, 10) * ms:.3f}",
-         f"{statistics.median(commits) * ms:.3f}", f"{pct(commits, 99) * ms:.3f}",
-         str(len(commits))),
+        row("move via API -> applied on both hosts (lean client: aiohttp)", api),
+        *(row(name, xs) for name, xs in phase_rows if xs),
+        row("move via API -> applied on both hosts (SDK client: httpx)", api_httpx),
+        row("  API floor: GET of the record (lean client)", api_get),
+        row("  API floor: GET of the record (SDK client: httpx)", api_get_httpx),
+        row("records.apply on one agent (HTTP round trip, aiohttp)", direct),
+        row("records.state on one agent (HTTP round trip, no work)", noop),
+        row("  of which nft commit in the agent", commits, 3),
     ]
 
 

@@ -21,7 +21,8 @@ Operations (called by the controller):
   moment (the dataplane's ``stale`` fence is in the same nftables transaction). The
   link-level work (addresses, routes, gratuitous ARPs) follows right after, before the
   next update; the conntrack cleanup of the fenced flows (~10 ms: the kernel walks its
-  whole hash table) runs after that, off the lock, so it delays no later update.
+  whole hash table) runs after that, off the lock, so it delays no later update, and
+  :data:`FLUSH_DELAY_S` later, so it takes no CPU from the rest of the change's path.
 - ``records.state``: what this host translates now (per record id: generation).
 - ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
   a veth holding its logical address (until domains exist). The instances are noted in
@@ -65,6 +66,8 @@ __all__ = ["AddressesCapability", "DataplaneUnavailable", "WireRecord", "fabric_
 
 #: Deltas of at most this many records are committed on the event loop, not in a thread.
 INLINE_COMMIT_MAX = 16
+#: How long after an update its conntrack cleanup starts (see ``_finish``).
+FLUSH_DELAY_S = 0.02
 
 
 class DataplaneUnavailable(UnavailableError):
@@ -338,7 +341,12 @@ class AddressesCapability:
         if not pending.batch.flush:
             return
         # Cleanup of flows the commit already fenced off: off the lock (flushes are
-        # serialized by the dataplane); its elements go with a later commit.
+        # serialized by the dataplane); its elements go with a later commit. It starts a
+        # moment later: the dump walks the kernel's whole conntrack table (~10 ms of CPU),
+        # and right after this host answered, the controller is pushing the same change to
+        # the next host (a move: the new host after the old one) and then answering its
+        # caller; on a host with few cores the walk would take CPU from that path.
+        await asyncio.sleep(FLUSH_DELAY_S)
         try:
             _deleted, warning = await asyncio.to_thread(dp.flush_stale, pending)
         except Exception:

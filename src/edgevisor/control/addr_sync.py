@@ -30,7 +30,8 @@ applied before and no longer needs (:func:`removed_for_host`).
   destination they are dropped), so they go with the new host. The fence costs one
   round trip to the old host (~1 ms on a kept-alive connection); the API call returns
   after both pushes were acknowledged, so a caller (the migration's switch) can rely on
-  it.
+  it. Pushes to remote agents go over aiohttp (:mod:`.agent_http`: ~4 ms less per
+  round trip than httpx under load here), to an in-process agent straight to its router.
 - An agent answers a push with the generation it applied per record (or the error; it
   keeps its last good table); the controller stores that (``address_host_applied``),
   in order, in one transaction per burst of pushes, right after the API call answered
@@ -53,12 +54,13 @@ import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from edgevisor.control.links import AgentLinks
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError, PeerUnavailable
 from edgevisor.network import host_reports, records
@@ -71,12 +73,17 @@ from edgevisor.store import repos
 from edgevisor.store.models import Account, Host
 from edgevisor.store.network_models import HostApplied
 
+if TYPE_CHECKING:
+    from edgevisor.control.addr_move import FastMover
+    from edgevisor.control.agent_http import AgentHttp
+
 __all__ = [
     "NetStore",
     "Push",
     "ReportWriter",
     "account_hosts",
     "add_record_event",
+    "agent_http",
     "bound_per_host",
     "ensure_default_pool",
     "event_data",
@@ -121,6 +128,13 @@ class NetStore:
         """The allocation hot path on its own connection (bulk callers; see fast_alloc)."""
         return FastAllocator(self.engine)
 
+    @functools.cached_property
+    def mover(self) -> FastMover | None:
+        """The remap hot path on its own connection (SQLite; see :mod:`.addr_move`)."""
+        from edgevisor.control.addr_move import FastMover  # it imports this module
+
+        return FastMover(self.engine) if self._own else None
+
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any exception."""
@@ -130,6 +144,9 @@ class NetStore:
     def dispose(self) -> None:
         if "allocator" in self.__dict__:
             self.allocator.close()
+        mover = self.__dict__.get("mover")
+        if mover is not None:
+            mover.close()
         if self._own:
             self.engine.dispose()
 
@@ -142,6 +159,24 @@ def net_store(st: ControllerState) -> NetStore:
         object.__setattr__(st, "_edgevisor_netstore", ns)
         weakref.finalize(st, ns.dispose)
     return ns
+
+
+def agent_http(st: ControllerState) -> AgentHttp | None:
+    """The pushes' transport to remote agents (aiohttp; see :mod:`.agent_http`), made on
+    first use; None when the controller's links are not :class:`AgentLinks` (a test's
+    stand-in) or aiohttp is missing: then the links carry the pushes."""
+    if not isinstance(st.links, AgentLinks):
+        return None
+    got: AgentHttp | None = getattr(st, "_edgevisor_agent_http", None)
+    if got is None:
+        try:
+            from edgevisor.control.agent_http import AgentHttp
+        except ImportError:  # pragma: no cover - aiohttp is a dependency
+            log.warning("aiohttp is not installed: records pushes use httpx (slower)")
+            return None
+        got = AgentHttp()
+        object.__setattr__(st, "_edgevisor_agent_http", got)
+    return got
 
 
 # --- conversions and queries ------------------------------------------------------------
@@ -394,9 +429,14 @@ async def push_host(
         assert record is not None
         body = {"full": False, "records": [_wire(record)], "removed": []}
     timeout = st.settings.network.push_timeout_s
+    fast = agent_http(st) if endpoint is not None else None
     try:
-        result = await st.links.call(host, "records.apply", body, timeout_s=timeout,
-                                     endpoint=endpoint)
+        if fast is not None and endpoint is not None and not st.links.is_local(host):
+            result = await fast.call(host, "records.apply", body, endpoint=endpoint,
+                                     timeout_s=timeout)
+        else:
+            result = await st.links.call(host, "records.apply", body, timeout_s=timeout,
+                                         endpoint=endpoint)
     except PeerUnavailable as exc:
         log.debug("records for %s not pushed: %s", host, exc.message)
         return exc.message
@@ -544,15 +584,21 @@ async def reconcile_once(st: ControllerState) -> dict[str, str]:
 
 
 async def run_records_reconciler(st: ControllerState) -> None:
-    """Repair drift for the controller's whole life (see the theory of operation)."""
-    while True:
-        try:
-            for host, result in (await reconcile_once(st)).items():
-                if result != "ok":
-                    log.info("host %s still behind on records: %s", host, result)
-        except Exception:  # the loop must outlive a transient store or agent error
-            log.exception("records reconciliation failed; retrying")
-        await asyncio.sleep(st.settings.network.reconcile_interval_s)
+    """Repair drift for the controller's whole life (see the theory of operation);
+    closes the pushes' HTTP connections when the controller stops."""
+    try:
+        while True:
+            try:
+                for host, result in (await reconcile_once(st)).items():
+                    if result != "ok":
+                        log.info("host %s still behind on records: %s", host, result)
+            except Exception:  # the loop must outlive a transient store or agent error
+                log.exception("records reconciliation failed; retrying")
+            await asyncio.sleep(st.settings.network.reconcile_interval_s)
+    finally:
+        agents: AgentHttp | None = getattr(st, "_edgevisor_agent_http", None)
+        if agents is not None:
+            await agents.aclose()
 
 
 def collect_once(s: Session, settings: Any, now: float) -> list[AddressRecord]:

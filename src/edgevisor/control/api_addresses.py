@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from edgevisor.control import addr_sync
+from edgevisor.control.addr_move import Busy
 from edgevisor.control.addr_sync import (
     Push,
     ensure_default_pool,
@@ -69,8 +70,33 @@ def _network_out(n: records.NetworkInfo) -> w.Network:
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
 
 
-async def _run(st: ControllerState, fn: Callable[[Session], Any]) -> Any:
+async def _run(
+    st: ControllerState, fn: Callable[[Session], Any],
+    fast: Callable[[bool], Any] | None = None,
+) -> Any:
+    """``fn`` in one store transaction, in a worker thread.
+
+    ``fast``, if given, is a hot path tried first: on the event loop with ``wait=False``
+    (it raises :class:`~edgevisor.control.addr_move.Busy` rather than wait for a lock;
+    then it runs in the thread with ``wait=True``); it returns None when ``fn`` must
+    serve the call (it changed nothing then).
+    """
+    again = False
+    if fast is not None:
+        try:
+            got = fast(False)
+        except Busy:
+            again = True
+        else:
+            if got is not None:
+                return got
+
     def work() -> Any:
+        if again:
+            assert fast is not None
+            done = fast(True)
+            if done is not None:
+                return done
         with net_store(st).session() as s:
             return fn(s)
 
@@ -275,41 +301,74 @@ def _account_id(s: Session, p: Principal, given: str | None) -> tuple[int, str]:
 async def move(ref: str, body: w.AddressMove, p: Auth, request: Request) -> w.AddressRecord:
     """The migration hook: the record's one host changes (fencing), with a new physical.
 
-    The remap hot path (``bench/addresses/remap.py``), so its transaction is lean: Core
-    statements only (no ORM objects), the account's bound records counted per host once
-    (the hosts after the move follow from the counts), the push bodies and endpoints
-    made in the same transaction, one commit.
+    The remap hot path (``bench/addresses/remap.py``): on SQLite the transaction runs on
+    the event loop on a connection of its own (:class:`~.addr_move.FastMover`), falling
+    back to :func:`move_txn` (in a thread) for anything out of the common case; then the
+    pushes, old host first.
     """
     st = state_of(request)
 
     def fn(s: Session) -> Push:
         acct_id, acct = _account_id(s, p, body.account)
-        rref = record_ref(ref)
-        if isinstance(rref, int):
-            _scoped_ref(s, acct, rref, claim=False)
-        if not s.execute(select(Host.id).where(Host.name == body.host)).first():
-            raise NotFound(f"host {body.host!r} not found")
-        per_host = addr_sync.bound_per_host(s, acct)
-        old, rec = records.move_from(s, account=acct, record=rref, host=body.host,
-                                     host_group=st.settings.network.host_group,
-                                     expected_generation=body.expected_generation)
-        s.execute(insert(_EVENTS).values(at=st.clock(), kind="address.moved",
-                                         subject=rec.logical, account_id=acct_id,
-                                         data=event_data(rec)))
-        before = set(per_host)
-        after = set(per_host)
-        if old.host is not None and per_host.get(old.host, 0) <= 1:
-            after.discard(old.host)
-        if rec.host is not None:
-            after.add(rec.host)
-        change = Push(rec, before, after, first=old.host)
-        addr_sync.resolve_endpoints(s, st, change)
-        return change
+        return move_txn(s, st, account=acct, account_id=acct_id, ref=ref, host=body.host,
+                        expected_generation=body.expected_generation)
 
-    change: Push = await _run(st, fn)
+    fast: Callable[[bool], Push | None] | None = None
+    mover = net_store(st).mover
+    acct = _fast_account(p, body.account)
+    if mover is not None and acct is not None:
+        def fast(wait: bool) -> Push | None:
+            assert mover is not None and acct is not None
+            return mover.move(st, account=acct[0], account_id=acct[1], ref=ref,
+                              host=body.host, host_group=st.settings.network.host_group,
+                              expected_generation=body.expected_generation, wait=wait)
+
+    change: Push = await _run(st, fn, fast)
     if change.before or change.after:
         await push(st, change)
     return record_out(change.record)
+
+
+def move_txn(
+    s: Session, st: ControllerState, *, account: str, account_id: int, ref: str, host: str,
+    expected_generation: int | None,
+) -> Push:
+    """A move in the caller's Session transaction (every case, with the exact errors):
+    Core statements only, the account's bound records counted per host once (the hosts
+    after the move follow from the counts), the push bodies and endpoints made here."""
+    rref = record_ref(ref)
+    if isinstance(rref, int):
+        _scoped_ref(s, account, rref, claim=False)
+    if not s.execute(select(Host.id).where(Host.name == host)).first():
+        raise NotFound(f"host {host!r} not found")
+    per_host = addr_sync.bound_per_host(s, account)
+    old, rec = records.move_from(s, account=account, record=rref, host=host,
+                                 host_group=st.settings.network.host_group,
+                                 expected_generation=expected_generation)
+    s.execute(insert(_EVENTS).values(at=st.clock(), kind="address.moved",
+                                     subject=rec.logical, account_id=account_id,
+                                     data=event_data(rec)))
+    before = set(per_host)
+    after = set(per_host)
+    if old.host is not None and per_host.get(old.host, 0) <= 1:
+        after.discard(old.host)
+    if rec.host is not None:
+        after.add(rec.host)
+    change = Push(rec, before, after, first=old.host)
+    addr_sync.resolve_endpoints(s, st, change)
+    return change
+
+
+def _fast_account(p: Principal, given: str | None) -> tuple[str, int | None] | None:
+    """The account of a move for the hot path: ``(name, id or None: look it up)``, or
+    None when :func:`_account_id` would refuse (the Session path then says why)."""
+    if p.admin:
+        return (given, None) if given else None
+    if p.account_id is None or p.account_name is None:
+        return None
+    if given is not None and given != p.account_name:
+        return None
+    return p.account_name, p.account_id
 
 
 @router.get("/addresses", response_model=list[w.AddressRecord])
