@@ -336,6 +336,9 @@ class IsolatedEnvironment(_ProcessEnvironment):
     async def _kill(self) -> None:
         if self._cg_created:
             await asyncio.to_thread(self._cg.kill_all)
+            # Reap our own child (bwrap) at once: the cgroup is empty as soon as its
+            # processes exit, but a killed environment must not leave a zombie behind.
+            await self._wait_exit(2.0)
         if self._state not in ("closed",):
             self._state = "dead"
 

@@ -144,6 +144,47 @@ def test_a_recreated_network_is_not_confused_with_the_old_one(
         fast.close()
 
 
+def test_session_runs_other_writes_on_the_allocators_connection(
+    store_engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    """Releases through ``session()`` share the hot path's connection (and page cache);
+    the block is one transaction; allocating inside it is refused, not a deadlock."""
+    with sessions.begin() as s:
+        rec.create_network(s, account="acme", name="lan", cidr="10.76.0.0/30")  # 1 address
+    fast = FastAllocator(store_engine)
+    try:
+        r = fast.allocate(account="acme", network="lan")
+        with fast.session() as s:
+            assert s.connection().connection.driver_connection is fast._dbapi
+            with pytest.raises(RuntimeError):
+                fast.allocate(account="acme", network="lan")
+            with pytest.raises(RuntimeError), fast.session():
+                pass
+        # An error inside the block rolls everything back: the address stays allocated.
+        with pytest.raises(ZeroDivisionError), fast.session() as s:
+            rec.release(s, account="acme", record=r.id, hold_down_s=0)
+            1 / 0  # noqa: B018
+        with sessions.begin() as s:
+            assert rec.get_record(s, account="acme", record=r.id).state is State.ALLOCATED
+        with fast.session() as s:
+            rec.release(s, account="acme", record=r.id, hold_down_s=0)
+        again = fast.allocate(account="acme", network="lan")  # from the free-list
+        assert again.logical == r.logical and again.id != r.id
+        with sessions.begin() as s:
+            hist = rec.history(s, account="acme", address=r.logical)
+        assert [h.event for h in hist] == [
+            Event.ALLOCATE, Event.RELEASE, Event.EXPIRE, Event.ALLOCATE]
+        # The Session path the hot path hands over to (here: exhausted) runs on the same
+        # connection, under the same lock, and leaves it usable.
+        with pytest.raises(PoolExhausted):
+            fast.allocate(account="acme", network="lan")
+        with fast.session() as s:
+            rec.release(s, account="acme", record=again.id, hold_down_s=0)
+        assert fast.allocate(account="acme", network="lan").logical == r.logical
+    finally:
+        fast.close()
+
+
 # --- many processes --------------------------------------------------------------------------
 
 
@@ -188,10 +229,11 @@ def _churn_worker(url: str, barrier: Barrier, out: mp.Queue) -> None:  # type: i
         fast = FastAllocator(engine)
         mine: list[int] = []
         barrier.wait(timeout=120)
-        for _ in range(CHURN_OPS):
+        for i in range(CHURN_OPS):
             mine.append(fast.allocate(account="acme", network="small").id)
             if len(mine) > 5:
-                with sessions.begin() as s:
+                # Releases on the allocator's own connection and on another one, mixed.
+                with fast.session() if i % 2 else sessions.begin() as s:
                     rec.release(s, account="acme", record=mine.pop(0), hold_down_s=0)
         fast.close()
         engine.dispose()
