@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
 import statistics
@@ -46,6 +47,7 @@ import uvloop
 
 from edgevisor import Client
 from edgevisor.control import addr_sync, api_addresses
+from edgevisor.control.agent_http import AgentHttp
 from edgevisor.control.app import create_app
 from edgevisor.control.server import ensure_admin_token, open_store
 from edgevisor.control.state import ControllerState
@@ -95,13 +97,25 @@ def controller(data_dir: Path, host: str) -> Iterator[Ctl]:
     app = create_app(st)
 
     async def timed_app(scope: Any, receive: Any, send: Any) -> None:
-        """The app, timed from the request's arrival to its answer's last byte."""
-        t0 = time.perf_counter()
+        """The app, timed from the request's arrival to its answer's last byte (wall and
+        CPU time of the controller's thread: one request at a time, so it is this
+        request's, awaits included)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        _MARKS["in"] = t0
+        if _PROFILE is not None and _ON[0]:
+            _PROFILE.enable()  # the controller's thread only
         try:
             await app(scope, receive, send)
         finally:
+            if _PROFILE is not None:
+                _PROFILE.disable()
             if _ON[0] and scope["type"] == "http" and scope["path"].endswith("/move"):
-                PHASES["server"].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                PHASES["server"].append(t1 - t0)
+                PHASES["server_cpu"].append(time.thread_time() - c0)
+                if "pushed" in _MARKS:
+                    PHASES["after"].append(t1 - _MARKS["pushed"])
+            _MARKS.clear()
 
     server = QuietServer(uvicorn.Config(timed_app, host=host, port=0,
                                         log_level="warning", access_log=False))
@@ -195,8 +209,18 @@ class Lean:
 # process): the controller transaction (thread hop included), the push to the host
 # giving up the mapping, and the push to the rest; whatever remains of the client's
 # figure is HTTP, routing and auth.
-PHASES: dict[str, list[float]] = {"server": [], "txn": [], "push": []}
+PHASES: dict[str, list[float]] = {
+    "server": [], "server_cpu": [], "before": [], "txn": [], "txn_cpu": [], "push": [],
+    "after": [],
+}
+# Per push, in order (old host, then new host): what the agent reported of its own work
+# (wall and CPU time of records.apply in the agent; older agents report none).
+AGENT: list[dict[str, float]] = []
+# Timestamps of the move being served: request in ("in"), pushes done ("pushed").
+_MARKS: dict[str, float] = {}
 _ON = [False]
+# --profile FILE: cProfile of the controller's thread during the timed moves.
+_PROFILE: cProfile.Profile | None = None
 
 
 def instrument() -> None:
@@ -206,20 +230,33 @@ def instrument() -> None:
     push_host0 = addr_sync.push_host
 
     async def run_timed(st: Any, fn: Any, *args: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        if _ON[0] and "in" in _MARKS:
+            PHASES["before"].append(t0 - _MARKS["in"])
         try:
             return await run0(st, fn, *args)
         finally:
             if _ON[0]:
                 PHASES["txn"].append(time.perf_counter() - t0)
+                PHASES["txn_cpu"].append(time.thread_time() - c0)
 
     async def push_timed(st: Any, change: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return await push0(st, change)
         finally:
+            _MARKS["pushed"] = time.perf_counter()
             if _ON[0]:
-                PHASES["push"].append(time.perf_counter() - t0)
+                PHASES["push"].append(_MARKS["pushed"] - t0)
+
+    call0 = AgentHttp.call
+
+    async def call_timed(self: AgentHttp, host: str, op: str, payload: Any, **kw: Any) -> Any:
+        result = await call0(self, host, op, payload, **kw)
+        if _ON[0] and op == "records.apply" and isinstance(result, dict):
+            AGENT.append({k: float(result[k]) for k in
+                          ("handled_s", "handled_cpu_s", "committed_s") if k in result})
+        return result
 
     first_done: list[float] = []
 
@@ -234,7 +271,31 @@ def instrument() -> None:
     setattr(api_addresses, txn_name, run_timed)
     setattr(api_addresses, "push", push_timed)  # noqa: B010
     setattr(addr_sync, "push_host", push_host_timed)  # noqa: B010
+    setattr(AgentHttp, "call", call_timed)  # noqa: B010
     PHASES["_pushes"] = first_done  # every push_host call, in order
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait(pred: Any, what: str, timeout_s: float = 60.0) -> None:
@@ -286,6 +347,8 @@ def run(rounds: int, tmp: Path) -> list[Row]:
         move_url = f"{ctl.url}/v1/addresses/10.0.0.7/move"
         api: list[float] = []
         api_httpx: list[float] = []
+        agents = [p for p in (topo.agent(h) for h in topo.hosts) if p is not None]
+        cpu0 = sum(tree_cpu_s(p.pid) for p in agents)
         for k in range(2 * rounds + 8):
             dst = where[k % 2]
             use_lean = (k // 2) % 2 == 0
@@ -301,6 +364,9 @@ def run(rounds: int, tmp: Path) -> list[Row]:
             if k >= 8:
                 (api if use_lean else api_httpx).append(took)
         _ON[0] = False
+        # Everything the agents did per move: both pushes' work and what follows off the
+        # path (links, conntrack cleanup), plus their idle chores (heartbeats).
+        agent_cpu = (sum(tree_cpu_s(p.pid) for p in agents) - cpu0) / (2 * rounds + 8)
         wait(lambda: all(not r.drift for r in admin.list_records(account="bench")),
              "no drift after the moves", 30)
         # The API floor: a read of the same record through the same clients and server.
@@ -327,6 +393,11 @@ def run(rounds: int, tmp: Path) -> list[Row]:
             direct.append(took)
             commits.append(res["committed_s"])
         noop = [lean.op(ctl, h0, "records.state", {})[0] for _ in range(rounds)]
+        empty: list[float] = []
+        for _ in range(rounds):
+            time.sleep(PAUSE_S)
+            empty.append(lean.op(ctl, h0, "records.apply",
+                                 {"full": False, "records": [], "removed": []})[0])
         lean.close()
         admin.close()
     # Each move pushes to both hosts (2 push_host calls).
@@ -334,21 +405,40 @@ def run(rounds: int, tmp: Path) -> list[Row]:
     per_move = len(pushes) // max(1, len(api))
     firsts = pushes[0::per_move] if per_move else []
     seconds = pushes[1::per_move] if per_move > 1 else []
+    olds, news = AGENT[0::2], AGENT[1::2]
     phase_rows = [
         ("  in the controller (request in -> answer out)", PHASES["server"]),
-        ("  controller transaction (incl. any thread hop)", PHASES["txn"]),
-        ("  pushes, both hosts (wall)", PHASES["push"]),
-        ("    push to the old host (fence: alone, first)", firsts),
-        ("    push to the new host (after the old one answered)", seconds),
+        ("    CPU time of the controller's thread in it", PHASES["server_cpu"]),
+        ("    request in -> transaction starts (HTTP, routing, auth, body)",
+         PHASES["before"]),
+        ("    controller transaction (incl. any thread hop)", PHASES["txn"]),
+        ("      its CPU time (controller's thread)", PHASES["txn_cpu"]),
+        ("    pushes, both hosts (wall)", PHASES["push"]),
+        ("      push to the old host (fence: alone, first)", firsts),
+        ("        records.apply in the old host's agent", [a["handled_s"] for a in olds
+                                                          if "handled_s" in a]),
+        ("          its CPU time", [a["handled_cpu_s"] for a in olds if "handled_cpu_s" in a]),
+        ("          of which nft commit", [a["committed_s"] for a in olds
+                                          if "committed_s" in a]),
+        ("      push to the new host (after the old one answered)", seconds),
+        ("        records.apply in the new host's agent", [a["handled_s"] for a in news
+                                                          if "handled_s" in a]),
+        ("          its CPU time", [a["handled_cpu_s"] for a in news if "handled_cpu_s" in a]),
+        ("          of which nft commit", [a["committed_s"] for a in news
+                                          if "committed_s" in a]),
+        ("    pushes done -> answer out (answer)", PHASES["after"]),
     ]
     return [
         row("move via API -> applied on both hosts (lean client: aiohttp)", api),
         *(row(name, xs) for name, xs in phase_rows if xs),
+        ("CPU time of both agents per move (all their work, off-path too; ms)", "",
+         f"{agent_cpu * 1000:.2f}", "", str(2 * rounds + 8)),
         row("move via API -> applied on both hosts (SDK client: httpx)", api_httpx),
         row("  API floor: GET of the record (lean client)", api_get),
         row("  API floor: GET of the record (SDK client: httpx)", api_get_httpx),
         row("records.apply on one agent (HTTP round trip, aiohttp)", direct),
         row("records.state on one agent (HTTP round trip, no work)", noop),
+        row("records.apply of nothing on one agent (HTTP round trip, after a pause)", empty),
         row("  of which nft commit in the agent", commits, 3),
     ]
 
@@ -356,12 +446,19 @@ def run(rounds: int, tmp: Path) -> list[Row]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--profile", metavar="FILE",
+                    help="write a cProfile of the controller's thread during the moves")
     args = ap.parse_args()
+    if args.profile:
+        global _PROFILE
+        _PROFILE = cProfile.Profile(time.thread_time)  # CPU time: load-independent
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, nftables)")
     instrument()
     with tempfile.TemporaryDirectory(prefix="ev-remap-") as tmp:
         rows = run(args.rounds, Path(tmp))
+    if _PROFILE is not None:
+        _PROFILE.dump_stats(args.profile)
     print("| remap of one record (target p50 <= 5 ms) | p10 ms | p50 ms | p99 ms | n |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

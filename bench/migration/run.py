@@ -22,8 +22,11 @@ service, fsync'd log on its ext4 volume). For each volume size and mode:
 
 * **where the switch goes** (post-copy): the runner's commands on the client's timeline
   and the domain runtime's sub-steps on both hosts (``Domain.timings``): the source's
-  quiesce, the target's start (volume attach, network, sandbox), then the service's own
-  start-up until its first answer. Per step on stderr; a summary table on stdout.
+  flush ahead of the switch (PrepareTarget's last op, while the domain still serves), its
+  quiesce (whose own ``preflush`` then finds little to write), the target's start
+  (volume attach, network, sandbox), then the service's own start-up until its first
+  answer, and how long the target held the fill at its trickle for that start-up
+  (``domains.fill_hold_s``). Per step on stderr; a summary table on stdout.
 
 Prints markdown tables to stdout (progress and the per-step breakdown to stderr).
 """
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevisor import Client
+from edgevisor.migration.domain_config import DomainsSettings
 from edgevisor.migration.runner import runner_for
 from edgevisor.migration.testbed import Testbed, http, open_testbed, wait_serving
 from edgevisor.sdk.volumes import parse_size
@@ -270,6 +274,7 @@ def one(
     client_down = prober.downtime(d.address, moved.address or "")
     timings = dict(runner_for(tb.ctl.state).timings.get(m.id, []))
     dst_domain = tb.agents[dst].agent.capability("domains").domains.get(qualified)
+    preflush = src_domain.timings.get("preflush", {})  # PrepareTarget's last op
     steps = breakdown(
         runner_for(tb.ctl.state).spans.get(m.id, []),
         prober.last_ok.get(d.address),
@@ -277,12 +282,17 @@ def one(
         src_domain.timings.get("quiesce", {}),
         dst_domain.timings.get("start", {}) if dst_domain is not None else {},
     )
+    steps.update({f"source preflush before the switch: {k}": v for k, v in preflush.items()})
+    held = runner_for(tb.ctl.state).fill_held_s.get(m.id)
+    if held is not None:  # StartOnTarget done -> the fill's full rate (after the service)
+        steps["fill held at trickle for the service's start"] = held
     with contextlib.suppress(Exception):  # the layers of the target's attach (internals)
         att = tb.agents[dst].agent.capability("volumes")._get(f"bench.domain-{name}").attached
         steps.update({f"target attach: {k}": v for k, v in att.timings.items()})
     c.remove_domain(name)
     return {
         "phase": m.phase,
+        "reason": m.reason,
         "client_downtime_s": client_down,
         "runner_downtime_s": m.downtime_s,
         "fill_s": runner_for(tb.ctl.state).fill_s.get(m.id),
@@ -363,6 +373,14 @@ def main() -> int:
         "this machine's CPUs, so the source's volume cleanup would slow the target's start "
         "(on real hosts it runs elsewhere); 0 measures them competing",
     )
+    ap.add_argument(
+        "--fill-hold-s",
+        type=float,
+        default=None,
+        help="domains.fill_hold_s of the agents (default: the setting's default): the "
+        "target holds the fill at its trickle until the domain listens, at most this long; "
+        "0 starts the fill at full rate right after the switch",
+    )
     args = ap.parse_args()
     modes = args.modes.split(",")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -393,6 +411,8 @@ def main() -> int:
                 # the hosts apart by address.
                 tb.overrides["domains.test_subnet"] = subnet
                 tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
+                if args.fill_hold_s is not None:
+                    tb.overrides["domains.fill_hold_s"] = args.fill_hold_s
                 tb.start_agent(h)
             tb.admin.create_account("bench")
             with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
@@ -407,6 +427,8 @@ def main() -> int:
                             run_res = one(tb, c, src, dst, size, mode, i, args.written)
                             log(f"  {run_res['phase']}: client downtime "
                                 f"{ms(run_res['client_downtime_s'])}")  # fmt: skip
+                            if run_res["phase"] != "committed":
+                                log(f"    reason: {run_res['reason']}")
                             log(f"    slowest failed probe: "
                                 f"{ms(run_res['slowest_failed_probe_s'])}")  # fmt: skip
                             for k, v in run_res["steps"].items():
@@ -484,6 +506,11 @@ def main() -> int:
           f"(`domains.quiesce_cleanup_delay_s`, default 0) so it does not compete with the "
           f"target's start, as it would not on two real hosts. `--cleanup-delay-s 0` "
           f"measures them competing.")  # fmt: skip
+    hold = DomainsSettings().fill_hold_s if args.fill_hold_s is None else args.fill_hold_s
+    if hold:
+        print(f"\nAfter the switch the target held the fill at its trickle until the domain "
+              f"listened, at most {hold:g} s (`domains.fill_hold_s`); switch -> synced "
+              f"includes the hold.")  # fmt: skip
     return 0
 
 

@@ -1,7 +1,8 @@
 """Lazy-volume benchmark: first-read latency of a missing block, and background fill rate.
 
     .venv/bin/python bench/storage/lazy.py [--size-mib 256] [--reads 400] [--rounds 3]
-        [--links plain,tls,tls-inproc] [--batch N] [--inflight N] [--connections N]
+        [--links plain,tls,tls-inproc,tls-asyncio,tls12] [--batch N] [--inflight N]
+        [--connections N]
         [--workers N]
 
 * **first read of a missing 64 KiB block**: a lazy volume whose fill is not running reads
@@ -15,7 +16,10 @@
   transferred). Links: ``plain`` (NBD over TCP), ``tls`` (NBD over TLS with fleet
   certificates, as between hosts; source server in another process, as on two hosts),
   ``tls-inproc`` (the same with the source server in this process, as in the migration
-  bench's testbed: source and target share one GIL).
+  bench's testbed: source and target share one GIL), ``tls-asyncio`` (as ``tls`` with the
+  source's TLS sessions on asyncio's TLS transport instead of threads: the old path, for
+  comparison in the same run), ``tls12`` (as ``tls`` with the source's bulk cipher policy:
+  TLS 1.2 ECDHE AES-128-GCM instead of TLS 1.3 AES-256-GCM).
 
 The source is our NBD server (a separate process unless ``-inproc``) over loopback, with
 the agent's default worker threads (``--workers``). The fill uses the lazy-volume
@@ -62,7 +66,8 @@ async def main() -> None:
     vol = Volume.open(sys.argv[1])
     pki = sys.argv[3]
     ctx = HostIdentity(Path(pki), "source").server_context() if pki else None
-    srv = NBDServer(ssl_context=ctx, tls_required=bool(pki), workers=int(sys.argv[4]))
+    srv = NBDServer(ssl_context=ctx, tls_required=bool(pki), workers=int(sys.argv[4]),
+                    tls_threads=sys.argv[5] != "0", bulk_cipher=sys.argv[5] == "2")
     peers = frozenset({"target"}) if pki else None
     srv.add_export(Export("vol", vol, allowed_peers=peers))
     await srv.start("127.0.0.1", int(sys.argv[2]))
@@ -128,6 +133,7 @@ class _Source:
     def __init__(self, src: Path, tmp: Path, link: str, workers: int) -> None:
         self.src, self.tmp, self.link, self.workers = src, tmp, link, workers
         self.tls = link.startswith("tls")
+        self.tls_mode = {"tls-asyncio": "0", "tls12": "2"}.get(link, "1")
         self.inproc = link.endswith("-inproc")
         self.client_ctx: ssl.SSLContext | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -155,7 +161,16 @@ class _Source:
             return
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, str(self.src), str(self.port), pki, str(self.workers)],
+            [
+                sys.executable,
+                "-c",
+                SERVE,
+                str(self.src),
+                str(self.port),
+                pki,
+                str(self.workers),
+                self.tls_mode,
+            ],
             stdout=subprocess.PIPE,
         )
         assert self.proc.stdout is not None
@@ -239,6 +254,8 @@ _LINK_NAMES = {
     "plain": "NBD",
     "tls": "NBD+TLS, source in another process",
     "tls-inproc": "NBD+TLS, source in this process",
+    "tls-asyncio": "NBD+TLS, source in another process, TLS sessions on asyncio",
+    "tls12": "NBD+TLS 1.2 AES-128-GCM, source in another process",
     "plain-inproc": "NBD, source in this process",
 }
 

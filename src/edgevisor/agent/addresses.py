@@ -20,9 +20,13 @@ Operations (called by the controller):
   new connections use it, and flows opened to the old mapping are dropped from that
   moment (the dataplane's ``stale`` fence is in the same nftables transaction). The
   link-level work (addresses, routes, gratuitous ARPs) follows right after, before the
-  next update; the conntrack cleanup of the fenced flows (~10 ms: the kernel walks its
-  whole hash table) runs after that, off the lock, so it delays no later update, and
-  :data:`FLUSH_DELAY_S` later, so it takes no CPU from the rest of the change's path.
+  next update (also a teardown: a physical address this host gave up may be handed to
+  another host by the next move, and must not be held here meanwhile). The conntrack
+  cleanup of the fenced
+  flows (~10 ms: the kernel walks its whole hash table) runs after that, off the lock,
+  so it delays no later update, and :data:`FLUSH_WINDOW_S` after the answer, so it
+  takes no CPU from the rest of the change's path; the updates of that window share
+  one cleanup (one walk).
 - ``records.state``: what this host translates now (per record id: generation).
 - ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
   a veth holding its logical address (until domains exist). The instances are noted in
@@ -46,6 +50,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -66,8 +71,8 @@ __all__ = ["AddressesCapability", "DataplaneUnavailable", "WireRecord", "fabric_
 
 #: Deltas of at most this many records are committed on the event loop, not in a thread.
 INLINE_COMMIT_MAX = 16
-#: How long after an update its conntrack cleanup starts (see ``_finish``).
-FLUSH_DELAY_S = 0.02
+#: Conntrack cleanups of the updates within this long after the first go in one dump.
+FLUSH_WINDOW_S = 0.1
 
 
 class DataplaneUnavailable(UnavailableError):
@@ -156,6 +161,9 @@ class AddressesCapability:
         self._agent: Agent | None = None
         self._lock = asyncio.Lock()
         self._finishers: set[asyncio.Task[None]] = set()  # running, and holding references
+        # Committed updates whose conntrack cleanup is still to do, and its task.
+        self._unflushed: list[Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._path: Path | None = None
         self._sources: list[Callable[[], Iterable[str]]] = []
 
@@ -215,8 +223,8 @@ class AddressesCapability:
     async def stop(self) -> None:
         # The kernel table stays: instances keep talking while the agent restarts; the
         # next start rebuilds it from the controller's records.
-        if self._finishers:
-            await asyncio.gather(*self._finishers, return_exceptions=True)
+        while self._finishers:  # a finisher may start the conntrack cleanup's task
+            await asyncio.gather(*list(self._finishers), return_exceptions=True)
         if self.dp is not None:
             # In a thread: pyroute2's close runs its own event loop, which cannot run
             # inside this one ("Cannot run the event loop while another loop is running").
@@ -248,12 +256,18 @@ class AddressesCapability:
         return self.dp
 
     async def op_apply(self, payload: dict[str, Any]) -> dict[str, Any]:
+        # handled_s / handled_cpu_s: wall and CPU time (this thread) of the operation, so
+        # that a caller on a loaded machine can tell waiting from working.
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._need()
         recs = payload.get("records", [])
         removed = payload.get("removed", [])
         if not isinstance(recs, list) or not isinstance(removed, list):
             raise RequestError("records and removed must be lists")
-        return await self._apply(recs, removed, full=bool(payload.get("full")))
+        out = await self._apply(recs, removed, full=bool(payload.get("full")))
+        out["handled_s"] = time.perf_counter() - t0
+        out["handled_cpu_s"] = time.thread_time() - c0
+        return out
 
     async def _apply(
         self, raw: list[Any], raw_removed: list[Any], *, full: bool, rebuild: bool = False
@@ -338,25 +352,39 @@ class AddressesCapability:
             log.exception("finishing a records update failed")
         finally:
             self._lock.release()
-        if not pending.batch.flush:
-            return
-        # Cleanup of flows the commit already fenced off: off the lock (flushes are
-        # serialized by the dataplane); its elements go with a later commit. It starts a
-        # moment later: the dump walks the kernel's whole conntrack table (~10 ms of CPU),
-        # and right after this host answered, the controller is pushing the same change to
-        # the next host (a move: the new host after the old one) and then answering its
-        # caller; on a host with few cores the walk would take CPU from that path.
-        await asyncio.sleep(FLUSH_DELAY_S)
-        try:
-            _deleted, warning = await asyncio.to_thread(dp.flush_stale, pending)
-        except Exception:
-            log.exception("conntrack cleanup after a records update failed")
-            return
-        if warning is not None:
-            log.warning("dataplane %s: %s", dp.host, warning)
-            return
-        async with self._lock:
-            dp.flushed(pending)
+        if pending.batch.flush:
+            self._unflushed.append(pending)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_stale(dp))
+                self._finishers.add(self._flusher)
+                self._flusher.add_done_callback(self._finishers.discard)
+
+    async def _flush_stale(self, dp: Dataplane) -> None:
+        """Cleanup of flows that commits already fenced off: off the lock (flushes are
+        serialized by the dataplane), the commits of :data:`FLUSH_WINDOW_S` in one
+        conntrack dump; their ``stale`` elements go with a later commit.
+
+        The dump walks the kernel's whole conntrack table (~10 ms of CPU, however few
+        entries match), so it waits: right after this host answered, the controller is
+        pushing the same change to the next host (a move: the new host after the old
+        one) and then answering its caller, and on a host with few cores the walk would
+        take CPU from that path; and a burst of updates (moves, migrations) costs one
+        walk per window instead of one per update. The flows are already cut (fence).
+        """
+        while self._unflushed:
+            await asyncio.sleep(FLUSH_WINDOW_S)
+            pendings, self._unflushed = self._unflushed, []
+            try:
+                _deleted, warning = await asyncio.to_thread(dp.flush_stale_many, pendings)
+            except Exception:
+                log.exception("conntrack cleanup after a records update failed")
+                continue
+            if warning is not None:
+                log.warning("dataplane %s: %s", dp.host, warning)
+                continue
+            async with self._lock:
+                for pending in pendings:
+                    dp.flushed(pending)
 
     async def op_state(self, _payload: dict[str, Any]) -> dict[str, Any]:
         dp = self._need()

@@ -15,10 +15,15 @@ Ops (payload always has ``account`` and ``name``, the domain):
                                    source's export opens with this host's certificate
                                    (the authenticated link) and remember the source;
                                    post-copy: stage the domain and its lazy volume, held
+``migration.preflush``     source  flush the running domain's volume (and its journal)
+                                   right before the switch: the quiesce has less to write
 ``migration.quiesce``      source  freeze, flush, stop the domain; flush the volume
 ``migration.set_role``     both    ``primary``/``secondary`` of this host's copy
 ``migration.start``        target  release the lazy volume (create it if absent) and
                                    start the domain
+``migration.serving``      target  wait until the started domain listens on a TCP port
+                                   (at most ``domains.fill_hold_s``): the runner holds
+                                   the fill at its trickle until then
 ``migration.fill``         target  create the volume if absent (stop-and-copy) and set
                                    the fill rate; returns progress
 ``migration.progress``     target  bytes present / total, done
@@ -55,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -68,6 +72,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from edgevisor.errors import Conflict, NotFound, PeerUnavailable, RequestError
 from edgevisor.migration.domain_host import syncfs
 from edgevisor.migration.domain_parts import DomainSpec
+from edgevisor.storage.copy_compare import compare_copies, push_differences
 from edgevisor.storage.nbd_client import NBDClient
 
 if TYPE_CHECKING:
@@ -79,8 +84,6 @@ __all__ = ["MigrationCapability", "VerifyMismatch"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_VERIFY_CHUNK = 1 << 20
-_VERIFY_RETRIES = 20
 _UNLIMITED = 0  # the lazy volume's fill rate meaning "no limit"
 _TRICKLE = 1 << 20
 """Fill rate during the switch: the mount's on-demand reads get the link to themselves;
@@ -89,7 +92,7 @@ within about a second of StartFill raising the rate."""
 
 
 class VerifyMismatch(Conflict):
-    """The two copies differ (after retries that rule out writes in flight)."""
+    """The two copies differ (compared with no write to the range in flight)."""
 
     code = "verify_mismatch"
 
@@ -118,9 +121,11 @@ class MigrationCapability:
         ops: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]] = {
             "migration.offer": self.op_offer,
             "migration.prepare": self.op_prepare,
+            "migration.preflush": self.op_preflush,
             "migration.quiesce": self.op_quiesce,
             "migration.set_role": self.op_set_role,
             "migration.start": self.op_start,
+            "migration.serving": self.op_serving,
             "migration.fill": self.op_fill,
             "migration.progress": self.op_progress,
             "migration.verify": self.op_verify,
@@ -239,6 +244,13 @@ class MigrationCapability:
             "size_bytes": self.volumes.info(d.spec.volume_id)["size_bytes"],
         }
 
+    async def op_preflush(self, p: dict[str, Any]) -> dict[str, Any]:
+        account, name = self._who(p)
+        d = self.domains.get(account, name)
+        t0 = time.monotonic()
+        await d.preflush()
+        return {"preflush_s": time.monotonic() - t0}
+
     async def op_quiesce(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
         d = self.domains.get(account, name)
@@ -258,7 +270,10 @@ class MigrationCapability:
             d = self.domains.get(account, name)
             if d.phase not in ("stopped", "exited", "failed"):
                 raise Conflict(f"domain {name!r} is {d.phase}; quiesce it before demoting")
-            await d.wait_torn_down()  # quiesce detaches the volume in the background
+            # quiesce detaches the volume in the background; not hurried: the demotion
+            # runs right after the switch, and its cleanup keeps its configured delay
+            # (``domains.quiesce_cleanup_delay_s``) instead of competing with the target
+            await d.wait_torn_down(hurry=False)
         await self.volumes.set_role(vid, role)  # type: ignore[arg-type]
         return {"role": role, "applied": True}
 
@@ -387,6 +402,17 @@ class MigrationCapability:
         out["start_s"] = time.monotonic() - t0
         return out
 
+    async def op_serving(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Wait until the domain started here listens (its service is up), at most
+        ``domains.fill_hold_s``: until then its start-up's on-demand reads and CPU do not
+        compete with a full-rate fill. Answers at once for a domain not running here."""
+        account, name = self._who(p)
+        d = self.domains.domains.get(f"{account}.{name}")
+        t0 = time.monotonic()
+        hold_s = self.domains.cfg.fill_hold_s
+        listening = d is not None and hold_s > 0 and await d.wait_listening(hold_s)
+        return {"listening": listening, "waited_s": time.monotonic() - t0}
+
     async def op_fill(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)
         st = await self._ensure_volume(account, name)
@@ -416,9 +442,9 @@ class MigrationCapability:
         }
 
     async def op_verify(self, p: dict[str, Any]) -> dict[str, Any]:
-        """Compare both copies range by range. A range that differs is read again (a
-        mirrored write may sit between its local and its remote half); one that keeps
-        differing fails the verification."""
+        """Compare both copies range by range, each under the lazy volume's write barrier
+        (no write to the range in flight on either copy while both are read): exact, so
+        a difference is real and fails the verification at once."""
         account, name = self._who(p)
         st = self._load(account, name)
         vid = str(st["volume_id"])
@@ -426,35 +452,27 @@ class MigrationCapability:
         dev = self.volumes.device(vid)
         await dev.flush()
         client = await self._connect(st["source"])
-        h = hashlib.sha256()
-        rereads = 0
         try:
-            size = dev.size_bytes
-            for off in range(0, size, _VERIFY_CHUNK):
-                n = min(_VERIFY_CHUNK, size - off)
-                for attempt in range(_VERIFY_RETRIES + 1):
-                    mine, theirs = await asyncio.gather(dev.read(off, n), client.read(off, n))
-                    if mine == theirs:
-                        break
-                    if attempt == _VERIFY_RETRIES:
-                        raise VerifyMismatch(
-                            f"copies of {vid} differ at bytes {off}..{off + n}",
-                            details={"offset": off, "length": n},
-                        )
-                    rereads += 1
-                    await asyncio.sleep(0.02)
-                h.update(mine)
+            res = await compare_copies(dev, client)
+        except TimeoutError as e:  # mirrored writes in flight did not reach the source
+            raise PeerUnavailable(f"verify of {vid}: writes to the source stalled") from e
         finally:
             await client.aclose()
-        return {"sha256": h.hexdigest(), "rereads": rereads}
+        if res.mismatch is not None:
+            off, n = res.mismatch
+            raise VerifyMismatch(
+                f"copies of {vid} differ at bytes {off}..{off + n}",
+                details={"offset": off, "length": n},
+            )
+        return {"sha256": res.sha256, "rereads": 0}
 
     async def op_resync(self, p: dict[str, Any]) -> dict[str, Any]:
         """Make the source hold every block written here: compare each range of present
         blocks with the source and push the ones that differ. (A missing block was never
         written here, so the source's is the right one.) Needed because a write the
         mirror could not deliver fails *after* it reached the local copy: not
-        acknowledged, but present here. A range written while we push is compared again
-        until both sides agree, so a push never overwrites a newer mirrored write."""
+        acknowledged, but present here. Each range is compared and pushed under the lazy
+        volume's write barrier, so a push never overwrites a newer mirrored write."""
         account, name = self._who(p)
         try:
             st = self._load(account, name)
@@ -466,28 +484,14 @@ class MigrationCapability:
         dev = self.volumes.device(vid)
         await dev.flush()
         client = await self._connect(st["source"])
-        pushed = 0
         try:
-            for off in range(0, dev.size_bytes, _VERIFY_CHUNK):
-                n = min(_VERIFY_CHUNK, dev.size_bytes - off)
-                for run_off, run_len, present in dev.present(off, n):
-                    if present:
-                        pushed += await self._push_run(dev, client, run_off, run_len)
+            pushed = await push_differences(dev, client)
             await client.flush()
+        except TimeoutError as e:
+            raise PeerUnavailable(f"resync of {vid}: writes to the source stalled") from e
         finally:
             await client.aclose()
         return {"pushed_bytes": pushed}
-
-    @staticmethod
-    async def _push_run(dev: Any, client: NBDClient, off: int, n: int) -> int:
-        pushed = 0
-        for _attempt in range(_VERIFY_RETRIES + 1):
-            mine, theirs = await asyncio.gather(dev.read(off, n), client.read(off, n))
-            if mine == theirs:
-                return pushed
-            await client.write(off, mine)
-            pushed += n
-        raise VerifyMismatch(f"bytes {off}..{off + n} keep changing; resync again later")
 
     async def op_finish(self, p: dict[str, Any]) -> dict[str, Any]:
         account, name = self._who(p)

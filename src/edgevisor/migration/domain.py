@@ -18,7 +18,8 @@ Theory of operation (one :class:`Domain`)::
 3. cgroups (memory, pids, cpu, freezer) under ``edgevisor-domains/<host tag>/``;
 4. the process: ``nsenter --net=<netns> bwrap ...`` (pid, mount, ipc, uts namespaces,
    the volume bound at ``/data``, uid 65534, no capabilities). bwrap's namespace init
-   blocks until it sits in the cgroups, so everything the domain runs is limited.
+   blocks until it sits in the cgroups, so everything the domain runs is limited
+   (:mod:`~edgevisor.migration.domain_process`: spawn, kill, supervise).
 
 Layers 1-3 are independent, so ``start`` builds them concurrently (the volume's attach
 is the long one); ``stage`` builds the cgroups and the namespace ahead (a migration's
@@ -28,12 +29,14 @@ source may hold that name until it quiesces: simulated hosts share one root name
 An exit while not stopping goes to the restart policy (:func:`restart_delay`); the
 volume, network and cgroups stay up across restarts. A domain that is not restarted is
 torn down like a stop. ``quiesce`` (the migration's QuiesceSource, on the switch's
-critical path) is freeze -> syncfs -> SIGKILL -> cgroups removed, ext4 unmounted, veth
-deleted (the last two concurrently): nothing the domain wrote after the freeze can exist,
-every write it completed is on the volume, and nothing on this host writes the volume any
-more when it returns. The namespace, loop device and FUSE process go in the background;
-every later lifecycle call (and :meth:`Domain.wait_torn_down`) waits for that first. Each
-operation's sub-step durations are kept in ``Domain.timings`` (benchmarks report them).
+critical path) is syncfs while running (not downtime) -> freeze -> syncfs -> SIGKILL ->
+cgroups removed, ext4 made read-only, veth deleted (the last two concurrently): nothing
+the domain wrote after the freeze can exist, every write it completed is on the volume,
+and nothing on this host writes the volume any more when it returns. The namespace,
+the unmount, loop device and FUSE process go in the background; every later lifecycle
+call (and :meth:`Domain.wait_torn_down`) waits for that first. A failed quiesce leaves
+the domain running (the freeze failed) or stopped and torn down, never frozen. Each operation's
+sub-step durations are kept in ``Domain.timings`` (benchmarks report them).
 
 bwrap runs with ``--die-with-parent`` from the event loop's thread, so domains die with
 the agent: :func:`clear_stale` (agent start) finds what a previous run left (namespaces by
@@ -45,14 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -63,10 +62,12 @@ from edgevisor.migration.domain_host import (
     LocalVolumes,
     VolumeBackend,
     activate_domain_netns,
+    checkpoint_journal,
     clear_stale,
     create_domain_netns,
     domain_cgroup,
     remove_domain_netns,
+    seal_readonly,
     set_freezer,
     stage_domain_netns,
     syncfs,
@@ -75,15 +76,13 @@ from edgevisor.migration.domain_host import (
 from edgevisor.migration.domain_parts import (
     DomainSpec,
     DomainsSettings,
+    SavedState,
     StepClock,
-    domain_argv,
-    domain_env,
     domain_tag,
     netns_name,
-    restart_delay,
 )
+from edgevisor.migration.domain_process import DomainProcess
 from edgevisor.network import netns as nn
-from edgevisor.tasks.cgroups import CgroupError, CgroupLimits
 
 __all__ = [
     "Domain",
@@ -96,39 +95,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_PREFLUSH_AGAIN_S = 0.05
+"""A flush before the freeze that took longer is run once more (the domain kept writing)."""
+
 Plug = Callable[[str, IPv4Address], Awaitable[None]]
 """Routes a domain's logical address to its veth: ``plug(account, address)``."""
-
-
-# -- state on disk ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Saved:
-    """``state.json``: what a later agent run needs to find and clear this domain's objects."""
-
-    slot: int
-    desired: str = "stopped"  # running | stopped
-    restarts: int = 0
-
-    @classmethod
-    def load(cls, path: Path) -> _Saved | None:
-        try:
-            raw = json.loads(path.read_text())
-            return cls(int(raw["slot"]), str(raw.get("desired", "stopped")), int(raw["restarts"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__))
-        os.replace(tmp, path)
 
 
 # -- the domain -------------------------------------------------------------------------------
 
 
-class Domain:
+class Domain(DomainProcess):
     """One domain on this host (see the module docstring).
 
     ``host`` only names kernel objects: it must be unique to this agent on the machine.
@@ -164,8 +141,8 @@ class Domain:
         self.app_dir = dir / "app"
         self.log_path = dir / "domain.log"
         self._state_path = dir / "state.json"
-        saved = _Saved.load(self._state_path)
-        self._saved = saved or _Saved(slot)
+        saved = SavedState.load(self._state_path)
+        self._saved = saved or SavedState(slot)
         self._saved.slot = slot
         self._cg = domain_cgroup(host, self.tag)
         self.phase = "stopped"
@@ -193,11 +170,6 @@ class Domain:
     @property
     def desired(self) -> str:
         return self._saved.desired
-
-    @property
-    def pid(self) -> int | None:
-        """The host pid of bwrap (the domain's sandbox), while it runs."""
-        return self._proc.pid if self._proc is not None else None
 
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -313,16 +285,24 @@ class Domain:
             self.phase = "running"
 
     async def quiesce(self) -> None:
-        """Freeze, flush, kill, unmount: when it returns, every write the domain completed
-        is on the volume and nothing on this host writes to the volume any more.
+        """Flush, freeze, flush, kill, seal: when it returns, every write the domain
+        completed is on the volume and nothing on this host writes to the volume any more.
 
-        This is the source's share of a migration's downtime, so only that is waited for:
-        the processes get SIGKILL while frozen (their writes are flushed and they are
-        discarded anyway), cgroups and the veth (its name, and the
-        address's route) go at once, the filesystem is unmounted with umount(2); the
-        namespace, the volume's loop device and FUSE process go in the background, and
-        every later lifecycle call, and :meth:`wait_torn_down`, waits for that. If a
-        step fails, everything is torn down the ordinary way before the error is raised.
+        This is the source's share of a migration's downtime, so only that is waited for.
+        The first flush runs while the domain still serves (:meth:`_preflush`, with the
+        journal's checkpoint): what the domain wrote until then reaches the volume outside
+        the downtime, and the flush after the freeze and the seal carry only the rest.
+        The processes get SIGKILL while frozen (their writes are flushed and they are
+        discarded anyway), cgroups and the veth (its name, and the address's route) go
+        at once, the filesystem is made read-only (:func:`seal_readonly`: a writer still
+        exiting is waited out). The namespace, the unmount, the volume's loop device and
+        FUSE process go in the background, and every later lifecycle call, and
+        :meth:`wait_torn_down`, waits for that.
+
+        On failure the domain is never left half-way: a freeze that does not complete is
+        undone (the domain keeps running); any later failure tears everything down the
+        ordinary way (the domain is stopped, its volume detached, so a resume starts it
+        cleanly) before a :class:`DomainError` is raised.
         """
         async with self._lock:
             clock = StepClock()
@@ -330,7 +310,12 @@ class Domain:
             self._save()
             clock.mark("save_state")
             if self.phase == "running":
-                await set_freezer(self._cg, "FROZEN", self.settings.stop_timeout_s)
+                await self._preflush(clock)
+                try:
+                    await set_freezer(self._cg, "FROZEN", self.settings.stop_timeout_s)
+                except (DomainError, OSError) as exc:
+                    await self._unfreeze_after_failure()
+                    raise _domain_error(f"domain {self.spec.name!r}: freeze failed", exc) from exc
                 self.phase = "frozen"
                 clock.mark("freeze")
             if self.phase != "frozen":  # not running: the plain stop (idempotent)
@@ -338,56 +323,114 @@ class Domain:
                 await self._stop_locked(clock)
                 self.timings["quiesce"] = clock.done()
                 return
-            await asyncio.to_thread(syncfs, self.mnt)
-            clock.mark("syncfs")
-            self._stopping = True
-            self.phase = "stopping"
-            await self._kill()
-            sup, self._supervisor = self._supervisor, None
-            if sup is not None and sup is not asyncio.current_task():
-                sup.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await sup
-            self._reap()  # killed and waited for: only forgets it
-            clock.mark("kill")
-            # cgroup.procs hides a process once its exit began, but it holds its mount
-            # namespace (a reference to the filesystem) a little longer; removing the
-            # groups succeeds only when every task has fully exited. After that, our
-            # unmount is the filesystem's last reference: it writes the superblock now,
-            # before the target mounts its copy (which reads ours), not at some later
-            # moment when the sandbox's namespace goes.
-            t0 = clock.now()
-
-            async def filesystem() -> None:
-                await asyncio.to_thread(self._cg.remove, self.settings.stop_timeout_s)
-                clock.since(t0, "cgroups")
-                await asyncio.to_thread(unmount, self.mnt)
-                clock.since(t0, "unmount")
-
-            async def network() -> None:
-                # The veth now, not later: the target gives its veth the same name (it
-                # derives from the address, which moves with the domain) when it starts.
-                # The namespace itself (another ~10 ms) goes with the deferred teardown.
-                if self.ifname is not None:
-                    await asyncio.to_thread(nn.ip, "link", "del", self.ifname, check=False)
-                self.ifname = None
-                clock.since(t0, "netns")
-
-            results = await asyncio.gather(filesystem(), network(), return_exceptions=True)
-            clock.skip()
-            for r in results:
-                if isinstance(r, BaseException):
-                    with contextlib.suppress(EdgevisorError):
-                        await self._tear_down()
-                    self.phase = "stopped"
-                    raise r
+            try:
+                await self._quiesce_frozen(clock)
+            except BaseException as exc:
+                with contextlib.suppress(EdgevisorError):
+                    await self._tear_down()
+                self.phase = "stopped"
+                self.timings["quiesce"] = clock.done()
+                if isinstance(exc, Exception) and not isinstance(exc, EdgevisorError):
+                    raise _domain_error(f"domain {self.spec.name!r}: quiesce failed", exc) from exc
+                raise
             self.phase = "stopped"
             self._hurry.clear()
             self._teardown = asyncio.get_running_loop().create_task(self._tear_down_later())
             self.timings["quiesce"] = clock.done()
 
-    async def wait_torn_down(self) -> None:
-        """Wait until a quiesce's background teardown ended (at once if none runs)."""
+    async def preflush(self) -> None:
+        """Flush the running domain's volume ahead of a quiesce (see :meth:`_preflush`);
+        a migration does it right before the switch, so the quiesce's own pass (and the
+        downtime) finds almost nothing to write. Does nothing unless it runs."""
+        async with self._lock:
+            if self.phase != "running":
+                return
+            clock = StepClock()
+            await self._preflush(clock)
+            self.timings["preflush"] = clock.done()
+
+    async def _preflush(self, clock: StepClock) -> None:
+        """Flush while the domain still runs (not downtime): syncfs, a second one when
+        the first took long (the domain kept writing), then the journal's checkpoint, so
+        the flush after the freeze and the read-only remount (which writes every
+        journaled block home) have little left. Best effort: the flush after the freeze
+        is the one that counts."""
+        try:
+            for _ in range(2):
+                t0 = clock.now()
+                await asyncio.to_thread(syncfs, self.mnt)
+                if clock.now() - t0 < _PREFLUSH_AGAIN_S:
+                    break
+            clock.mark("preflush")
+            await asyncio.to_thread(checkpoint_journal, self.mnt)
+            clock.mark("checkpoint")
+        except OSError as exc:
+            log.info("domain %s: flush before the freeze: %s", self.spec.qualified, exc)
+
+    async def _unfreeze_after_failure(self) -> None:
+        """A freeze that timed out leaves the group FREEZING (tasks that did freeze stay
+        frozen): thaw it, so the domain that keeps running on this host is not stuck."""
+        try:
+            await set_freezer(self._cg, "THAWED", self.settings.stop_timeout_s)
+        except (DomainError, OSError) as exc:
+            log.warning("domain %s: thaw after a failed freeze: %s", self.spec.qualified, exc)
+
+    async def _quiesce_frozen(self, clock: StepClock) -> None:
+        """quiesce's part after the freeze (see :meth:`quiesce`); raises on failure and
+        leaves the tearing down to the caller."""
+        await asyncio.to_thread(syncfs, self.mnt)
+        clock.mark("syncfs")
+        self._stopping = True
+        self.phase = "stopping"
+        await self._kill()
+        sup, self._supervisor = self._supervisor, None
+        if sup is not None and sup is not asyncio.current_task():
+            sup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sup
+        self._reap()  # killed and waited for: only forgets it
+        clock.mark("kill")
+        # cgroup.procs hides a process once its exit began, but it holds its files a
+        # little longer; removing the groups succeeds only when every task has fully
+        # exited. Then no file is open for writing, and the filesystem goes read-only:
+        # ext4 writes its journal home and a clean superblock now, before the target
+        # mounts its copy (which reads ours), and nothing writes the volume after. The
+        # unmount (evicting the cached inodes: long for a large cache) is deferred.
+        t0 = clock.now()
+        busy_s = self.settings.stop_timeout_s
+
+        async def filesystem() -> None:
+            await asyncio.to_thread(self._cg.remove, self.settings.stop_timeout_s)
+            clock.since(t0, "cgroups")
+            await asyncio.to_thread(seal_readonly, self.mnt, busy_timeout_s=busy_s)
+            clock.since(t0, "readonly")
+
+        async def network() -> None:
+            # The veth now, not later: the target gives its veth the same name (it
+            # derives from the address, which moves with the domain) when it starts.
+            # The namespace itself (another ~10 ms) goes with the deferred teardown.
+            if self.ifname is not None:
+                await asyncio.to_thread(nn.ip, "link", "del", self.ifname, check=False)
+            self.ifname = None
+            clock.since(t0, "netns")
+
+        results = await asyncio.gather(filesystem(), network(), return_exceptions=True)
+        clock.skip()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def wait_torn_down(self, *, hurry: bool = True) -> None:
+        """Wait until a quiesce's background teardown ended (at once if none runs).
+
+        ``hurry=False`` lets it keep its ``quiesce_cleanup_delay_s`` (a migration's
+        demotion of the source, which needs the volume detached but is not urgent): the
+        wait then holds no lock, so a lifecycle call meanwhile still cuts it short.
+        """
+        task = self._teardown
+        if not hurry and task is not None:
+            with contextlib.suppress(Exception):  # logged by the task; _settle retries
+                await asyncio.shield(task)
         async with self._lock:
             await self._settle()
 
@@ -496,13 +539,6 @@ class Domain:
         await asyncio.to_thread(self._create_cgroups, self._limits())
         clock.since(t0, "cgroups")
 
-    def _limits(self) -> CgroupLimits:
-        return CgroupLimits(self.spec.memory_mb, self.spec.pids_max, self.spec.cpu)
-
-    def _create_cgroups(self, limits: CgroupLimits) -> None:
-        self._cg.remove(self.settings.stop_timeout_s)  # a leftover of ours, if any
-        self._cg.create(limits)
-
     async def _tear_down(self, clock: StepClock | None = None) -> None:
         """Remove cgroups (killing what is left), network and volume attachment. The
         three are independent once no process of the domain runs, so they go at once."""
@@ -534,6 +570,9 @@ class Domain:
 
         async def volume() -> None:
             try:
+                # the filesystem first (a quiesce left it mounted read-only), then the rest
+                # of the attachment
+                await asyncio.to_thread(unmount, self.mnt, busy_timeout_s=s.stop_timeout_s)
                 await self.volumes.detach(self.spec.volume_id)
             except NotFound:
                 pass
@@ -551,202 +590,8 @@ class Domain:
         if errors:
             raise DomainError(f"domain {self.spec.name!r}: cleanup failed: {'; '.join(errors)}")
 
-    async def _spawn(self, clock: StepClock | None = None) -> None:
-        """Start the sandbox in the namespace and cgroups (from the loop's thread: the
-        parent-death signal bwrap asks for follows the thread that forked it)."""
-        s = self.settings
-        block_r, block_w = os.pipe()
-        info_r, info_w = os.pipe()
-        argv = [
-            "nsenter",
-            f"--net={nn.NETNS_DIR}/{self.netns}",
-            "--",
-            *domain_argv(
-                self.spec,
-                app_dir=self.app_dir,
-                empty_dir=self.dir / "empty",
-                volume_dir=self.mnt,
-                settings=s,
-                uid=self.uid,
-                gid=self.gid,
-                block_fd=block_r,
-                info_fd=info_w,
-            ),
-        ]
-        env = domain_env(self.spec, s, str(self.address))
-        with contextlib.suppress(FileNotFoundError):
-            if self.log_path.stat().st_size > s.log_max_bytes:
-                os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
-        try:
-            with open(self.log_path, "ab") as logf:
-                logf.write(f"--- start {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
-                logf.flush()
-                self._proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    pass_fds=(block_r, info_w),
-                    env=env,
-                    close_fds=True,
-                )
-        except OSError as exc:
-            for fd in (block_r, block_w, info_r, info_w):
-                os.close(fd)
-            raise DomainError(f"cannot start the domain sandbox: {exc}") from exc
-        os.close(block_r)
-        os.close(info_w)
-        child: int | None = None
-        try:
-            os.set_blocking(info_r, False)
-            info = await asyncio.wait_for(_read_all(info_r), s.start_timeout_s)
-            child = _child_pid(info)
-            if child is None:
-                raise DomainError(
-                    f"domain {self.spec.name!r}: sandbox did not start: {self._log_tail()}"
-                )
-            if clock is not None:
-                clock.mark("sandbox")  # nsenter + bwrap up, the child waits for the cgroups
-            try:
-                self._cg.add(child)
-            except CgroupError:
-                # Empty groups may be cleared by others (a staged one waits empty until
-                # the start); the sandbox still waits for us, so build them again once.
-                log.info("domain %s: cgroups vanished; creating them again", self.spec.name)
-                await asyncio.to_thread(self._create_cgroups, self._limits())
-                self._cg.add(child)
-            os.write(block_w, b"1")
-        except BaseException:
-            # The sandbox's init waits on the block fd, and runs the command when it is
-            # closed, not only when it reads "1": kill it before that fd closes, as it is
-            # in no cgroup of ours yet (regression: a failed start left the command running).
-            if child is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                await self._kill()
-            raise
-        finally:
-            os.close(info_r)
-            os.close(block_w)
-        self.started_at = time.time()
 
-    async def _kill(self) -> None:
-        with contextlib.suppress(EdgevisorError):
-            await asyncio.to_thread(self._cg.kill_all, self.settings.stop_timeout_s)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, self.settings.stop_timeout_s)
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(5)
-            self._proc = None
-
-    async def _wait_exit(self) -> int:
-        proc = self._proc
-        assert proc is not None
-        loop = asyncio.get_running_loop()
-        fd = os.pidfd_open(proc.pid)
-        try:
-            while proc.poll() is None:
-                fut: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _wake, fut)
-                try:
-                    await fut
-                finally:
-                    loop.remove_reader(fd)
-        finally:
-            os.close(fd)
-        return int(proc.returncode)
-
-    async def _supervise(self) -> None:
-        """Wait for exits; restart by policy with backoff, or tear down."""
-        s = self.settings
-        while True:
-            status = await self._wait_exit()
-            if self._stopping:
-                return
-            async with self._lock:
-                if self._stopping:
-                    return
-                self.last_exit = status
-                with contextlib.suppress(EdgevisorError):
-                    await asyncio.to_thread(self._cg.kill_all, s.stop_timeout_s)
-                self._reap()
-                ran_s = time.time() - (self.started_at or time.time())
-                if ran_s >= s.backoff_reset_s:
-                    self._failures = 0
-                delay = restart_delay(self.spec.restart, status, self._failures, s)
-                log.info(
-                    "domain %s exited with status %s after %.1f s; restart in %s s",
-                    self.spec.qualified, status, ran_s, delay,
-                )  # fmt: skip
-                if delay is None:  # the phase changes once everything is down
-                    self._saved.desired = "stopped"
-                    self._save()
-                    self._supervisor = None
-                    with contextlib.suppress(EdgevisorError):
-                        await self._tear_down()
-                    self.phase = "exited" if status == 0 else "failed"
-                    return
-                self.phase = "backoff"
-            await asyncio.sleep(delay)
-            async with self._lock:
-                if self._stopping:
-                    return
-                self._failures += 1
-                self._saved.restarts += 1
-                self._save()
-                try:
-                    await self._spawn()
-                except EdgevisorError as exc:
-                    log.warning("domain %s: restart failed: %s", self.spec.qualified, exc)
-                    self._supervisor = None
-                    with contextlib.suppress(EdgevisorError):
-                        await self._tear_down()
-                    self.phase = "failed"
-                    return
-                self.phase = "running"
-
-    def _log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_bytes()[-n:].decode(errors="replace").strip()
-        except OSError:
-            return ""
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-async def _read_all(fd: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _wake, fut)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(fd)
-            continue
-        if not chunk:
-            return data
-        data += chunk
-
-
-def _child_pid(info: bytes) -> int | None:
-    try:
-        pid = json.loads(info).get("child-pid")
-    except (ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 0 else None
+def _domain_error(what: str, exc: BaseException) -> DomainError:
+    """A failure as the typed error callers branch on (the cause's text kept)."""
+    detail = exc.message if isinstance(exc, EdgevisorError) else f"{type(exc).__name__}: {exc}"
+    return DomainError(f"{what}: {detail}")

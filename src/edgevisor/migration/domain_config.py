@@ -56,3 +56,13 @@ class DomainsSettings(BaseModel):
         "hosts; a single machine simulating several hosts sets it so the source's cleanup "
         "does not compete with the target's start for the same CPUs.",
     )
+    fill_hold_s: float = Field(
+        0.0,
+        ge=0,
+        le=30,
+        description="After a migration's switch, the target keeps the background fill at "
+        "its trickle until the domain listens on a TCP port, or this long at most, so the "
+        "domain's start-up (its on-demand reads, its CPU) does not compete with the fill. "
+        "0 (default: no gain measured, and the hold delays the sync): the fill starts at "
+        "full rate right after the switch.",
+    )

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +33,7 @@ __all__ = [
     "DomainSpec",
     "DomainsSettings",
     "RestartPolicy",
+    "SavedState",
     "StepClock",
     "cgroup_parent",
     "domain_argv",
@@ -232,3 +236,25 @@ def command_of(parts: Sequence[str]) -> tuple[str, ...]:
     if not out or not out[0]:
         raise RequestError("a domain needs a command")
     return out
+
+
+@dataclass
+class SavedState:
+    """``state.json``: what a later agent run needs to find and clear this domain's objects."""
+
+    slot: int
+    desired: str = "stopped"  # running | stopped
+    restarts: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> SavedState | None:
+        try:
+            raw = json.loads(path.read_text())
+            return cls(int(raw["slot"]), str(raw.get("desired", "stopped")), int(raw["restarts"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__))
+        os.replace(tmp, path)

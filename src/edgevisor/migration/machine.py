@@ -12,7 +12,8 @@ Forward path (post-copy, the product's mode), one step at a time (``table.PLANS`
 the commands of one step are issued together and the step ends when all are done)::
 
     requested ─▶ preparing   PrepareTarget(lazy)          target: domain defined, its
-                                                          cgroups and namespace staged
+                                                          cgroups and namespace staged;
+                                                          source: volume flushed ahead
               ─▶ switching   QuiesceSource                 ┐ downtime: from issuing
                              + SetRoles(target primary)    │ QuiesceSource to
                              [MoveRecord(target)]          │ StartOnTarget done

@@ -30,17 +30,21 @@ loads every unsettled row, rebuilds the machine with ``from_dict`` and feeds ``r
 the machine decides whether to continue or roll back.
 
 How commands map to agent ops (:mod:`edgevisor.agent.migration`): PrepareTarget =
-``offer`` on the source then ``prepare`` on the target; SetRoles = ``set_role`` on the
+``offer`` on the source, ``prepare`` on the target, then ``preflush`` on the source (best
+effort: the running domain's volume is flushed right before the switch, so the
+quiesce, inside the downtime, has little left to write); SetRoles = ``set_role`` on the
 new primary (the fence; its answer decides ``Done``) then, best effort and in the
 background (off the switch's critical path), on the other;
-StartFill = ``fill`` then ``progress`` polls (``Progress`` events) until every block is
-present; ReleaseSource = ``finish`` on the target (mirroring ends) then ``release`` on the
-source. MoveRecord moves the domain's address record to the host named (the address
-API's move, with fencing: the host giving the record up is pushed first); a record already
-there is left alone, so a retry or an undo of a move that never happened is harmless.
-Only domains with a logical address get MoveRecord (``MigrationSpec.has_address``); the
-target learns the address at ``prepare`` (from the controller's domain row), so the
-domain's namespace there carries the same logical address.
+StartFill = ``serving`` (the target holds the fill at its trickle until the domain
+listens, bounded by its ``domains.fill_hold_s``), ``fill``, then ``progress`` polls
+(``Progress`` events) until every block is present; ReleaseSource = ``finish`` on the
+target (mirroring ends) then ``release`` on the source. MoveRecord moves the domain's
+address record to the host named (the address API's move, with fencing: the host giving
+the record up is pushed first); a record already there is left alone, so a retry or an
+undo of a move that never happened is harmless. Only domains with a logical address get
+MoveRecord (``MigrationSpec.has_address``); the target learns the address at ``prepare``
+(from the controller's domain row), so the domain's namespace there carries the same
+logical address.
 """
 
 from __future__ import annotations
@@ -104,7 +108,8 @@ POLL_S: Final = 0.25
 """Fill progress polls and host-state checks."""
 PUBLISH_EVERY_S: Final = 0.5
 """Progress events on the SSE stream at most this often (phase changes always)."""
-_TIMEOUTS: Final = {"default": 60.0, "quiesce": 120.0, "start": 180.0, "discard": 120.0}
+_TIMEOUTS: Final = {"default": 60.0, "quiesce": 120.0, "start": 180.0, "discard": 120.0,
+                    "serving": 40.0}  # fmt: skip
 _ON_TARGET_PHASES: Final = frozenset({Phase.POST_SYNC, Phase.VERIFYING, Phase.COMMITTED})
 
 _RUNNERS: dict[int, MigrationRunner] = {}
@@ -172,6 +177,8 @@ class MigrationRunner:
         that succeeded (benchmarks line them up with a client's view of the switch)."""
         self.fill_s: dict[str, float] = {}
         """Per migration: lazy volume created -> every block present, on the target."""
+        self.fill_held_s: dict[str, float] = {}
+        """Per migration: how long the target held the fill for the domain's start-up."""
         self._admit_lock = asyncio.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -506,6 +513,11 @@ class MigrationRunner:
                  "address": addr[1] if addr else None,
                  "instance": domain_net.instance_name(job.account, job.name)},
             )  # fmt: skip
+            try:
+                await self._call(job, src, "preflush")
+            except EdgevisorError as exc:  # only an optimization: the quiesce flushes too
+                log.info("migration %s: no flush ahead of the switch: %s",
+                         job.m.spec.migration_id, exc)  # fmt: skip
         elif isinstance(cmd, QuiesceSource):
             await self._call(job, src, "quiesce")
         elif isinstance(cmd, SetRoles):
@@ -549,6 +561,7 @@ class MigrationRunner:
 
     async def _fill(self, job: _Job, cmd: StartFill) -> None:
         dst = job.m.spec.target
+        await self._hold_fill(job, dst)
         p = await self._call(job, dst, "fill", {"rate_bytes_s": cmd.rate_bytes_s})
         misses = 0
         while True:
@@ -565,6 +578,19 @@ class MigrationRunner:
                 misses += 1  # a lost poll is not a lost fill; a dead host shows in liveness
                 if misses >= 20:
                     raise
+
+    async def _hold_fill(self, job: _Job, dst: str) -> None:
+        """Let the domain's start-up on the target finish before the fill takes the link
+        and the CPU (the agent bounds the wait). Best effort: an agent that cannot tell
+        (or is unreachable: the fill's own call then fails) does not hold it."""
+        mid = job.m.spec.migration_id
+        try:
+            r = await self._call(job, dst, "serving", timeout_s=_TIMEOUTS["serving"])
+        except EdgevisorError as exc:
+            log.info("migration %s: fill not held: %s", mid, exc)
+            return
+        if isinstance(r, dict) and isinstance(r.get("waited_s"), int | float):
+            self.fill_held_s[mid] = float(r["waited_s"])
 
     # -- hosts and events --------------------------------------------------------------
 

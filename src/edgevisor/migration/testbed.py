@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import secrets
+import subprocess
 import threading
 import time
 import urllib.error
@@ -54,8 +57,8 @@ class Testbed:
     root: Path
     agents: dict[str, LocalAgent] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
+    subnets: dict[str, str] = field(default_factory=dict)
 
     def start_agent(self, host: str) -> LocalAgent:
         token = None
@@ -72,7 +75,7 @@ class Testbed:
                 "storage.nbd.listen_port": self._nbd_port(host),
                 # Simulated hosts share this machine's root namespace: give each its own
                 # domain addresses (the veth names derive from the address).
-                "domains.test_subnet": f"169.254.{192 + 16 * self._index(host)}.0/20",
+                "domains.test_subnet": self._subnet(host),
                 "devices.broker_port": 0,  # no fixed MQTT port: runs side by side stay apart
                 "network.dataplane_mode": "off",  # the root namespace is not ours to route
                 **self.overrides,
@@ -106,10 +109,15 @@ class Testbed:
             self.ports[host] = free_port()
         return self.ports[host]
 
-    def _index(self, host: str) -> int:
-        if host not in self.order:
-            self.order.append(host)
-        return self.order.index(host) % 3  # 169.254.192.0 .. 169.254.239.255
+    def _subnet(self, host: str) -> str:
+        """A /24 of test addresses per host, kept across its restarts (its domains keep
+        their addresses) and unused by any route of the root namespace: testbeds running
+        side by side (tests, the bench, the demo) must not route to each other's
+        domains, which a fixed subnet per host index did."""
+        if host not in self.subnets:
+            taken = {ipaddress.IPv4Network(n) for n in self.subnets.values()}
+            self.subnets[host] = str(free_test_subnet(taken))
+        return self.subnets[host]
 
     def wait_up(self, host: str, deadline_s: float = 60) -> None:
         end = time.monotonic() + deadline_s
@@ -159,6 +167,33 @@ def http(
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), bytes(exc.read())
+
+
+#: Where testbeds take their hosts' subnets (169.254.0.0/24 holds the domains' gateway;
+#: ``bench/migration`` uses 169.254.224.0 and up).
+_TEST_SPACE = ipaddress.IPv4Network("169.254.64.0/18")
+
+
+def free_test_subnet(taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """A random /24 of :data:`_TEST_SPACE` that no root-namespace route (of any table, of
+    any type) overlaps and that is not in ``taken``."""
+    out = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False
+    ).stdout
+    used = set(taken)
+    for line in out.splitlines():
+        toks = line.split()
+        if toks and toks[0] in ("unreachable", "blackhole", "prohibit", "local", "broadcast"):
+            toks = toks[1:]
+        if not toks or toks[0] == "default":
+            continue
+        with contextlib.suppress(ValueError):
+            used.add(ipaddress.IPv4Network(toks[0], strict=False))
+    free = [n for n in _TEST_SPACE.subnets(new_prefix=24) if not any(n.overlaps(u) for u in used)]
+    if not free:
+        raise RuntimeError(f"no /24 of {_TEST_SPACE} is free of root-namespace routes")
+    # Random, not first-free: two testbeds starting at once rarely pick the same one.
+    return free[secrets.randbelow(len(free))]
 
 
 def wait_serving(address: str, port: int = 8080, deadline_s: float = 60) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Literal
@@ -173,18 +173,18 @@ class ConntrackFlusher:
                     return
 
     def _matches(
-        self, targets: set[FlushTarget], epoch: int | None = None, epoch_limit: int = 0
+        self, bounds: Mapping[FlushTarget, int | None], epoch_limit: int = 0
     ) -> list[tuple[bytes, int, int]]:
         """(original-tuple attribute, zone, family) of every entry matching a target
-        (with ``epoch``: and whose mark is not an epoch after it, i.e. not in
-        ``(epoch, epoch_limit)``).
+        (with the target's epoch bound E: and whose mark is not an epoch after it, i.e.
+        not in ``(E, epoch_limit)``).
 
         One dump for all targets: the kernel walks the whole (machine-wide) conntrack hash
         table for every dump, filtered or not, so N filtered dumps cost N walks. With an
         IPv6 target the dump is of every family (AF_UNSPEC), still one walk.
         """
-        wanted = {(t.zone, t.side, t.address.packed) for t in targets}
-        v6 = any(t.address.version == 6 for t in targets)
+        wanted = {(t.zone, t.side, t.address.packed): e for t, e in bounds.items()}
+        v6 = any(t.address.version == 6 for t in bounds)
         seq = self._next_seq()
         req = dump_request(None, seq)
         if v6:  # the family byte follows the 16-byte netlink header
@@ -214,10 +214,16 @@ class ConntrackFlusher:
                                     src = ivalue
                                 elif ikind in (_CTA_IP_V4_DST, _CTA_IP_V6_DST):
                                     dst = ivalue
-            if epoch is not None and epoch < mark < epoch_limit:
-                continue  # opened after the update: it uses the new mapping
-            if tuple_orig and ((zone, "src", src) in wanted or (zone, "dst", dst) in wanted):
+            if not tuple_orig:
+                continue
+            for key in ((zone, "src", src), (zone, "dst", dst)):
+                if key not in wanted:
+                    continue
+                bound = wanted[key]
+                if bound is not None and bound < mark < epoch_limit:
+                    continue  # opened after the update: it uses the new mapping
                 found.append((tuple_orig, zone, payload[0]))
+                break
         return found
 
     def flush(
@@ -227,12 +233,18 @@ class ConntrackFlusher:
         """Delete every entry matching one of ``targets``; return how many went. With
         ``epoch``, entries whose conntrack mark is an epoch after it (``epoch < mark <
         epoch_limit``) stay: they were opened after the update that fenced the rest."""
-        wanted = set(targets)
-        if not wanted:
+        return self.flush_bounded(dict.fromkeys(targets, epoch), epoch_limit=epoch_limit)
+
+    def flush_bounded(
+        self, bounds: Mapping[FlushTarget, int | None], *, epoch_limit: int = 0xFFFFFFFF
+    ) -> int:
+        """:meth:`flush` with an epoch bound per target (None: every entry of it), so
+        that the targets of several updates go in one dump; return how many went."""
+        if not bounds:
             return 0
         deleted = 0
         try:
-            for tuple_orig, zone, family in self._matches(wanted, epoch, epoch_limit):
+            for tuple_orig, zone, family in self._matches(bounds, epoch_limit):
                 seq = self._next_seq()
                 self._sock.send(delete_request(tuple_orig, zone, seq, family))
                 for _kind, payload in self._messages(seq):

@@ -79,7 +79,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from edgevisor.errors import UnavailableError
-from edgevisor.network.conntrack import ConntrackFlusher
+from edgevisor.network.conntrack import ConntrackFlusher, FlushTarget
 from edgevisor.network.dp_core import (
     AppliedRecord,
     Batch,
@@ -311,13 +311,25 @@ class Dataplane:
         """Delete the conntrack entries the commit fenced off: (deleted, warning if it
         failed). Cleanup only (the fence already stops those flows), so it may run
         concurrently with later commits; flushes are serialized among themselves."""
-        batch = pending.batch
-        if not batch.flush:
+        return self.flush_stale_many([pending])
+
+    def flush_stale_many(self, pendings: Iterable[Pending]) -> tuple[int, str | None]:
+        """:meth:`flush_stale` of several commits in one conntrack dump (the kernel walks
+        its whole table per dump, whatever it holds): each target keeps the epoch bound
+        of the newest commit that fenced it (that commit's ``stale`` range covers the
+        older ones')."""
+        bounds: dict[FlushTarget, int | None] = {}
+        for pending in pendings:
+            for target in pending.batch.flush:
+                bound = bounds.get(target)
+                hi = pending.batch.epoch - 1
+                bounds[target] = hi if bound is None else max(bound, hi)
+        if not bounds:
             return 0, None
         with self._flush_lock:
             try:
-                return self._ct.flush(batch.flush, epoch=batch.epoch - 1,
-                                      epoch_limit=epoch_limit(self.settings)), None
+                return self._ct.flush_bounded(bounds,
+                                              epoch_limit=epoch_limit(self.settings)), None
             except UnavailableError as exc:
                 return 0, str(exc)  # the fence stays until a later change replaces it
 

@@ -111,6 +111,27 @@ class Bitmap:
         # was ~0.2 ms per call for a 1 GiB volume, on the loop that serves the I/O).
         return int.from_bytes(self._bits, "little").bit_count()
 
+    def find(self, value: bool, start: int, end: int) -> int:
+        """The first bit equal to ``value`` in ``[start, end)``, or ``end`` if none.
+        Whole bytes of the other value are skipped in C (``lstrip``): a fill looking for
+        its next missing block must not walk a mostly present bitmap bit by bit."""
+        end = min(end, self.nbits)
+        i = start
+        while i < end and i & 7:
+            if self.get(i) == value:
+                return i
+            i += 1
+        if i >= end:
+            return end
+        chunk = bytes(self._bits[i >> 3 : (end + 7) >> 3])
+        i += (len(chunk) - len(chunk.lstrip(b"\x00" if value else b"\xff"))) * 8
+        stop = min(end, i + 8)  # the byte at ``i`` holds a match (or lies past ``end``)
+        while i < stop:
+            if self.get(i) == value:
+                return i
+            i += 1
+        return end
+
     def runs(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool]]:
         """Maximal runs ``(first_bit, count, value)`` covering ``[first, end)``."""
         end = self.nbits if end is None else end

@@ -18,7 +18,8 @@ Used on a migration target after the switch. It is a
   (:mod:`edgevisor.storage.lazy_lane`; blocking sockets when the source tells its
   ``endpoint``): a read miss never queues behind fill traffic, and ``recv_into``, TLS
   decryption and ``pwrite`` (which release the GIL) use several cores. Replies land
-  straight in buffers and are stored on the lane's thread; a background ``fdatasync``
+  straight in buffers and are stored off the loop (:mod:`edgevisor.storage.lazy_fill`
+  has the details); a background ``fdatasync``
   every ``flush_every_blocks`` makes them durable (present bits are journaled after it)
   while the fill goes on. Progress (bytes present / total, rate, ETA) never goes
   backwards: present blocks never become missing. Two cheap paths: lanes store with
@@ -60,15 +61,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar, cast
 
 from edgevisor.errors import Conflict, PeerUnavailable
-from edgevisor.proto.nbd_wire import STATE_ZERO
+from edgevisor.storage import lazy_fill, lazy_link
 from edgevisor.storage.lazy_lane import FillLanes
 from edgevisor.storage.lazy_parts import (
     LazySettings,
@@ -77,8 +78,9 @@ from edgevisor.storage.lazy_parts import (
     SourceLayout,
     SourceUnavailable,
     TokenBucket,
+    log_crash,
 )
-from edgevisor.storage.nbd_client import Endpoint, NBDCommandError
+from edgevisor.storage.range_gate import RangeGate
 from edgevisor.storage.volume import Volume
 
 __all__ = ["LazySettings", "LazyVolume", "Progress", "RemoteSource", "SourceUnavailable"]
@@ -90,14 +92,6 @@ _DETACH_GRACE_S = 5.0
 
 
 _Futures = dict[int, "asyncio.Future[None]"]
-_STATUS_WAIT_S = 2.0
-"""How long the fill waits for the source's block status before fetching blindly."""
-_STATUS_WINDOW_BLOCKS = 4096
-"""Blocks per ``base:allocation`` question to the source (256 MiB of 64 KiB blocks)."""
-
-
-class _NoStatus(Exception):
-    """The source offers no block status."""
 
 
 class LazyVolume:
@@ -122,12 +116,13 @@ class LazyVolume:
         self._inflight: _Futures = {}
         self._store_lock = threading.Lock()  # rule 2 of the theory of operation
         self._writing: list[tuple[int, int]] = []  # block spans of local writes under way
+        self._gate = RangeGate()  # writes in flight by byte range, for write_barrier
         self._cursor = 0
         self._bucket = TokenBucket(self.settings.fill_rate_bytes_per_s)
         self._fill_task: asyncio.Task[None] | None = None
         self._layout = SourceLayout(local.block_size, local.size_bytes)  # holes at the source
         self._status_ok = True
-        self._mirror_q: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self._mirror_q: asyncio.Queue[tuple[int, bytes, int]] = asyncio.Queue()
         self._mirror_task: asyncio.Task[None] | None = None
         self._since_flush = 0
         self._ops = 0  # BlockDevice calls in flight that may use the source
@@ -154,11 +149,15 @@ class LazyVolume:
         if self._detaching or self._closed:
             return
         if self._fill_task is None and not self.filled.is_set():
-            self._fill_task = asyncio.create_task(self._fill())
-            self._fill_task.add_done_callback(_log_crash)
+            self._fill_task = asyncio.create_task(lazy_fill.run(self))
+            self._fill_task.add_done_callback(log_crash)
         if self.settings.mirror == "async" and self._mirror_task is None:
-            self._mirror_task = asyncio.create_task(self._mirror_loop())
-            self._mirror_task.add_done_callback(_log_crash)
+            self._mirror_task = asyncio.create_task(
+                lazy_link.mirror_loop(
+                    self,
+                )
+            )
+            self._mirror_task.add_done_callback(log_crash)
 
     def release(self) -> None:
         """End the hold of a volume created ``held``: from now on the source's data is
@@ -247,6 +246,9 @@ class LazyVolume:
             t.cancel()
             with contextlib.suppress(BaseException):
                 await t
+        while not self._mirror_q.empty():  # dropped: no barrier may wait for them
+            self._gate.leave(self._mirror_q.get_nowait()[2])
+            self._mirror_q.task_done()
         await self._close_lanes()
         src, self._source = self._source, None
         if src is not None:
@@ -308,25 +310,48 @@ class LazyVolume:
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self.local.present(offset, len(data))
-        with self._op() as linked:
-            if linked:
-                await self._released.wait()  # never mirror to a source still in use
-                await self._prepare_write(offset, len(data))
-            with self._writing_span(offset, len(data)):
-                await self.local.write(offset, data, fua=fua)
-            if linked:
-                await self._mirror(offset, data, fua)
+        # In flight (for write_barrier) until the source took it; see lazy_link.mirror for async.
+        token = await self._gate.enter(offset, offset + len(data))
+        queued = False
+        try:
+            with self._op() as linked:
+                if linked:
+                    await self._released.wait()  # never mirror to a source still in use
+                    await self._prepare_write(offset, len(data))
+                with self._writing_span(offset, len(data)):
+                    await self.local.write(offset, data, fua=fua)
+                if linked:
+                    queued = await lazy_link.mirror(self, offset, data, fua, token)
+        finally:
+            if not queued:
+                self._gate.leave(token)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         self.local.present(offset, length)
-        with self._op() as linked:
-            if linked:
-                await self._released.wait()
-                await self._prepare_write(offset, length)
-            with self._writing_span(offset, length):
-                await self.local.write_zeroes(offset, length, fua=fua)
-            if linked:
-                await self._mirror(offset, bytes(length), fua)
+        token = await self._gate.enter(offset, offset + length)
+        queued = False
+        try:
+            with self._op() as linked:
+                if linked:
+                    await self._released.wait()
+                    await self._prepare_write(offset, length)
+                with self._writing_span(offset, length):
+                    await self.local.write_zeroes(offset, length, fua=fua)
+                if linked:
+                    queued = await lazy_link.mirror(self, offset, bytes(length), fua, token)
+        finally:
+            if not queued:
+                self._gate.leave(token)
+
+    def write_barrier(self, offset: int, length: int) -> AbstractAsyncContextManager[None]:
+        """Hold ``[offset, offset + length)`` free of writes on both copies: new writes
+        to it wait, writes in flight (local and mirrored, async ones until delivered)
+        finish first. Inside, both copies of the range hold the same state, so comparing
+        them is exact (a migration's verify). Raises TimeoutError if writes in flight do
+        not finish within ``fetch_timeout_s`` plus a grace period."""
+        return self._gate.barrier(
+            offset, offset + length, self.settings.fetch_timeout_s + _DETACH_GRACE_S
+        )
 
     async def trim(self, offset: int, length: int) -> None:
         await self.write_zeroes(offset, length)
@@ -337,7 +362,7 @@ class LazyVolume:
             if linked and self.settings.mirror == "sync":
                 deadline = time.monotonic() + self.settings.fetch_timeout_s
                 try:
-                    await self._on_source("flush", _flush, deadline)
+                    await lazy_link.on_source(self, "flush", _flush, deadline)
                 except SourceUnavailable:
                     if not self._detaching:
                         raise
@@ -439,38 +464,6 @@ class LazyVolume:
                 i = j
         return stored
 
-    async def _source_layout(self, first: int, count: int) -> list[tuple[int, int, bool]]:
-        """``[first, first + count)`` split into ``(first, count, zero)`` segments by the
-        source's allocation (``base:allocation`` block status, asked once per window of
-        ``_STATUS_WINDOW_BLOCKS``); all data when the source cannot tell."""
-        if self._status_ok and not self._layout.covers(first):
-            await self._ask_status(first)
-        return self._layout.segments(first, count)
-
-    async def _ask_status(self, first: int) -> None:
-        bs = self.local.block_size
-        hi = min(self.local.nblocks, first + _STATUS_WINDOW_BLOCKS)
-        off, length = first * bs, min(hi * bs, self.size_bytes) - first * bs
-        # Short: with the source away the fetches below wait (and retry) anyway.
-        deadline = time.monotonic() + min(self.settings.fetch_timeout_s, _STATUS_WAIT_S)
-
-        async def ask(src: RemoteSource) -> list[tuple[int, int, int]]:
-            fn = getattr(src, "block_status", None)
-            if fn is None:
-                raise _NoStatus
-            res: list[tuple[int, int, int]] = await fn(off, length)
-            return res
-
-        try:
-            extents = await self._on_source("block status", ask, deadline)
-        except (_NoStatus, NBDCommandError):
-            self._status_ok = False  # this source cannot tell: fetch everything
-            return
-        except PeerUnavailable as e:  # unknown for now: these blocks are fetched
-            log.info("lazy fill: no block status from the source: %s", e)
-            return
-        self._layout.learn(first, hi, [(o, n, bool(f & STATE_ZERO)) for o, n, f in extents])
-
     # ------------------------------------------------------------ fetching
 
     def _register(self, first: int, count: int) -> _Futures:
@@ -554,7 +547,9 @@ class LazyVolume:
             off = first * bs
             length = min(count * bs, self.size_bytes - off)
             if lanes is None:
-                data = await self._on_source("volume source lost", _reader(off, length), deadline)
+                data = await lazy_link.on_source(
+                    self, "volume source lost", _reader(off, length), deadline
+                )
                 self._store(first, data, lane=False)
             else:
                 try:
@@ -575,26 +570,6 @@ class LazyVolume:
                 if self._inflight.get(b) is f:
                     del self._inflight[b]
 
-    async def _open_lanes(self) -> FillLanes | None:
-        """Blocking lanes when the source says where it is (``endpoint``), else lanes
-        with an event loop of their own that call ``connect`` there."""
-        n = self.settings.fill_connections
-        if n == 0:
-            return None
-        endpoint = None
-        deadline = time.monotonic() + self.settings.fetch_timeout_s
-        with contextlib.suppress(PeerUnavailable):  # no fill without the source anyway
-            endpoint = getattr(await self._get_source(deadline), "endpoint", None)
-        return FillLanes(
-            n,
-            endpoint if isinstance(endpoint, Endpoint) else None,
-            self._connect,
-            functools.partial(self._store, lane=True),
-            block_size=self.local.block_size,
-            buffer_bytes=self.settings.fill_batch_blocks * self.local.block_size,
-            reconnect_interval_s=self.settings.reconnect_interval_s,
-        )
-
     async def _close_lanes(self) -> None:
         lanes, self._lanes = self._lanes, None
         if lanes is not None:
@@ -602,170 +577,6 @@ class LazyVolume:
         for ls in list(self._lane_closers):  # also one a cancelled caller left closing
             await ls.close()
             self._lane_closers.discard(ls)
-
-    async def _get_source(self, deadline: float) -> RemoteSource:
-        while True:
-            if self._closed:
-                raise SourceUnavailable("the lazy volume's source link is closed")
-            if self._source is not None:
-                return self._source
-            async with self._conn_lock:
-                if self._source is not None:
-                    return self._source
-                try:
-                    src = await self._connect()
-                except (PeerUnavailable, OSError) as e:
-                    if time.monotonic() >= deadline:
-                        raise SourceUnavailable(f"volume source unreachable: {e}") from e
-                else:
-                    if self._closed:  # closed while connecting: do not leak it
-                        with contextlib.suppress(Exception):
-                            await src.aclose()
-                        continue
-                    self._source = src
-                    return src
-            await asyncio.sleep(self.settings.reconnect_interval_s)
-
-    async def _drop_source(self, src: RemoteSource) -> None:
-        if self._source is src:
-            self._source = None
-            with contextlib.suppress(Exception):
-                await src.aclose()
-
-    async def _on_source(
-        self, what: str, fn: Callable[[RemoteSource], Awaitable[T]], deadline: float
-    ) -> T:
-        """``fn(source)`` on the main connection, reconnecting until ``deadline``."""
-        while True:
-            src = await self._get_source(deadline)
-            try:
-                return await fn(src)
-            except SourceUnavailable:
-                raise
-            except PeerUnavailable as e:
-                await self._drop_source(src)
-                if time.monotonic() >= deadline or self._closed:
-                    raise SourceUnavailable(f"{what}: {e}") from e
-                await asyncio.sleep(self.settings.reconnect_interval_s)
-
-    # ------------------------------------------------------------ background fill
-
-    def _next_runs(self, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` runs of missing, not-in-flight blocks from the cursor on."""
-        n = self.local.nblocks
-        out: list[tuple[int, int]] = []
-        b, scanned = self._cursor % max(n, 1), 0
-        batch = self.settings.fill_batch_blocks
-        while scanned < n and len(out) < limit:
-            if not self.local.is_present(b) and b not in self._inflight:
-                first = b
-                while (
-                    b + 1 < n
-                    and b + 1 - first < batch
-                    and not self.local.is_present(b + 1)
-                    and b + 1 not in self._inflight
-                ):
-                    b += 1
-                    scanned += 1
-                out.append((first, b - first + 1))
-            b += 1
-            scanned += 1
-            if b >= n:
-                b = 0
-        self._cursor = b
-        return out
-
-    async def _fill(self) -> None:
-        inflight: set[asyncio.Task[None]] = set()
-        bs = self.local.block_size
-        if self._lanes is None:
-            self._lanes = await self._open_lanes()
-        await self._released.wait()  # connected while held: ready at the release
-        try:
-            while True:
-                while len(inflight) < self.settings.fill_inflight:
-                    runs = self._next_runs(1)
-                    if not runs:
-                        break
-                    for first, count, zero in await self._source_layout(*runs[0]):
-                        if zero:  # a hole at the source: nothing to transfer
-                            self._since_flush += self._store_zeroes(first, count)
-                            continue
-                        await self._bucket.take(count * bs)
-                        blocks = range(first, first + count)
-                        if any(self.local.is_present(b) or b in self._inflight for b in blocks):
-                            continue  # a reader got there during the waits
-                        futs = self._register(first, count)  # before any await (rule 1)
-                        deadline = time.monotonic() + self.settings.fetch_timeout_s
-                        t = asyncio.create_task(
-                            self._fetch_run(first, count, futs, deadline, lanes=self._lanes)
-                        )
-                        inflight.add(t)
-                if not inflight:
-                    if not self.local.missing_blocks():
-                        if self._flush_task is not None:
-                            await self._flush_task
-                        await self.local.flush()
-                        await self._close_lanes()
-                        self.filled.set()
-                        return
-                    await asyncio.sleep(self.settings.reconnect_interval_s)
-                    continue
-                done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    if t.exception() is not None:  # source away: keep trying, slower
-                        log.info("lazy fill: %s", t.exception())
-                        await asyncio.sleep(self.settings.reconnect_interval_s)
-                if self._since_flush >= self.settings.flush_every_blocks and (
-                    self._flush_task is None or self._flush_task.done()
-                ):
-                    # In the background: the fill keeps fetching while the disk catches up.
-                    self._since_flush = 0
-                    self._flush_task = asyncio.create_task(self.local.flush())
-                    self._flush_task.add_done_callback(_log_crash)
-        finally:
-            for t in inflight:
-                t.cancel()
-            # Let cancelled fetches finish their stores before the lanes are closed.
-            await asyncio.gather(*inflight, return_exceptions=True)
-
-    # ------------------------------------------------------------ mirroring
-
-    async def _mirror(self, offset: int, data: bytes, fua: bool) -> None:
-        mode = self.settings.mirror
-        if mode == "off":
-            return
-        if mode == "async":
-            self._mirror_q.put_nowait((offset, data))
-            return
-        deadline = time.monotonic() + self.settings.fetch_timeout_s
-
-        async def write(src: RemoteSource) -> None:
-            await src.write(offset, data, fua=fua)
-
-        try:
-            await self._on_source("mirror write failed", write, deadline)
-        except SourceUnavailable:
-            if not self._detaching:
-                raise
-            # Detaching: the source copy is being released; the write is durable here.
-            log.warning("lazy volume: a write at %d did not reach the source at detach", offset)
-
-    async def _mirror_loop(self) -> None:
-        while True:
-            offset, data = await self._mirror_q.get()
-            try:
-                while True:
-                    try:
-                        src = await self._get_source(time.monotonic() + 3600)
-                        await src.write(offset, data)
-                        break
-                    except PeerUnavailable:
-                        if self._source is not None:
-                            await self._drop_source(self._source)
-                        await asyncio.sleep(self.settings.reconnect_interval_s)
-            finally:
-                self._mirror_q.task_done()
 
 
 def _reader(offset: int, length: int) -> Callable[[RemoteSource], Awaitable[bytes]]:
@@ -777,8 +588,3 @@ def _reader(offset: int, length: int) -> Callable[[RemoteSource], Awaitable[byte
 
 async def _flush(src: RemoteSource) -> None:
     await src.flush()
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("lazy volume background task died", exc_info=task.exception())

@@ -5,12 +5,14 @@ connection is created, used and closed only on the lane's thread. Two kinds:
 
 * :class:`BlockingLane` (used when the source says where it is, ``endpoint``): a plain
   thread running fetches one after the other over a
-  :class:`~edgevisor.storage.nbd_blocking.BlockingReader`; no event loop at all.
+  :class:`~edgevisor.storage.nbd_blocking.BlockingReader`; no event loop at all. Its
+  stores run on store threads (one per lane), so the lane reads its next run while the
+  disk takes the last one (``O_DIRECT`` writes wait for the device).
 * :class:`Lane`: a thread with its own event loop awaiting the source's ``connect`` (for
   sources that cannot be reopened as blocking connections).
 
-Cancelling a fetch waits until it really ended on the lane, so no fetched bytes can land
-after the caller gave the blocks up.
+Cancelling a fetch waits until it really ended on the lane (and its store on the store
+thread), so no fetched bytes can land after the caller gave the blocks up.
 """
 
 from __future__ import annotations
@@ -163,15 +165,16 @@ class BlockingLane:
 
 AnyLane = Lane | BlockingLane
 Store = Callable[[int, memoryview], object]
-"""Stores fetched blocks ``(first block, data)``; called on a lane's thread."""
+"""Stores fetched blocks ``(first block, data)``; called on a lane's or a store thread."""
 
 
 class FillLanes:
     """A lazy volume's fill lanes, used round-robin, with reusable reply buffers.
 
     Blocking lanes when ``endpoint`` is known, else lanes with an event loop awaiting
-    ``connect``. A fetch reads into a buffer and hands it to ``store`` on the lane's
-    thread; a failed attempt is retried (new connection) until its deadline.
+    ``connect``. A fetch reads into a buffer and hands it to ``store`` (on a store
+    thread for blocking lanes, else on the lane's thread); a failed attempt is retried
+    (new connection) until its deadline.
     """
 
     def __init__(
@@ -195,6 +198,8 @@ class FillLanes:
         self._buffer_bytes = buffer_bytes
         self._reconnect_interval_s = reconnect_interval_s
         self._buffers: list[mmap.mmap] = []
+        # Stores of blocking lanes (O_DIRECT writes wait for the disk): one thread per lane.
+        self._storer = concurrent.futures.ThreadPoolExecutor(n or 1, "lazy-store")
         self._turn = itertools.cycle(range(n))
         self._closer: asyncio.Task[None] | None = None
 
@@ -210,7 +215,10 @@ class FillLanes:
             view = memoryview(buf)[:length]
             try:
                 if isinstance(lane, BlockingLane):
-                    await lane.run(functools.partial(self._blocking_step, lane, first, view))
+                    await lane.run(functools.partial(self._blocking_read, lane, first, view))
+                    # The store runs on a store thread: the lane goes on with its next
+                    # fetch meanwhile (network and disk overlap instead of taking turns).
+                    await self._stored(first, view)
                 else:
                     await lane.run(self._loop_step(lane, first, view))
             except (PeerUnavailable, OSError) as e:
@@ -222,14 +230,23 @@ class FillLanes:
             self._buffers.append(buf)  # only after success: the reply is complete
             return
 
-    def _blocking_step(self, lane: BlockingLane, first: int, view: memoryview) -> None:
+    def _blocking_read(self, lane: BlockingLane, first: int, view: memoryview) -> None:
         """Runs on a blocking lane's thread (the reader closes itself on a failure)."""
         try:
             lane.connection().read_into(first * self._bs, view)
         except PeerUnavailable:
             lane.reader = None
             raise
-        self._store(first, view)
+
+    async def _stored(self, first: int, view: memoryview) -> None:
+        """Store on a store thread; a cancelled caller still waits for the store to end
+        (its bytes must not land after the caller gave the blocks up or closed)."""
+        fut = asyncio.get_running_loop().run_in_executor(self._storer, self._store, first, view)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
 
     async def _loop_step(self, lane: Lane, first: int, view: memoryview) -> None:
         """Runs on the lane's loop: its connection only ever lives there."""
@@ -261,3 +278,4 @@ class FillLanes:
     async def _close_all(self) -> None:
         for lane in self.lanes:
             await lane.close()
+        await asyncio.to_thread(self._storer.shutdown, wait=True)

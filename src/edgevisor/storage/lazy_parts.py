@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -20,7 +21,10 @@ __all__ = [
     "SourceLayout",
     "SourceUnavailable",
     "TokenBucket",
+    "log_crash",
 ]
+
+_log = logging.getLogger("edgevisor.storage.lazy")
 
 
 class SourceUnavailable(PeerUnavailable):
@@ -198,3 +202,9 @@ class SourceLayout:
         if b < end:  # beyond the window: asked about next time
             out.append((b, end - b, False))
         return out
+
+
+def log_crash(task: asyncio.Task[None]) -> None:
+    """Done callback of a background task: log how it died, if it did."""
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("lazy volume background task died", exc_info=task.exception())

@@ -14,9 +14,11 @@ in one ``send`` as soon as no further request is buffered -- no task, no thread 
 extra loop iteration. On a small VM the rest of a QD1 round trip is mostly wake-up cost,
 so every bit of Python between ``recv_into`` and that ``send`` shows in the latency.
 
-After ``STARTTLS`` the socket is handed to asyncio's TLS transport
-(``connect_accepted_socket(ssl=...)``) and the session continues as an
-:class:`asyncio.BufferedProtocol` over the same core.
+After ``STARTTLS`` the session continues over the same core on a thread of its own with a
+blocking TLS socket (:mod:`edgevisor.storage.nbd_tls_session`: no memory BIO, the
+encryption runs without the GIL), or, with ``NBDServer(tls_threads=False)``, on asyncio's
+TLS transport (``connect_accepted_socket(ssl=...)``) as an
+:class:`asyncio.BufferedProtocol`.
 
 Requests a device cannot finish without waiting (flush, FUA, a lazy volume's remote
 fetch) run as tasks; replies go out in completion order, matched by handle.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno as _errno
 import logging
@@ -57,6 +60,7 @@ from edgevisor.proto.nbd_wire import (
     StartTLS,
 )
 from edgevisor.storage.blockdev import BlockDevice, OutOfRange
+from edgevisor.storage.nbd_tls_session import TLSSession
 
 if TYPE_CHECKING:
     from edgevisor.storage.nbd_server import Export, NBDServer
@@ -126,8 +130,9 @@ class Conn(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self.contexts: dict[int, str] = {}
         # The device's optional fast paths, looked up once per session (hot path).
-        self._file_extent: Callable[[int, int], tuple[int, int] | None] | None = None
-        self._write_nowait: Callable[[int, bytes | memoryview], bool] | None = None
+        self.file_extent: Callable[[int, int], tuple[int, int] | None] | None = None
+        self.write_nowait: Callable[[int, bytes | memoryview], bool] | None = None
+        self._tls_session: TLSSession | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # Devices live on the server's main loop; this session may run on a worker loop.
         self.device_loop = server.main_loop or self.loop
@@ -152,7 +157,9 @@ class Conn(asyncio.BufferedProtocol):
         self.write(self.core.data_to_send())
 
     def abort(self) -> None:
-        if self.transport is not None:
+        if self._tls_session is not None:
+            self._tls_session.close()
+        elif self.transport is not None:
             self.transport.abort()
         else:
             self._teardown()
@@ -359,9 +366,14 @@ class Conn(asyncio.BufferedProtocol):
         assert ctx is not None
         if self._wq or self._dead:  # the STARTTLS ack is still queued: wait for _on_writable
             return
-        # Hand the socket over: asyncio owns it from here (TLS handshake included).
         self._pause_reading()
         sock = self.sock
+        if self.server.tls_threads:
+            # The session thread owns the socket from here (TLS handshake included).
+            self._tls_session = TLSSession(self, sock, ctx)
+            self._tls_session.start()
+            return
+        # Hand the socket over: asyncio owns it from here (TLS handshake included).
         try:
             await self.loop.connect_accepted_socket(lambda: self, sock=sock, ssl=ctx)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
@@ -369,6 +381,49 @@ class Conn(asyncio.BufferedProtocol):
             self._dead = True
             sock.close()
             self._finish()
+
+    # ------------------------------------------------------------ for the TLS thread
+
+    def negotiated(self, ev: Negotiated) -> bool:
+        """The session entered transmission on ``ev``'s export; False if it is gone."""
+        self.export = self.server.exports.get(ev.export.name)
+        self.contexts = ev.contexts
+        if self.export is None:
+            return False
+        dev = self.export.device
+        # The device's optional fast paths, looked up once per session (hot path).
+        self.file_extent = getattr(dev, "file_extent", None)
+        self.write_nowait = getattr(dev, "write_nowait", None)
+        return True
+
+    def tls_up(self, sock: ssl.SSLSocket) -> None:
+        """On the session thread: the TLS handshake is done (the peer is known now)."""
+        self._tls_pending = False
+        self.catalog.tls = True
+        self.catalog.peer_cn = _peer_cn(sock)
+        self.core.tls_started()
+
+    def run_on_device(
+        self, req: Request
+    ) -> concurrent.futures.Future[ReadReply | Done | ErrorReply | BlockStatusReply]:
+        """Perform ``req`` on the device's loop (from any thread)."""
+        assert self.export is not None
+        return asyncio.run_coroutine_threadsafe(
+            self._perform(self.export.device, req), self.device_loop
+        )
+
+    def finish_threadsafe(self) -> None:
+        """The TLS thread ended: the server forgets the session (from any thread)."""
+        self._dead = True
+        self.server._conns.discard(self)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs there
+            self.loop.call_soon_threadsafe(self._cancel_tasks)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.finished.set_result(None)
+
+    def _cancel_tasks(self) -> None:
+        for t in self.tasks:
+            t.cancel()
 
     # ------------------------------------------------------------ protocol
 
@@ -401,14 +456,9 @@ class Conn(asyncio.BufferedProtocol):
                     # (a QD1 client waits for exactly this send).
                     self._flush_batch()
             elif isinstance(ev, Negotiated):
-                self.export = self.server.exports.get(ev.export.name)
-                self.contexts = ev.contexts
-                if self.export is None:  # removed in between
+                if not self.negotiated(ev):  # removed in between
                     self.abort()
                     return
-                dev = self.export.device
-                self._file_extent = getattr(dev, "file_extent", None)
-                self._write_nowait = getattr(dev, "write_nowait", None)
             elif isinstance(ev, StartTLS):
                 # The ClientHello must reach the TLS layer, not our buffer.
                 self._tls_pending = True
@@ -440,13 +490,13 @@ class Conn(asyncio.BufferedProtocol):
         cmd = req.cmd
         try:
             if cmd is Cmd.READ:
-                file_extent = self._file_extent
+                file_extent = self.file_extent
                 ext = file_extent(req.offset, req.length) if file_extent is not None else None
                 if ext is not None:
                     self._read_from_file(req, ext[0], ext[1])
                     return
             elif cmd is Cmd.WRITE and not req.flags & CMD_FLAG_FUA:
-                write_nowait = self._write_nowait
+                write_nowait = self.write_nowait
                 if write_nowait is not None and write_nowait(req.offset, req.data):
                     self.write(self.core.send(Done(req.handle)))
                     return
@@ -568,7 +618,7 @@ def _merge(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _peer_cn(obj: ssl.SSLObject | None) -> str | None:
+def _peer_cn(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     cert = obj.getpeercert() if obj is not None else None
     if not cert:
         return None

@@ -422,6 +422,14 @@ class Volume:
     def is_present(self, block: int) -> bool:
         return self._present.get(block)
 
+    def next_missing(self, start: int, end: int) -> int:
+        """The first missing block in ``[start, end)``, or ``end``."""
+        return self._present.find(False, start, end)
+
+    def next_present(self, start: int, end: int) -> int:
+        """The first present block in ``[start, end)``, or ``end``."""
+        return self._present.find(True, start, end)
+
     def missing_blocks(self) -> list[int]:
         return list(self._present.indices(False))
 

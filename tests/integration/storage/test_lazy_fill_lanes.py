@@ -98,6 +98,7 @@ async def test_fill_over_lanes_completes_durably(
             "lazy-fill-2",
         }
         assert not [t for t in threading.enumerate() if t.name.startswith("lazy-fill-")]
+        assert not [t for t in threading.enumerate() if t.name.startswith("lazy-store")]
     finally:
         await lazy.aclose()
         lazy.local.close()
@@ -145,6 +146,7 @@ async def test_close_mid_fill_stops_lanes_and_keeps_present_blocks_right(
         await asyncio.wait_for(lazy.aclose(), 30)
     assert not lazy.filled.is_set()
     assert not [t for t in threading.enumerate() if t.name.startswith("lazy-fill-")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("lazy-store")]
     vol = lazy.local
     present = [b for b in range(vol.nblocks) if vol.is_present(b)]
     assert present and len(present) < vol.nblocks

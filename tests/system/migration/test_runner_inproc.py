@@ -139,6 +139,9 @@ def test_post_copy_under_writes_keeps_every_acknowledged_write(
     assert final.present_bytes == final.total_bytes == 64 << 20
     assert len(w.acked) > 10
     assert runner_for(tb.ctl.state).trace[m.id] == POST_COPY
+    # StartFill first asked the target to hold the fill for the domain's start-up
+    # (domains.fill_hold_s: 0 by default, so it answered at once)
+    assert runner_for(tb.ctl.state).fill_held_s[m.id] < 30
     shown = acme.get_domain("kv")
     assert shown.host == DST and shown.phase == "running"
     _all_present(acme, "kv", w.acked)

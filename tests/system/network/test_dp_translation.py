@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -257,6 +258,60 @@ def test_commit_fences_the_open_flow_before_the_conntrack_flush(world: World) ->
     world.dps[1].apply([])
     assert world.dps[1].stale == {}
     assert world.dps[1].table_elements().get("stale") == []
+
+
+def _ct_entries(dp: Dataplane, sport: int) -> int:
+    """Conntrack entries in ``dp``'s namespace of the TCP flow from source port ``sport``."""
+    assert dp.netns is not None
+    out = subprocess.run(
+        ["ip", "netns", "exec", dp.netns, "conntrack", "-L", "-p", "tcp", "--sport", str(sport)],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    return sum(1 for line in out.splitlines() if f"sport={sport} " in line)
+
+
+def test_one_cleanup_of_two_commits_keeps_each_commits_epoch_bound(world: World) -> None:
+    """The agent cleans up the commits of a short window in one conntrack dump
+    (``flush_stale_many``): each target keeps its own commit's epoch bound, so a flow
+    opened after the first commit to its (new) mapping survives the second commit's
+    cleanup, while the flow the first commit fenced goes."""
+    i = build(world)
+    old = connect(i["a"], A("10.0.0.7"))
+    rf = old.makefile("rb")
+    assert rf.readline().split()[0] == b"b"
+
+    b2 = world.fabric.add_instance("b2", 3, "acct1", A("10.0.0.7"))
+    world.serve("b2", b2)
+    moved = rec("acct1", "10.0.0.7", "10.250.3.7", 3, 5)
+    p1 = world.dps[1].commit([moved])
+    world.dps[3].apply([moved])
+    world.dps[1].finish_links(p1)
+    assert eventually(lambda: _try_hello(i["a"]) == ("10.0.0.5", "b2", "10.0.0.5"))
+    new = connect(i["a"], A("10.0.0.7"))  # stamped with p1's epoch
+    nf = new.makefile("rb")
+    assert nf.readline().split()[0] == b"b2"
+
+    # Another record (acct2's x) changes: a second commit, a later epoch bound.
+    x_moved = rec("acct2", "10.0.0.9", "10.250.3.9", 3, 6)
+    p2 = world.dps[1].commit([x_moved])
+    world.dps[1].finish_links(p2)
+    assert p2.batch.flush and p2.batch.epoch == p1.batch.epoch + 1
+
+    port = new.getsockname()[1]
+    assert _ct_entries(world.dps[1], port) == 1
+    deleted, warning = world.dps[1].flush_stale_many([p1, p2])
+    assert warning is None
+    assert deleted >= 1  # the flow p1 fenced
+    # Opened after p1: p2's later bound does not apply to it; its entry stays.
+    assert _ct_entries(world.dps[1], port) == 1
+    new.sendall(b"ping\n")
+    assert nf.readline() == b"b2 ping\n"
+    new.close()
+    old.close()
+    world.dps[1].flushed(p1)
+    world.dps[1].flushed(p2)
+    world.dps[1].apply([])
+    assert world.dps[1].stale == {}
 
 
 def test_a_new_dataplane_continues_the_epoch_of_the_kernel_table(world: World) -> None:
