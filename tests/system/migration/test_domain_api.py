@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -56,7 +57,8 @@ def fleet(tmp_path: Path) -> Iterator[tuple[RunningController, Client, str]]:
         async def main() -> None:
             ctl.state.links.attach_local(host, agent.router)
             ready.set()
-            await agent.run(serve_api=False)
+            with contextlib.suppress(asyncio.CancelledError):  # how the fixture stops it
+                await agent.run(serve_api=False)
 
         task = loop.create_task(main())
         thread = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
