@@ -21,6 +21,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -311,23 +312,14 @@ def seal_readonly(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
     (a writer that is still exiting), then the error names who holds files there.
     """
     target = os.fsencode(os.path.abspath(path))
-    deadline = time.monotonic() + busy_timeout_s
-    delay = 0.001
-    while True:
+
+    def remount() -> int:
         if _libc.mount(None, target, None, _MS_REMOUNT | _MS_RDONLY, None) == 0:
-            return True
+            return 0
         err = ctypes.get_errno()
-        if err == errno.EINVAL and not os.path.ismount(path):
-            return False
-        if err != errno.EBUSY or time.monotonic() >= deadline:
-            break
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    why = os.strerror(err)
-    if err == errno.EBUSY:
-        holders = mount_holders(path)
-        why += f" (held by {', '.join(holders)})" if holders else " (no process holds it)"
-    raise DomainError(f"cannot make {path} read-only: {why}")
+        return -1 if err == errno.EINVAL and not os.path.ismount(path) else err
+
+    return _mount_call(remount, path, "make {} read-only", busy_timeout_s)
 
 
 def unmount(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
@@ -340,14 +332,25 @@ def unmount(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
     descriptors it inherited yet). If it stays busy, the error names who holds it.
     """
     target = os.fsencode(os.path.abspath(path))
+
+    def umount() -> int:
+        if _libc.umount2(target, 0) == 0:
+            return 0
+        err = ctypes.get_errno()
+        return -1 if err == errno.EINVAL else err  # EINVAL: not a mount point
+
+    return _mount_call(umount, path, "unmount {}", busy_timeout_s)
+
+
+def _mount_call(call: Callable[[], int], path: Path, what: str, busy_timeout_s: float) -> bool:
+    """Run ``call`` (0: done, -1: nothing mounted, else an errno) and retry EBUSY for
+    ``busy_timeout_s``; a lasting error names the processes holding files under ``path``."""
     deadline = time.monotonic() + busy_timeout_s
     delay = 0.001
     while True:
-        if _libc.umount2(target, 0) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err == errno.EINVAL:  # not a mount point
-            return False
+        err = call()
+        if err <= 0:
+            return err == 0
         if err != errno.EBUSY or time.monotonic() >= deadline:
             break
         time.sleep(delay)
@@ -356,7 +359,7 @@ def unmount(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
     if err == errno.EBUSY:
         holders = mount_holders(path)
         why += f" (held by {', '.join(holders)})" if holders else " (no process holds it)"
-    raise DomainError(f"cannot unmount {path}: {why}")
+    raise DomainError(f"cannot {what.format(path)}: {why}")
 
 
 def mount_holders(path: Path, limit: int = 8) -> list[str]:
