@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from edgevisor.migration.domain_parts import (
 )
 from edgevisor.network import netns as nn
 from edgevisor.tasks.cgroups import CgroupError, CgroupLimits, CgroupSet
+from edgevisor.tasks.sandbox_io import bwrap_child_pid, wait_readable
 
 __all__ = ["DomainProcess"]
 
@@ -150,9 +150,7 @@ class DomainProcess:
         os.close(info_w)
         child: int | None = None
         try:
-            os.set_blocking(info_r, False)
-            info = await asyncio.wait_for(_read_all(info_r), s.start_timeout_s)
-            child = _child_pid(info)
+            child = await asyncio.wait_for(bwrap_child_pid(info_r), s.start_timeout_s)
             if child is None:
                 raise DomainError(
                     f"domain {self.spec.name!r}: sandbox did not start: {self._log_tail()}"
@@ -202,16 +200,10 @@ class DomainProcess:
     async def _wait_exit(self) -> int:
         proc = self._proc
         assert proc is not None
-        loop = asyncio.get_running_loop()
         fd = os.pidfd_open(proc.pid)
         try:
             while proc.poll() is None:
-                fut: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _wake, fut)
-                try:
-                    await fut
-                finally:
-                    loop.remove_reader(fd)
+                await wait_readable(fd)
         finally:
             os.close(fd)
         return int(proc.returncode)
@@ -288,35 +280,3 @@ def _listens(pid: int) -> bool:
         except OSError:
             continue
     return False
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-async def _read_all(fd: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _wake, fut)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(fd)
-            continue
-        if not chunk:
-            return data
-        data += chunk
-
-
-def _child_pid(info: bytes) -> int | None:
-    try:
-        pid = json.loads(info).get("child-pid")
-    except (ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 0 else None

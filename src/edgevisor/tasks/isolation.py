@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -52,11 +51,10 @@ from edgevisor.tasks.sandbox import (
     _base_env,
     _names,
     _ProcessEnvironment,
-    _read_to_eof,
     _runtime_config,
-    _set_nonblocking,
     _signal_name,
 )
+from edgevisor.tasks.sandbox_io import bwrap_child_pid
 
 __all__ = [
     "BUNDLE_MOUNT",
@@ -317,10 +315,8 @@ class IsolatedEnvironment(_ProcessEnvironment):
             os.close(fd)
         self._attach(proc, from_rt_r, to_rt_w, err_r)
         try:
-            _set_nonblocking(info_r)
             async with asyncio.timeout(self._settings.start_timeout_s):
-                info = await _read_to_eof(info_r)
-            child = _child_pid(info)
+                child = await bwrap_child_pid(info_r)
             if child is None:
                 raise EnvironmentStartError(
                     f"bwrap did not start: {await self._startup_stderr() or 'no child pid'}"
@@ -470,11 +466,3 @@ class StemPool:
         task = asyncio.get_running_loop().create_task(stem.close())
         self._refills.add(task)
         task.add_done_callback(self._refills.discard)
-
-
-def _child_pid(info: bytes) -> int | None:
-    try:
-        pid = json.loads(info).get("child-pid")
-    except (ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 0 else None

@@ -34,7 +34,6 @@ from edgevisor.tasks.sandbox_config import (
 from edgevisor.tasks.sandbox_config import _base_env as _base_env
 from edgevisor.tasks.sandbox_config import _runtime_config as _runtime_config
 from edgevisor.tasks.sandbox_io import _CallTimer as _CallTimer
-from edgevisor.tasks.sandbox_io import _read_to_eof as _read_to_eof
 from edgevisor.tasks.sandbox_io import _set_nonblocking as _set_nonblocking
 from edgevisor.tasks.sandbox_plain import (
     PlainEnvironment,

@@ -9,17 +9,18 @@ and :mod:`.isolation`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
-__all__: list[str] = []
+__all__ = ["bwrap_child_pid", "read_to_eof", "wait_readable"]
 
 
 def _set_nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
 
 
-async def _wait_readable(fd: int) -> None:
+async def wait_readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
 
@@ -49,20 +50,32 @@ async def _wait_writable(fd: int) -> None:
         loop.remove_writer(fd)
 
 
-async def _read_to_eof(fd: int, limit: int = 1 << 16) -> bytes:
+async def read_to_eof(fd: int, limit: int = 1 << 16) -> bytes:
     """Read a non-blocking fd until EOF (or ``limit`` bytes) without blocking the loop."""
     data = b""
     while len(data) < limit:
         try:
             chunk = os.read(fd, limit)
         except BlockingIOError:
-            await _wait_readable(fd)
+            await wait_readable(fd)
             continue
         if not chunk:
             break
         data += chunk
     return data
 
+
+
+async def bwrap_child_pid(info_fd: int) -> int | None:
+    """The host pid of bwrap's sandboxed child, from what bwrap writes to its
+    ``--info-fd`` (read to EOF without blocking the loop); None when it wrote none (it
+    failed to start)."""
+    os.set_blocking(info_fd, False)
+    try:
+        pid = json.loads(await read_to_eof(info_fd)).get("child-pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
 
 class _CallTimer:
     """The timeout of an environment's call in progress, without a timer per call.

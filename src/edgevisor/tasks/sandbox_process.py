@@ -44,10 +44,10 @@ from edgevisor.tasks.sandbox_config import (
 )
 from edgevisor.tasks.sandbox_io import (
     _CallTimer,
-    _read_to_eof,
     _set_nonblocking,
-    _wait_readable,
     _wait_writable,
+    read_to_eof,
+    wait_readable,
 )
 
 __all__: list[str] = []
@@ -381,7 +381,7 @@ class _ProcessEnvironment:
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
-                    await _wait_readable(pidfd)
+                    await wait_readable(pidfd)
         finally:
             os.close(pidfd)
         return proc.poll()
@@ -398,7 +398,7 @@ class _ProcessEnvironment:
             return ""
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(2.0):
-                return (await _read_to_eof(self._errfd, 8192)).decode("utf-8", "replace").strip()
+                return (await read_to_eof(self._errfd, 8192)).decode("utf-8", "replace").strip()
         return ""
 
     def _close_errfd(self) -> None:
