@@ -487,25 +487,38 @@ class Conn(asyncio.BufferedProtocol):
         """Answer inline when the device can do it without waiting; else start a task."""
         assert self.export is not None
         dev = self.export.device
-        cmd = req.cmd
-        try:
-            if cmd is Cmd.READ:
-                file_extent = self.file_extent
-                ext = file_extent(req.offset, req.length) if file_extent is not None else None
-                if ext is not None:
-                    self._read_from_file(req, ext[0], ext[1])
-                    return
-            elif cmd is Cmd.WRITE and not req.flags & CMD_FLAG_FUA:
-                write_nowait = self.write_nowait
-                if write_nowait is not None and write_nowait(req.offset, req.data):
-                    self.write(self.core.send(Done(req.handle)))
-                    return
-        except (EdgevisorError, OSError) as e:
-            self.write(self.core.send(ErrorReply(req.handle, errno_for(e), str(e)[:200])))
+        if self.answer_inline(req, self._read_from_file, self.write):
             return
         if isinstance(req.data, memoryview):  # the view dies with the next receive
             req = dataclasses.replace(req, data=bytes(req.data))
         self._spawn(self._handle(dev, req))
+
+    def answer_inline(
+        self,
+        req: Request,
+        read_from_file: Callable[[Request, int, int], None],
+        send: Callable[[bytes], None],
+    ) -> bool:
+        """Answer ``req`` on the session's own thread of control when the device offers a
+        fast path for it (a file extent to read, a write that completes at once), or
+        when that fast path fails; False when the device must handle it. Shared by the
+        asyncio sessions and the TLS session threads."""
+        try:
+            if req.cmd is Cmd.READ:
+                file_extent = self.file_extent
+                ext = file_extent(req.offset, req.length) if file_extent is not None else None
+                if ext is not None:
+                    read_from_file(req, ext[0], ext[1])
+                    return True
+            elif req.cmd is Cmd.WRITE and not req.flags & CMD_FLAG_FUA:
+                write_nowait = self.write_nowait
+                if write_nowait is not None and write_nowait(req.offset, req.data):
+                    send(self.core.send(Done(req.handle)))
+                    return True
+        except (EdgevisorError, OSError) as e:
+            send(self.core.send(ErrorReply(req.handle, errno_for(e), str(e)[:200])))
+            return True
+        return False
 
     def _read_from_file(self, req: Request, fd: int, offset: int) -> None:
         if self.transport is None and req.length >= _SENDFILE_MIN:

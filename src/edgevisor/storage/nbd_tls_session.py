@@ -43,12 +43,9 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-from edgevisor.errors import EdgevisorError
 from edgevisor.proto.nbd_wire import (
-    CMD_FLAG_FUA,
     BlockStatusReply,
     Closed,
-    Cmd,
     Done,
     Errno,
     ErrorReply,
@@ -221,22 +218,7 @@ class TLSSession:
         export = conn.export
         if export is None:
             raise EOFError("export removed")
-        try:
-            if req.cmd is Cmd.READ:
-                fe = conn.file_extent
-                ext = fe(req.offset, req.length) if fe is not None else None
-                if ext is not None:
-                    self._read_from_file(req, ext[0], ext[1])
-                    return
-            elif req.cmd is Cmd.WRITE and not req.flags & CMD_FLAG_FUA:
-                wn = conn.write_nowait
-                if wn is not None and wn(req.offset, req.data):
-                    self._queue(self.core.send(Done(req.handle)))
-                    return
-        except (EdgevisorError, OSError) as e:
-            from edgevisor.storage.nbd_conn import errno_for
-
-            self._queue(self.core.send(ErrorReply(req.handle, errno_for(e), str(e)[:200])))
+        if conn.answer_inline(req, self._read_from_file, self._queue):
             return
         if isinstance(req.data, memoryview):  # the view dies with the next receive
             req = dataclasses.replace(req, data=bytes(req.data))
