@@ -52,9 +52,9 @@ from edgevisor.tasks.sandbox import (
     _names,
     _ProcessEnvironment,
     _runtime_config,
-    _signal_name,
 )
 from edgevisor.tasks.sandbox_io import bwrap_child_pid
+from edgevisor.tasks.sandbox_process import _crashed
 
 __all__ = [
     "BUNDLE_MOUNT",
@@ -355,18 +355,7 @@ class IsolatedEnvironment(_ProcessEnvironment):
                 "limit_mb": self.spec.memory_mb,
             }
         # bwrap reports a child killed by signal N as exit status 128 + N.
-        if status is not None and status > 128:
-            name = _signal_name(status - 128)
-            return "crashed", {
-                "type": "Crashed",
-                "message": f"runtime killed by {name}",
-                "signal": name,
-            }
-        return "crashed", {
-            "type": "Crashed",
-            "message": f"runtime exited with status {status}",
-            "exit_status": status,
-        }
+        return _crashed(status, status - 128 if status is not None and status > 128 else None)
 
 
 def _stage_bundle(bundle: Path, stage: Path) -> None:

@@ -24,7 +24,7 @@ from edgevisor.tasks.sandbox_config import (
     _runtime_config,
     _RuntimeFiles,
 )
-from edgevisor.tasks.sandbox_process import _ProcessEnvironment, _signal_name
+from edgevisor.tasks.sandbox_process import _crashed, _ProcessEnvironment
 
 __all__ = ["PlainEnvironment", "PlainFactory", "plain_isolation_warning"]
 
@@ -81,18 +81,8 @@ class PlainEnvironment(_ProcessEnvironment):
             self._state = "dead"
 
     def _classify_death(self, status: int | None) -> tuple[str, dict[str, Any]]:
-        if status is not None and status < 0:
-            name = _signal_name(-status)
-            return "crashed", {
-                "type": "Crashed",
-                "message": f"runtime killed by {name}",
-                "signal": name,
-            }
-        return "crashed", {
-            "type": "Crashed",
-            "message": f"runtime exited with status {status}",
-            "exit_status": status,
-        }
+        # Popen reports a child killed by signal N as -N.
+        return _crashed(status, -status if status is not None and status < 0 else None)
 
     def _error_outcome(
         self, error: dict[str, Any], logs: str, init_s: float, run_s: float

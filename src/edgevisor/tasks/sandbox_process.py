@@ -63,6 +63,23 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
+def _crashed(status: int | None, signo: int | None) -> tuple[str, dict[str, Any]]:
+    """How a runtime that died is reported: the signal that killed it (``signo``, as the
+    kind decodes it from ``status``), else its exit status."""
+    if signo is not None:
+        name = _signal_name(signo)
+        return "crashed", {
+            "type": "Crashed",
+            "message": f"runtime killed by {name}",
+            "signal": name,
+        }
+    return "crashed", {
+        "type": "Crashed",
+        "message": f"runtime exited with status {status}",
+        "exit_status": status,
+    }
+
+
 class _ProcessEnvironment:
     """What both kinds share: the pipes, the protocol, invoke, timeouts, outcomes."""
 
