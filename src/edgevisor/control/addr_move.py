@@ -41,7 +41,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from edgevisor.control.addr_sync import Push, _endpoint, _wire, event_data
+from edgevisor.control.addr_sync import Push, event_data, plan_push
 from edgevisor.errors import RequestError
 from edgevisor.network.fast_alloc import sqlite_timestamp
 from edgevisor.network.lifecycle import State
@@ -106,7 +106,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 
 class _Host:
-    """A ``hosts`` row as :func:`~edgevisor.control.addr_sync._endpoint` reads it."""
+    """A ``hosts`` row as :func:`~edgevisor.control.addr_sync.plan_push` reads it."""
 
     __slots__ = ("agent_key", "agent_url", "state")
 
@@ -352,32 +352,18 @@ class FastMover:
     @staticmethod
     def _resolve(cur: Any, st: Any, change: Push) -> None:
         """:func:`~edgevisor.control.addr_sync.resolve_endpoints` on this connection."""
-        joined = change.after - change.before
-        left = change.before - change.after
         account = change.record.account
-        bound: list[dict[str, Any]] = []
-        if joined or left:
+
+        def bound() -> list[AddressRecord]:
             cur.execute(_BOUND, (account,))
-            bound = [_wire(_record(r)) for r in cur.fetchall()]
-        one = [_wire(change.record)]
-        targets = change.targets()
-        remote = [h for h, _ in targets if not st.links.is_local(h)]
-        hosts: dict[str, _Host] = {}
-        if remote:
-            cur.execute(_ENDPOINTS.format(", ".join("?" * len(remote))), remote)
-            hosts = {n: _Host(u, k, s) for n, u, k, s in cur.fetchall()}
-        for h, _full in targets:
-            if h in joined:
-                body = {"full": False, "records": bound, "removed": []}
-            elif h in left:
-                gone = {r["id"]: r for r in bound}
-                gone[change.record.id] = one[0]
-                cur.execute(_APPLIED, (h, account))
-                for r in cur.fetchall():
-                    gone.setdefault(r[0], _wire(_record(r)))
-                body = {"full": False, "records": [], "removed": list(gone.values())}
-            else:
-                body = {"full": False, "records": one, "removed": []}
-            change.bodies[h] = body
-            if h in remote:
-                change.endpoints[h] = _endpoint(h, hosts.get(h))
+            return [_record(r) for r in cur.fetchall()]
+
+        def hosts(names: list[str]) -> dict[str, Any]:
+            cur.execute(_ENDPOINTS.format(", ".join("?" * len(names))), names)
+            return {n: _Host(u, k, s) for n, u, k, s in cur.fetchall()}
+
+        def applied(host: str) -> list[AddressRecord]:
+            cur.execute(_APPLIED, (host, account))
+            return [_record(r) for r in cur.fetchall()]
+
+        plan_push(change, is_local=st.links.is_local, bound=bound, hosts=hosts, applied=applied)

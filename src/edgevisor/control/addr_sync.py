@@ -323,36 +323,61 @@ async def push_change(st: ControllerState, change: Push) -> None:
 def resolve_endpoints(s: Session, st: ControllerState, change: Push) -> None:
     """Fill ``change.endpoints`` and ``change.bodies`` for the hosts the change goes to,
     in the change's own transaction (see the theory of operation)."""
-    joined = change.after - change.before
-    left = change.before - change.after
-    account_bound: list[dict[str, Any]] | None = None
-    if joined or left:
+
+    def bound() -> list[AddressRecord]:
         rows = s.execute(select(REC).where(REC.c.account == change.record.account,
                                            REC.c.state == State.BOUND.value)
-                         .order_by(REC.c.id))
-        account_bound = [_wire(records.record_view(r)) for r in rows]
+                         .order_by(REC.c.id))  # fmt: skip
+        return [records.record_view(r) for r in rows]
+
+    def hosts(names: list[str]) -> dict[str, Any]:
+        q = select(Host.name, Host.agent_url, Host.agent_key, Host.state)
+        return {r.name: r for r in s.execute(q.where(Host.name.in_(names)))}
+
+    plan_push(
+        change,
+        is_local=st.links.is_local,
+        bound=bound,
+        hosts=hosts,
+        applied=lambda host: _applied_of_account(s, host, change.record.account),
+    )
+
+
+def plan_push(
+    change: Push,
+    *,
+    is_local: Callable[[str], bool],
+    bound: Callable[[], list[AddressRecord]],
+    hosts: Callable[[list[str]], dict[str, Any]],
+    applied: Callable[[str], Iterable[AddressRecord]],
+) -> None:
+    """The bodies and endpoints of ``change``, from the store through three readers (so
+    a path on its own connection, :mod:`.addr_move`, plans the very same pushes): the
+    account's bound records (read only when a host joins or leaves the account's set),
+    the ``hosts`` rows of the remote targets, and what a leaving host applied of the
+    account. A joining host gets every bound record, a leaving one the removal of all it
+    may hold, any other the one record."""
+    joined = change.after - change.before
+    left = change.before - change.after
+    account_bound = [_wire(r) for r in bound()] if joined or left else []
     one = [_wire(change.record)]
     targets = change.targets()
-    remote = [h for h, _ in targets if not st.links.is_local(h)]
-    hosts = {r.name: r for r in s.execute(
-        select(Host.name, Host.agent_url, Host.agent_key, Host.state)
-        .where(Host.name.in_(remote)))} if remote else {}
+    remote = [h for h, _ in targets if not is_local(h)]
+    rows = hosts(remote) if remote else {}
     for host, _full in targets:
         if host in joined:
-            assert account_bound is not None
             body = {"full": False, "records": account_bound, "removed": []}
         elif host in left:
-            assert account_bound is not None
             gone = {r["id"]: r for r in account_bound}
             gone[change.record.id] = one[0]
-            for r in _applied_of_account(s, host, change.record.account):
+            for r in applied(host):
                 gone.setdefault(r.id, _wire(r))
             body = {"full": False, "records": [], "removed": list(gone.values())}
         else:
             body = {"full": False, "records": one, "removed": []}
         change.bodies[host] = body
         if host in remote:
-            change.endpoints[host] = _endpoint(host, hosts.get(host))
+            change.endpoints[host] = _endpoint(host, rows.get(host))
 
 
 def _endpoint(host: str, h: Any) -> tuple[str, str] | str:
