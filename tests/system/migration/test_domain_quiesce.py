@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.error
@@ -27,81 +26,25 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from domain_env import SETTINGS, Env, domain_env
 
 from edgevisor.migration import domain as domain_mod
-from edgevisor.migration.domain import Domain, DomainError, LocalVolumes, clear_stale
+from edgevisor.migration.domain import Domain, DomainError
 from edgevisor.migration.domain_host import (
     checkpoint_journal,
     mount_holders,
     seal_readonly,
     unmount,
 )
-from edgevisor.migration.domain_parts import (
-    DomainSpec,
-    DomainsSettings,
-    cgroup_parent,
-    slot_address,
-)
-from edgevisor.storage.attach import AttachSettings
 from edgevisor.storage.hostfs import is_mounted, read_mountinfo
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
-KV = Path(__file__).resolve().parents[3] / "examples" / "domains" / "kv" / "kv.py"
-PY = os.path.realpath(sys.executable)
-SETTINGS = DomainsSettings(backoff_initial_s=0.2, backoff_max_s=1.0, stop_timeout_s=20.0)
-ATTACH = AttachSettings(stop_timeout_s=20.0)
-SIZE = 64 << 20
-
-
-class Env:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.host = f"q{os.getpid()}-{root.name[-6:]}"
-        self.volumes = LocalVolumes(root / "volumes", ATTACH)
-        self.domains: list[Domain] = []
-        self._slot = 3000 + os.getpid() % 900
-
-    def domain(self, name: str, command: list[str]) -> Domain:
-        spec = DomainSpec(
-            account="acme", name=name, command=tuple(command), volume=f"domain-{name}",
-            volume_size_bytes=SIZE, restart="never", memory_mb=128,  # type: ignore[arg-type]
-        )  # fmt: skip
-        self._slot += 1
-        d = Domain(
-            spec, host=self.host, dir=self.root / "domains" / spec.qualified, slot=self._slot,
-            address=slot_address(SETTINGS.test_subnet, self._slot), volumes=self.volumes,
-            settings=SETTINGS,
-        )  # fmt: skip
-        self.domains.append(d)
-        return d
-
-    def kv(self, name: str = "kv") -> Domain:
-        d = self.domain(name, [PY, "-I", "-S", "/task/kv.py", "--port", "8080"])
-        d.app_dir.mkdir(parents=True)
-        shutil.copy(KV, d.app_dir / "kv.py")
-        return d
-
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    root = Path(tempfile.mkdtemp(prefix=f"evtest-quiesce-{os.getpid()}-", dir="/tmp"))
-    e = Env(root)
-    try:
+    async with domain_env("evtest-quiesce", "q", 3000 + os.getpid() % 900) as e:
         yield e
-    finally:
-        for d in e.domains:
-            with contextlib.suppress(Exception):  # keep cleaning
-                await d.stop()
-        await clear_stale(e.host, e.volumes, [d.spec.volume_id for d in e.domains])
-        for m in reversed(read_mountinfo()):
-            if m.mount_point.startswith(str(root) + "/"):
-                subprocess.run(["umount", "-l", m.mount_point], check=False)
-        for part in ("memory", "pids", "cpu", "freezer"):
-            p = Path("/sys/fs/cgroup") / part / cgroup_parent(e.host)
-            if p.is_dir():
-                subprocess.run(["rmdir", str(p)], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
