@@ -65,7 +65,7 @@ def main() -> int:
         sensor = subprocess.run(
             [sys.executable, str(HERE / "devices" / "sensor.py"),
              "--broker", dev.broker_url, "--username", dev.username,
-             "--password", dev.password, "--readings", "10", "--interval", "0.5",
+             f"--password={dev.password}", "--readings", "10", "--interval", "0.5",
              "--expect", "fan=on", "--timeout", "60"],
             timeout=120,
         )  # fmt: skip

@@ -61,6 +61,18 @@ def valid_device_name(name: str) -> str:
     return name
 
 
+def new_password() -> str:
+    """A generated device password (144 bits) that never starts with "-".
+
+    Operators pass it to CLI clients (mosquitto_pub -P, argparse tools) where a
+    leading dash reads as an option.
+    """
+    while True:
+        password = secrets.token_urlsafe(18)
+        if not password.startswith("-"):
+            return password
+
+
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(
@@ -145,7 +157,7 @@ class DeviceRegistry:
         """Register a device; returns its password (generated when not given)."""
         valid_device_name(name)
         if password is None:
-            password = secrets.token_urlsafe(18)
+            password = new_password()
         elif not password:
             raise RequestError("password must not be empty")
         try:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from edgevisor.devices import registry
 from edgevisor.devices.db import open_db
 from edgevisor.devices.registry import DeviceRegistry, hash_password, verify_password
 from edgevisor.errors import AlreadyExists, NotFound, RequestError
@@ -18,6 +19,15 @@ def test_devices_password_hash_round_trip() -> None:
     assert not verify_password("s3cret!", h)
     assert not verify_password("s3cret", "garbage")
     assert hash_password("s3cret") != h  # salted
+
+
+def test_devices_generated_password_never_starts_with_a_dash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A leading "-" made argparse clients (examples/devices/sensor.py) read it as an option.
+    drawn = iter(["-leading-dash-pw", "-again", "fine-pw_123"])
+    monkeypatch.setattr(registry.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert registry.new_password() == "fine-pw_123"
 
 
 def test_devices_registry_stores_only_the_hash(tmp_path: Path) -> None:
