@@ -25,8 +25,8 @@ from edgevisor.errors import ConfigError
 from edgevisor.migration.domain_config import DomainsSettings
 from edgevisor.network.config import NetworkSettings
 from edgevisor.storage.config import StorageSettings
+from edgevisor.tasks.coord_config import CoordinatorSettings
 from edgevisor.tasks.sandbox import SandboxSettings
-from edgevisor.tasks.service import CoordinatorSettings
 
 ENV_PREFIX = "EDGEVISOR_"
 

@@ -7,13 +7,16 @@ record is cut from it when someone asks and when the call ends.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgevisor.tasks.environment import OutcomeStatus
+from edgevisor.tasks.environment import EnvSpec, Outcome, OutcomeStatus
 from edgevisor.tasks.spec import TaskSpec
 
 __all__ = [
@@ -40,6 +43,45 @@ _STATUS: dict[OutcomeStatus, CallStatus] = {
 
 def status_of(outcome_status: OutcomeStatus) -> CallStatus:
     return _STATUS[outcome_status]
+
+
+def version_of(bundle: str, spec_json: str) -> str:
+    """A task version's id: the same bundle with the same spec is the same version."""
+    return hashlib.sha256(f"{bundle}\n{spec_json}".encode()).hexdigest()[:24]
+
+
+def cap_logs(logs: str, cap: int) -> str:
+    """At most ``cap`` bytes of a call's logs (UTF-8), marked when cut."""
+    if len(logs) * 4 <= cap:  # no check needed: a character is at most 4 bytes
+        return logs
+    raw = logs.encode()
+    if len(raw) <= cap:
+        return logs
+    return raw[:cap].decode(errors="ignore") + "\n[logs truncated]"
+
+
+def settle(
+    state: CallState, outcome: Outcome, start_s: float, *, log_cap_bytes: int, now: float
+) -> str | None:
+    """Write an environment's outcome into the call's state; return the result's JSON
+    (None unless it succeeded). A result that is not JSON fails the call."""
+    result_json: str | None = None
+    status = status_of(outcome.status)
+    error = outcome.error
+    if status == "succeeded":
+        try:
+            result_json = json.dumps(outcome.result, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            status = "failed"
+            error = {"type": "ResultNotSerializable", "message": f"result is not JSON: {exc}"}
+    state.status = status
+    state.result = outcome.result if result_json is not None else None
+    state.error = error
+    state.logs = cap_logs(outcome.logs, log_cap_bytes)
+    state.init_s = outcome.init_s or start_s
+    state.run_s = outcome.run_s
+    state.finished_at = now
+    return result_json
 
 
 def new_call_id() -> str:
@@ -182,3 +224,13 @@ class TaskVersion(BaseModel):
     bundle: str = Field(..., description="Content digest of the bundle.")
     spec: TaskSpec = Field(..., description="The effective spec.")
     deployed_at: float = Field(..., description="Unix time of the deploy.")
+
+
+def env_spec(tv: TaskVersion, bundles_root: Path) -> EnvSpec:
+    """What an execution environment of a task version is made from."""
+    s = tv.spec
+    return EnvSpec(
+        task=s.name, version=tv.bundle, bundle_dir=bundles_root / tv.bundle,
+        runtime=s.runtime, handler=s.handler, memory_mb=s.memory_mb, cpu=s.cpu,
+        timeout_s=s.timeout_s, env=dict(s.env), network=s.network,
+    )  # fmt: skip

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -30,8 +29,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Literal, overload
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from edgevisor.errors import (
     EdgevisorError,
@@ -45,10 +42,14 @@ from edgevisor.tasks.calls import (
     CallRecord,
     CallState,
     TaskVersion,
+    env_spec,
     new_call_id,
-    status_of,
+    settle,
+    version_of,
 )
+from edgevisor.tasks.coord_config import CoordinatorSettings
 from edgevisor.tasks.environment import Environment, EnvironmentFactory, EnvSpec, Outcome
+from edgevisor.tasks.idempotency import IdempotencyIndex
 from edgevisor.tasks.queue import CallJournal, row_of
 from edgevisor.tasks.resources import Action, Create, Evict, Expire, ResourceManager, Reuse
 from edgevisor.tasks.scheduler import Demand, Resources, Scheduler
@@ -59,60 +60,8 @@ __all__ = ["CallFailed", "Coordinator", "CoordinatorSettings"]
 log = logging.getLogger(__name__)
 
 
-class CoordinatorSettings(BaseModel):
-    """Settings of the coordinator on one host (section ``coordinator``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    memory_mb: int = Field(1024, gt=0, description="Memory budget for all environments, MiB.")
-    cpu: float = Field(2.0, gt=0, description="CPU budget for running calls, in cores.")
-    max_envs: int = Field(32, gt=0, description="Most environments alive at once.")
-    queue_bound: int = Field(
-        10_000, gt=0, description="Pending calls past which a call is refused with 429."
-    )
-    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a 429.")
-    payload_limit_bytes: int = Field(
-        1_048_576, gt=0, description="Largest event (JSON-encoded); larger ones get 413."
-    )
-    log_cap_bytes: int = Field(65_536, gt=0, description="Logs kept per call, bytes.")
-    aging_s: float = Field(
-        10.0,
-        gt=0,
-        description="A call waiting this long no longer lets smaller calls pass it.",
-    )
-    keep_warm_idle_s: float = Field(
-        300.0, ge=0, description="Keep-warm idle time for tasks whose manifest sets none."
-    )
-    housekeep_interval_s: float = Field(
-        1.0, gt=0, description="Longest sleep of the keep-warm/prewarm timer."
-    )
-    records_kept: int = Field(
-        10_000, gt=0, description="Finished call records kept in memory (older: journal)."
-    )
-    journal_delay_s: float = Field(
-        0.05, ge=0, description="How long lazily journaled rows gather before a commit."
-    )
-    journal_sync_calls: bool = Field(
-        True, description="Also journal finished sync calls (lazily, in batches) for history."
-    )
-    journal_retention_s: float = Field(
-        7 * 86_400.0, gt=0, description="Finished calls older than this leave the journal."
-    )
-    bundle_max_bytes: int = Field(
-        256 * 1024 * 1024, gt=0, description="Largest unpacked bundle, bytes."
-    )
-    validate_on_deploy: bool = Field(
-        True,
-        description="Start an environment at deploy so a bundle that fails to load is refused.",
-    )
-
-
 class CallFailed(EdgevisorError):
     """A task-to-task call did not succeed; ``details`` holds the callee's record."""
-
-
-def _version_of(bundle: str, spec_json: str) -> str:
-    return hashlib.sha256(f"{bundle}\n{spec_json}".encode()).hexdigest()[:24]
 
 
 class Coordinator:
@@ -149,8 +98,7 @@ class Coordinator:
         self._envs: dict[int, Environment] = {}
         self._calls: dict[str, CallState] = {}
         self._done: OrderedDict[str, CallRecord] = OrderedDict()
-        self._idem: dict[str, str] = {}
-        self._idem_pending: dict[str, asyncio.Future[str]] = {}
+        self._idem = IdempotencyIndex(self._journal.by_idempotency_key)
         self._bg: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._started = False
@@ -176,7 +124,7 @@ class Coordinator:
                 priority=rec.priority, created_at=rec.created_at, enqueued_mono=now,
             )  # fmt: skip
             if rec.idempotency_key:
-                self._idem[rec.idempotency_key] = rec.id
+                self._idem.remember(rec.idempotency_key, rec.id)
             self._calls[rec.id] = state
             if tv is None:
                 self._fail_unrunnable(state, "TaskNotFound", f"task {rec.task} is not deployed")
@@ -237,7 +185,7 @@ class Coordinator:
             raise SpecError("memory", f"exceeds the host budget of {self.capacity.memory_mb} MiB")
         if round(spec.cpu * 1000) > self.capacity.cpu_milli:
             raise SpecError("cpu", f"exceeds the host budget of {self.settings.cpu} cores")
-        version = _version_of(bundle.digest, spec.model_dump_json())
+        version = version_of(bundle.digest, spec.model_dump_json())
         tv = TaskVersion(
             name=spec.name, version=version, bundle=bundle.digest, spec=spec,
             deployed_at=self._wall(),
@@ -336,7 +284,7 @@ class Coordinator:
                 f"{self.settings.payload_limit_bytes}",
             )
         if idempotency_key is not None:
-            existing, claim = await self._idem_lookup(idempotency_key)
+            existing, claim = await self._idem.lookup(idempotency_key)
             if existing is not None:
                 return existing if async_ else await self.wait_call(existing)
         else:
@@ -365,15 +313,10 @@ class Coordinator:
         except BaseException as exc:
             self._calls.pop(call_id, None)
             if claim is not None:
-                self._idem.pop(idempotency_key or "", None)
-                if isinstance(exc, Exception):
-                    claim.set_exception(exc)
-                else:
-                    claim.cancel()
+                self._idem.abandon(idempotency_key or "", claim, exc)
             raise
         if claim is not None:
-            self._idem[idempotency_key or ""] = call_id
-            claim.set_result(call_id)
+            self._idem.settle(idempotency_key or "", claim, call_id)
         if async_:
             self._kick()
             return call_id
@@ -407,31 +350,6 @@ class Coordinator:
         await self._run_call(*mine)
         result: CallRecord = await fut
         return result
-
-    async def _idem_lookup(self, key: str) -> tuple[str | None, asyncio.Future[str] | None]:
-        """(existing call id, None) or (None, a claim the caller resolves with its id)."""
-        cid = self._idem.get(key)
-        if cid is not None:
-            return cid, None
-        pending = self._idem_pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending), None
-        claim: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        claim.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
-        self._idem_pending[key] = claim
-        try:
-            rec = await self._journal.by_idempotency_key(key)
-        except BaseException as exc:
-            del self._idem_pending[key]
-            claim.set_exception(exc)
-            raise
-        if rec is not None:
-            del self._idem_pending[key]
-            self._idem[key] = rec.id
-            claim.set_result(rec.id)
-            return rec.id, None
-        claim.add_done_callback(lambda _f: self._idem_pending.pop(key, None))
-        return None, claim
 
     async def get_call(self, call_id: str) -> CallRecord:
         state = self._calls.get(call_id)
@@ -599,22 +517,8 @@ class Coordinator:
         self._perform(self._rm.release(env_id, healthy=healthy, now=self._clock()))
 
     def _finish(self, state: CallState, outcome: Outcome, start_s: float) -> None:
-        result_json: str | None = None
-        status = status_of(outcome.status)
-        error = outcome.error
-        if status == "succeeded":
-            try:
-                result_json = json.dumps(outcome.result, separators=(",", ":"))
-            except (TypeError, ValueError) as exc:
-                status = "failed"
-                error = {"type": "ResultNotSerializable", "message": f"result is not JSON: {exc}"}
-        state.status = status
-        state.result = outcome.result if result_json is not None else None
-        state.error = error
-        state.logs = self._cap_logs(outcome.logs)
-        state.init_s = outcome.init_s or start_s
-        state.run_s = outcome.run_s
-        state.finished_at = self._wall()
+        result_json = settle(state, outcome, start_s, log_cap_bytes=self.settings.log_cap_bytes,
+                             now=self._wall())  # fmt: skip
         self._complete(state, result_json)
 
     def _fail_unrunnable(self, state: CallState, kind: str, message: str) -> None:
@@ -630,21 +534,12 @@ class Coordinator:
         if len(self._done) > self.settings.records_kept:
             _, old = self._done.popitem(last=False)
             if old.idempotency_key is not None:
-                self._idem.pop(old.idempotency_key, None)
+                self._idem.forget(old.idempotency_key)
         for w in state.waiters:
             if not w.done():
                 w.set_result(rec)
         if state.async_ or self.settings.journal_sync_calls:
             self._journal.persist_lazily(row_of(state, None, result_json))
-
-    def _cap_logs(self, logs: str) -> str:
-        cap = self.settings.log_cap_bytes
-        if len(logs) * 4 <= cap:
-            return logs
-        raw = logs.encode()
-        if len(raw) <= cap:
-            return logs
-        return raw[:cap].decode(errors="ignore") + "\n[logs truncated]"
 
     async def _subcall(self, task: str, event: Any, async_: bool) -> Any:
         if async_:
@@ -660,12 +555,7 @@ class Coordinator:
     # -- keys and the timer --------------------------------------------------------------
 
     def _envspec(self, tv: TaskVersion) -> EnvSpec:
-        s = tv.spec
-        return EnvSpec(
-            task=s.name, version=tv.bundle, bundle_dir=self._bundles.root / tv.bundle,
-            runtime=s.runtime, handler=s.handler, memory_mb=s.memory_mb, cpu=s.cpu,
-            timeout_s=s.timeout_s, env=dict(s.env), network=s.network,
-        )  # fmt: skip
+        return env_spec(tv, self._bundles.root)
 
     def _ensure_key(self, tv: TaskVersion) -> None:
         """Register a version with the scheduler and resource manager (again after a
