@@ -326,7 +326,10 @@ def _fence(
         batch.epoch = epoch + 1
         if batch.epoch >= epoch_limit(settings):
             raise ValueError(f"flow epochs exhausted ({epoch}); the table must be rebuilt")
-        for t in sorted(batch.flush):
+        # Keyed: one batch may flush IPv4 and IPv6 targets of a zone, and addresses of
+        # two versions do not compare.
+        for t in sorted(batch.flush, key=lambda t: (t.zone, t.side, t.address.version,
+                                                    t.address.packed)):
             key = (t.zone, t.address)
             if key in stale:
                 batch.stale_del[key] = stale[key]
