@@ -46,7 +46,7 @@ import uvicorn
 import uvloop
 
 from edgevisor import Client
-from edgevisor.control import addr_sync, api_addresses
+from edgevisor.control import api_addresses
 from edgevisor.control.agent_http import AgentHttp
 from edgevisor.control.app import create_app
 from edgevisor.control.server import ensure_admin_token, open_store
@@ -55,6 +55,11 @@ from edgevisor.httpserver import QuietServer, bound_port
 from edgevisor.settings import load_settings
 from edgevisor.store import repos
 from edgevisor.testing.topology import Topology
+
+try:  # absent from trees before it (a baseline run)
+    from edgevisor.control import api_move_fast
+except ImportError:  # pragma: no cover
+    api_move_fast = None  # type: ignore[assignment]
 
 # Between rounds: the latency of one remap, not the rate of back-to-back remaps (an agent
 # finishes the previous update's conntrack flush, ~10 ms, before it starts the next).
@@ -95,13 +100,21 @@ def controller(data_dir: Path, host: str) -> Iterator[Ctl]:
     st = ControllerState(settings=settings, store=store)
     token = ensure_admin_token(st).read_text().strip()
     app = create_app(st)
+    # The move's fast path in front of FastAPI (a no-op once create_app installs it).
+    if api_move_fast is not None:
+        api_move_fast.install(app, st)
 
     async def timed_app(scope: Any, receive: Any, send: Any) -> None:
         """The app, timed from the request's arrival to its answer's last byte (wall and
         CPU time of the controller's thread: one request at a time, so it is this
         request's, awaits included)."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        _MARKS["in"] = t0
+        # Only a move's marks: an agent's heartbeat served meanwhile must not touch them.
+        is_move = scope["type"] == "http" and scope["path"].endswith("/move")
+        if is_move:
+            _MARKS.clear()
+            _CALLS.clear()
+            _MARKS["in"] = t0
         if _PROFILE is not None and _ON[0]:
             _PROFILE.enable()  # the controller's thread only
         try:
@@ -109,13 +122,13 @@ def controller(data_dir: Path, host: str) -> Iterator[Ctl]:
         finally:
             if _PROFILE is not None:
                 _PROFILE.disable()
-            if _ON[0] and scope["type"] == "http" and scope["path"].endswith("/move"):
+            if _ON[0] and is_move:
+                MOVES.append(list(_CALLS))
                 t1 = time.perf_counter()
                 PHASES["server"].append(t1 - t0)
                 PHASES["server_cpu"].append(time.thread_time() - c0)
                 if "pushed" in _MARKS:
                     PHASES["after"].append(t1 - _MARKS["pushed"])
-            _MARKS.clear()
 
     server = QuietServer(uvicorn.Config(timed_app, host=host, port=0,
                                         log_level="warning", access_log=False))
@@ -213,9 +226,12 @@ PHASES: dict[str, list[float]] = {
     "server": [], "server_cpu": [], "before": [], "txn": [], "txn_cpu": [], "push": [],
     "after": [],
 }
-# Per push, in order (old host, then new host): what the agent reported of its own work
-# (wall and CPU time of records.apply in the agent; older agents report none).
-AGENT: list[dict[str, float]] = []
+# The agent calls of the move being served, in the order they started: (op, wall s,
+# what the agent reported of its own work: wall and CPU time of the op in the agent),
+# and those of every timed move. The old host's push is the first records.apply; the
+# new host's is its records.commit (after a records.prepare) or the second records.apply.
+_CALLS: list[tuple[str, float, dict[str, float]]] = []
+MOVES: list[list[tuple[str, float, dict[str, float]]]] = []
 # Timestamps of the move being served: request in ("in"), pushes done ("pushed").
 _MARKS: dict[str, float] = {}
 _ON = [False]
@@ -227,7 +243,6 @@ def instrument() -> None:
     txn_name = "_run"  # the move's transaction (in a thread)
     run0 = getattr(api_addresses, txn_name)
     push0 = getattr(api_addresses, "push")  # noqa: B009 - imported there, not exported
-    push_host0 = addr_sync.push_host
 
     async def run_timed(st: Any, fn: Any, *args: Any) -> Any:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -249,30 +264,46 @@ def instrument() -> None:
             if _ON[0]:
                 PHASES["push"].append(_MARKS["pushed"] - t0)
 
+    # The same phases when the move's fast path (api_move_fast, in front of FastAPI)
+    # serves the call: its transaction is fast_move (on the event loop), then push.
+    fast = getattr(api_move_fast, "fast_move", None) if api_move_fast is not None else None
+    if fast is not None:
+        def fast_timed(*args: Any, **kw: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            got = fast(*args, **kw)  # None or Busy: the route serves it (timed there)
+            if _ON[0] and got is not None and "in" in _MARKS:
+                PHASES["before"].append(t0 - _MARKS["in"])
+                PHASES["txn"].append(time.perf_counter() - t0)
+                PHASES["txn_cpu"].append(time.thread_time() - c0)
+            return got
+
+        setattr(api_move_fast, "fast_move", fast_timed)  # noqa: B010
+        setattr(api_move_fast, "push", push_timed)  # noqa: B010
+
     call0 = AgentHttp.call
 
     async def call_timed(self: AgentHttp, host: str, op: str, payload: Any, **kw: Any) -> Any:
-        result = await call0(self, host, op, payload, **kw)
-        if _ON[0] and op == "records.apply" and isinstance(result, dict):
-            AGENT.append({k: float(result[k]) for k in
-                          ("handled_s", "handled_cpu_s", "committed_s") if k in result})
-        return result
-
-    first_done: list[float] = []
-
-    async def push_host_timed(st: Any, host: str, **kw: Any) -> Any:
+        slot = len(_CALLS)
+        _CALLS.append((op, 0.0, {}))
         t0 = time.perf_counter()
-        try:
-            return await push_host0(st, host, **kw)
-        finally:
-            if _ON[0]:
-                first_done.append(time.perf_counter() - t0)
+        result = await call0(self, host, op, payload, **kw)
+        t1 = time.perf_counter()
+        took = t1 - t0
+        rep = {}
+        if isinstance(result, dict):
+            rep = {k: float(result[k]) for k in ("handled_s", "handled_cpu_s", "committed_s")
+                   if k in result}
+            if "started_s" in result and "handled_s" in result:
+                # One monotonic clock on this machine: split the round trip.
+                rep["up_s"] = float(result["started_s"]) - t0
+                rep["down_s"] = t1 - float(result["started_s"]) - float(result["handled_s"])
+        if slot < len(_CALLS):
+            _CALLS[slot] = (op, took, rep)
+        return result
 
     setattr(api_addresses, txn_name, run_timed)
     setattr(api_addresses, "push", push_timed)  # noqa: B010
-    setattr(addr_sync, "push_host", push_host_timed)  # noqa: B010
     setattr(AgentHttp, "call", call_timed)  # noqa: B010
-    PHASES["_pushes"] = first_done  # every push_host call, in order
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -400,12 +431,26 @@ def run(rounds: int, tmp: Path) -> list[Row]:
                                  {"full": False, "records": [], "removed": []})[0])
         lean.close()
         admin.close()
-    # Each move pushes to both hosts (2 push_host calls).
-    pushes = PHASES["_pushes"]
-    per_move = len(pushes) // max(1, len(api))
-    firsts = pushes[0::per_move] if per_move else []
-    seconds = pushes[1::per_move] if per_move > 1 else []
-    olds, news = AGENT[0::2], AGENT[1::2]
+    # Per move: the old host's push, the new host's (its commit, or its plain apply).
+    firsts: list[float] = []
+    seconds: list[float] = []
+    prepares: list[float] = []
+    olds: list[dict[str, float]] = []
+    news: list[dict[str, float]] = []
+    committed = 0
+    for calls in MOVES:
+        applies = [c for c in calls if c[0] == "records.apply"]
+        commit_calls = [c for c in calls if c[0] == "records.commit"]
+        prepares += [c[1] for c in calls if c[0] == "records.prepare"]
+        if not applies:
+            continue
+        firsts.append(applies[0][1])
+        olds.append(applies[0][2])
+        new = commit_calls[0] if commit_calls else (applies[1] if len(applies) > 1 else None)
+        committed += bool(commit_calls)
+        if new is not None:
+            seconds.append(new[1])
+            news.append(new[2])
     phase_rows = [
         ("  in the controller (request in -> answer out)", PHASES["server"]),
         ("    CPU time of the controller's thread in it", PHASES["server_cpu"]),
@@ -420,12 +465,20 @@ def run(rounds: int, tmp: Path) -> list[Row]:
         ("          its CPU time", [a["handled_cpu_s"] for a in olds if "handled_cpu_s" in a]),
         ("          of which nft commit", [a["committed_s"] for a in olds
                                           if "committed_s" in a]),
-        ("      push to the new host (after the old one answered)", seconds),
+        ("        send -> op starts in the agent", [a["up_s"] for a in olds if "up_s" in a]),
+        ("        op ends in the agent -> answer received",
+         [a["down_s"] for a in olds if "down_s" in a]),
+        ("      prepare on the new host (beside the old host's push)", prepares),
+        (f"      push to the new host (after the old one answered; {committed} of "
+         f"{len(MOVES)} by commit)", seconds),
         ("        records.apply in the new host's agent", [a["handled_s"] for a in news
                                                           if "handled_s" in a]),
         ("          its CPU time", [a["handled_cpu_s"] for a in news if "handled_cpu_s" in a]),
         ("          of which nft commit", [a["committed_s"] for a in news
                                           if "committed_s" in a]),
+        ("        send -> op starts in the agent", [a["up_s"] for a in news if "up_s" in a]),
+        ("        op ends in the agent -> answer received",
+         [a["down_s"] for a in news if "down_s" in a]),
         ("    pushes done -> answer out (answer)", PHASES["after"]),
     ]
     return [

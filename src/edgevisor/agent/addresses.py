@@ -27,6 +27,13 @@ Operations (called by the controller):
   so it delays no later update, and :data:`FLUSH_WINDOW_S` after the answer, so it
   takes no CPU from the rest of the change's path; the updates of that window share
   one cleanup (one walk).
+- ``records.prepare`` ``{"token": str, "records": [...], "removed": [...]}`` and
+  ``records.commit`` ``{"token": str}``: ``records.apply`` in two steps for a fenced
+  move (see :mod:`.records_staging`). The prepare validates and stages the delta and
+  touches nothing in the kernel; the commit applies what was staged and answers as
+  ``records.apply`` does (a commit with no staged prepare is refused with
+  :class:`~edgevisor.agent.channel_frames.NotPrepared`). Generations are checked at the
+  commit: an update that overtook the prepare wins.
 - ``records.state``: what this host translates now (per record id: generation).
 - ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
   a veth holding its logical address (until domains exist). The instances are noted in
@@ -57,6 +64,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgevisor.agent.channel_frames import NotPrepared
+from edgevisor.agent.records_staging import Staging
 from edgevisor.errors import EdgevisorError, RequestError, UnavailableError
 from edgevisor.network.config import AUTO_FABRIC, NetworkSettings
 from edgevisor.settings import Settings
@@ -166,6 +175,8 @@ class AddressesCapability:
         self._flusher: asyncio.Task[None] | None = None
         self._path: Path | None = None
         self._sources: list[Callable[[], Iterable[str]]] = []
+        # records.prepare'd deltas by token, until their records.commit.
+        self._staged: Staging[list[tuple[WireRecord, bool]]] = Staging()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -175,6 +186,8 @@ class AddressesCapability:
         for op, fn in {
             "records.apply": self.op_apply,
             "records.state": self.op_state,
+            "records.prepare": self.op_prepare,
+            "records.commit": self.op_commit,
             "instances.create": self.op_create,
             "instances.remove": self.op_remove,
             "instances.list": self.op_list,
@@ -265,21 +278,59 @@ class AddressesCapability:
         if not isinstance(recs, list) or not isinstance(removed, list):
             raise RequestError("records and removed must be lists")
         out = await self._apply(recs, removed, full=bool(payload.get("full")))
+        return self._timed(out, t0, c0)
+
+    @staticmethod
+    def _timed(out: dict[str, Any], t0: float, c0: float) -> dict[str, Any]:
+        # started_s: when the op started, on the host's monotonic clock (perf_counter),
+        # so that a caller on the same machine (a benchmark) can split a round trip.
+        out["started_s"] = t0
         out["handled_s"] = time.perf_counter() - t0
         out["handled_cpu_s"] = time.thread_time() - c0
         return out
 
+    @staticmethod
+    def _parse(raw: list[Any], raw_removed: list[Any]) -> list[tuple[WireRecord, bool]]:
+        """``(record, removed)`` pairs, removals first (see :meth:`_apply`)."""
+        given = [WireRecord.parse(r) for r in raw]
+        gone = [WireRecord.parse(r) for r in raw_removed]
+        return [(g, True) for g in gone] + [(r, False) for r in given]
+
+    async def op_prepare(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Stage a delta for :meth:`op_commit`; nothing reaches the kernel here."""
+        self._need()
+        token = self._field(payload, "token")
+        if payload.get("full"):
+            raise RequestError("records.prepare takes a delta (full sets: records.apply)")
+        recs = payload.get("records", [])
+        removed = payload.get("removed", [])
+        if not isinstance(recs, list) or not isinstance(removed, list):
+            raise RequestError("records and removed must be lists")
+        staged = self._parse(recs, removed)
+        self._staged.put(token, staged, time.monotonic())
+        return {"prepared": token, "records": len(staged)}
+
+    async def op_commit(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Apply the delta staged under ``token``; answers as ``records.apply``."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self._need()
+        token = self._field(payload, "token")
+        staged = self._staged.take(token, time.monotonic())
+        if staged is None:
+            raise NotPrepared(f"no prepared update {token!r} (expired or never made)")
+        out = await self._apply([], [], full=False, parsed=staged)
+        return self._timed(out, t0, c0)
+
     async def _apply(
-        self, raw: list[Any], raw_removed: list[Any], *, full: bool, rebuild: bool = False
+        self, raw: list[Any], raw_removed: list[Any], *, full: bool, rebuild: bool = False,
+        parsed: list[tuple[WireRecord, bool]] | None = None,
     ) -> dict[str, Any]:
         from edgevisor.network.dataplane import ApplyFailed
 
         dp = self._need()
-        given = [WireRecord.parse(r) for r in raw]
-        gone = [WireRecord.parse(r) for r in raw_removed]
         reports: list[dict[str, Any]] = []
         usable: list[tuple[WireRecord, bool]] = []
-        for rec, is_removed in [(g, True) for g in gone] + [(r, False) for r in given]:
+        for rec, is_removed in parsed if parsed is not None else self._parse(raw, raw_removed):
             if rec.generation < self.seen.get(rec.id, 0):
                 continue  # overtaken by a newer push of this record
             usable.append((rec, is_removed))

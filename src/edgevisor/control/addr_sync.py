@@ -31,7 +31,12 @@ applied before and no longer needs (:func:`removed_for_host`).
   round trip to the old host (~1 ms on a kept-alive connection); the API call returns
   after both pushes were acknowledged, so a caller (the migration's switch) can rely on
   it. Pushes to remote agents go over aiohttp (:mod:`.agent_http`: ~4 ms less per
-  round trip than httpx under load here), to an in-process agent straight to its router.
+  round trip than httpx under load here; over the agent's push channel, a WebSocket,
+  when it is open), to an in-process agent straight to its router. While the old host
+  applies, the others with an open channel get a ``records.prepare`` of their body
+  (staged, nothing in the kernel) and, after the old host's answer, a tiny
+  ``records.commit`` (:mod:`.addr_fence`): their work leaves the critical path, and
+  the fence is unchanged (nothing is applied on them before that answer).
 - An agent answers a push with the generation it applied per record (or the error; it
   keeps its last good table); the controller stores that (``address_host_applied``),
   in order, in one transaction per burst of pushes, right after the API call answered
@@ -52,7 +57,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +79,7 @@ from edgevisor.store.models import Account, Host
 from edgevisor.store.network_models import HostApplied
 
 if TYPE_CHECKING:
+    from edgevisor.control.addr_fence import Prepares
     from edgevisor.control.addr_move import FastMover
     from edgevisor.control.agent_http import AgentHttp
 
@@ -554,27 +560,53 @@ async def push(st: ControllerState, change: Push) -> Push:
     """
     targets = change.targets()
     got: list[tuple[str, Any]] = []
+    prepares: Prepares | None = None
     if targets and targets[0][0] == change.first:
         host, full = targets.pop(0)
-        change.results[host] = await push_host(st, host, full=full, record=change.record,
-                                               reports=got,
-                                               endpoint=change.endpoints.get(host),
-                                               body=change.bodies.get(host))
+        # The others stage their bodies meanwhile (no kernel change: see addr_fence).
+        prepares = _prepares(st, change, [h for h, _ in targets])
+        try:
+            change.results[host] = await push_host(st, host, full=full, record=change.record,
+                                                   reports=got,
+                                                   endpoint=change.endpoints.get(host),
+                                                   body=change.bodies.get(host))
+        except BaseException:
+            if prepares is not None:
+                await prepares.cancel()
+            raise
+
+    def one(h: str, f: bool) -> Awaitable[str]:
+        def plain() -> Awaitable[str]:
+            return push_host(st, h, full=f, record=change.record, reports=got,
+                             endpoint=change.endpoints.get(h), body=change.bodies.get(h))
+
+        if prepares is not None and h in prepares:
+            return prepares.commit(h, got, plain, _outcome)
+        return plain()
+
     if len(targets) == 1:  # the common case: no gather (one task less per change)
         (h, f), = targets
-        outcomes = [await push_host(st, h, full=f, record=change.record, reports=got,
-                                    endpoint=change.endpoints.get(h),
-                                    body=change.bodies.get(h))]
+        outcomes = [await one(h, f)]
     else:
-        outcomes = await asyncio.gather(
-            *(push_host(st, h, full=f, record=change.record, reports=got,
-                        endpoint=change.endpoints.get(h), body=change.bodies.get(h))
-              for h, f in targets)
-        )
+        outcomes = await asyncio.gather(*(one(h, f) for h, f in targets))
     change.results.update({h: r for (h, _), r in zip(targets, outcomes, strict=True)})
     if got:
         report_writer(st).add(got)
     return change
+
+
+def _prepares(st: ControllerState, change: Push, rest: list[str]) -> Prepares | None:
+    """Prepares for the hosts after the fence whose push channel is open (addr_fence)."""
+    fast = agent_http(st) if rest else None
+    if fast is None:
+        return None
+    from edgevisor.control.addr_fence import Prepares, prepare_targets
+
+    hosts = prepare_targets([h for h in rest if not st.links.is_local(h)], change.endpoints,
+                            change.bodies, fast.channel_open)
+    if not hosts:
+        return None
+    return Prepares(fast, change, hosts, timeout_s=st.settings.network.push_timeout_s)
 
 
 # --- background loops ------------------------------------------------------------------------

@@ -15,46 +15,87 @@ closes idle connections after 5 s), and a request on a kept-alive connection tha
 server closed meanwhile is sent again once on a new connection: ``records.apply`` is
 idempotent (generations only grow), and a spurious "unreachable" would count as the
 old host's answer in a fenced move.
+
+The records ops (``CHANNEL_OPS``) go over the agent's push channel when it is open
+(:mod:`.agent_channel`: one WebSocket per agent, no HTTP request per call), and over
+HTTP otherwise, or when the channel broke while the call was in flight; the first call
+to a host starts the channel's connect in the background. Same contract either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
 import aiohttp
 
+from edgevisor.agent.channel_frames import CHANNEL_OPS
+from edgevisor.control.agent_channel import AgentChannel, ChannelDown
 from edgevisor.errors import PeerUnavailable, from_payload
 
 __all__ = ["AgentHttp"]
 
 #: Idle connections are closed after this (the agent's uvicorn closes them after 5 s).
 KEEPALIVE_S = 4.0
+_CLOSING: set[asyncio.Task[None]] = set()  # strong references to channels being closed
 
 
 class AgentHttp:
     """Agent operations over HTTP with aiohttp (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, channels: bool = True) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._use_channels = channels
+        self._channels: dict[str, AgentChannel] = {}  # host -> its channel (this loop's)
 
     def _current(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
-            # A session of another loop cannot be used (nor closed) from this one.
+            # A session of another loop cannot be used (nor closed) from this one; nor
+            # can its channels.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S),
                 json_serialize=json.dumps,
             )
             self._loop = loop
+            self._channels = {}
         return self._session
 
+    def channel(self, host: str, endpoint: tuple[str, str]) -> AgentChannel | None:
+        """``host``'s push channel at ``endpoint`` (made, not yet connected, on first
+        use; a new one when the agent's address or key changed); None if disabled."""
+        if not self._use_channels:
+            return None
+        session = self._current()
+        url, key = endpoint
+        ch = self._channels.get(host)
+        if ch is None or ch.url != url or ch.key != key:
+            if ch is not None:
+                task = asyncio.get_running_loop().create_task(ch.aclose())
+                _CLOSING.add(task)
+                task.add_done_callback(_CLOSING.discard)
+            ch = self._channels[host] = AgentChannel(session, host, url, key)
+        return ch
+
+    def channel_open(self, host: str, endpoint: tuple[str, str]) -> bool:
+        """Whether ``host``'s channel is open now (else: start its connect)."""
+        ch = self.channel(host, endpoint)
+        if ch is None:
+            return False
+        if not ch.open:
+            ch.ensure()
+        return ch.open
+
     async def aclose(self) -> None:
-        """Close the session of the running loop (if it is this loop's)."""
+        """Close the session and channels of the running loop (if they are this loop's)."""
         session, self._session = self._session, None
+        channels, self._channels = self._channels, {}
         if session is not None and self._loop is asyncio.get_running_loop():
+            for ch in channels.values():
+                await ch.aclose()
             await session.close()
 
     async def call(
@@ -67,6 +108,13 @@ class AgentHttp:
         timeout_s: float,
     ) -> Any:
         """Call ``op`` on ``host`` at ``endpoint`` = ``(agent url, agent key)``."""
+        if op in CHANNEL_OPS:
+            ch = self.channel(host, endpoint)
+            if ch is not None:
+                if ch.open:
+                    with contextlib.suppress(ChannelDown):  # then: over HTTP
+                        return await ch.call(op, payload, timeout_s)
+                ch.ensure()
         url, key = endpoint
         session = self._current()
         data = json.dumps(payload).encode()

@@ -314,22 +314,36 @@ async def move(ref: str, body: w.AddressMove, p: Auth, request: Request) -> Resp
                         expected_generation=body.expected_generation)
 
     fast: Callable[[bool], Push | None] | None = None
-    mover = net_store(st).mover
-    acct = _fast_account(p, body.account)
-    if mover is not None and acct is not None:
+    if net_store(st).mover is not None and _fast_account(p, body.account) is not None:
         def fast(wait: bool) -> Push | None:
-            assert mover is not None and acct is not None
-            return mover.move(st, account=acct[0], account_id=acct[1], ref=ref,
-                              host=body.host, host_group=st.settings.network.host_group,
-                              expected_generation=body.expected_generation, wait=wait)
+            return fast_move(st, p, ref, body, wait=wait)
 
     change: Push = await _run(st, fn, fast)
     if change.before or change.after:
         await push(st, change)
+    return Response(move_answer(change), media_type="application/json")
+
+
+def fast_move(
+    st: ControllerState, p: Principal, ref: str, body: w.AddressMove, *, wait: bool
+) -> Push | None:
+    """The move on the hot path (:class:`~.addr_move.FastMover`, SQLite), or None when
+    the Session path must serve it (nothing changed then); ``wait=False``: raises
+    :class:`~.addr_move.Busy` rather than wait for the store's write lock."""
+    mover = net_store(st).mover
+    acct = _fast_account(p, body.account)
+    if mover is None or acct is None:
+        return None
+    return mover.move(st, account=acct[0], account_id=acct[1], ref=ref, host=body.host,
+                      host_group=st.settings.network.host_group,
+                      expected_generation=body.expected_generation, wait=wait)
+
+
+def move_answer(change: Push) -> bytes:
+    """The JSON answer of a move: the record as it is now."""
     # Serialized here, once: a returned model would be dumped, validated again and
     # encoded by FastAPI (the same JSON, several passes more on the path of every move).
-    return Response(record_out(change.record).model_dump_json(),
-                    media_type="application/json")
+    return record_out(change.record).model_dump_json().encode()
 
 
 def move_txn(

@@ -18,6 +18,7 @@ from edgevisor.control import (
     api_events,
     api_hosts,
     api_migrations,
+    api_move_fast,
     api_tasks,
     api_volumes,
     deployments,
@@ -65,6 +66,7 @@ def create_app(st: ControllerState, *, background: bool = True) -> FastAPI:
     )
     app.state.controller = st
     http_errors.install(app)
+    api_move_fast.install(app, st)  # the common move, in front of FastAPI's routing
     app.add_middleware(
         http_errors.BodyLimit,
         limit=st.settings.controller.body_limit_bytes,
