@@ -41,10 +41,12 @@ applied before and no longer needs (:func:`removed_for_host`).
   keeps its last good table); the controller stores that (``address_host_applied``),
   in order, in one transaction per burst of pushes, right after the API call answered
   (:class:`ReportWriter`): a report lost to a crash is repaired by the reconciler.
-- :func:`run_records_reconciler` pushes the full set again to every up host that lags on
-  any record (failed or missed push, restart); hosts that are down are skipped.
-- :func:`run_leak_collector` releases bound addresses whose instance has been missing
-  (as reported by its host) for the grace period, and ends hold-downs that are over.
+- :func:`~.addr_loops.run_records_reconciler` pushes the full set again to every up host
+  that lags on any record (failed or missed push, restart); hosts that are down are
+  skipped.
+- :func:`~.addr_loops.run_leak_collector` releases bound addresses whose instance has been
+  missing (as reported by its host) for the grace period, and ends hold-downs that are
+  over.
 
 On SQLite the network operations use their own engine with ``BEGIN IMMEDIATE`` (as
 :mod:`edgevisor.network.pools` requires); on PostgreSQL they share the store's engine.
@@ -53,34 +55,30 @@ On SQLite the network operations use their own engine with ``BEGIN IMMEDIATE`` (
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
-import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, create_engine, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Table, func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from edgevisor.control.links import AgentLinks
+from edgevisor.control.net_store import NetStore, net_store
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError, PeerUnavailable
 from edgevisor.network import host_reports, records
-from edgevisor.network.fast_alloc import FastAllocator
 from edgevisor.network.lifecycle import State
 from edgevisor.network.pools import REC
 from edgevisor.network.records import AddressRecord
 from edgevisor.sdk import addresses as w
 from edgevisor.store import repos
-from edgevisor.store.models import Account, Host
+from edgevisor.store.models import Host
 from edgevisor.store.network_models import HostApplied
 
 if TYPE_CHECKING:
     from edgevisor.control.addr_fence import Prepares
-    from edgevisor.control.addr_move import FastMover
     from edgevisor.control.agent_http import AgentHttp
 
 __all__ = [
@@ -94,77 +92,21 @@ __all__ = [
     "ensure_default_pool",
     "event_data",
     "host_payload",
+    "in_store",
+    "lagging",
     "net_store",
     "push",
     "push_change",
+    "push_host",
     "record_out",
     "record_ref",
     "report_writer",
     "resolve_endpoints",
-    "run_leak_collector",
-    "run_records_reconciler",
     "stage_change",
 ]
 
 log = logging.getLogger(__name__)
 _APPLIED: Table = HostApplied.__table__  # type: ignore[assignment]
-
-
-class NetStore:
-    """Sessions for the network tables (``BEGIN IMMEDIATE`` on SQLite)."""
-
-    def __init__(self, st: ControllerState) -> None:
-        url = st.store.url
-        if url.startswith("sqlite"):
-            self.engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}
-            )
-            records.configure_sqlite(self.engine)
-            self._own = True
-        else:
-            self.engine = st.store.engine
-            self._own = False
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Reconciler back-off per host that keeps failing: host -> (next try, delay s).
-        self.backoff: dict[str, tuple[float, float]] = {}
-        self.reports: ReportWriter | None = None
-
-    @functools.cached_property
-    def allocator(self) -> FastAllocator:
-        """The allocation hot path on its own connection (bulk callers; see fast_alloc)."""
-        return FastAllocator(self.engine)
-
-    @functools.cached_property
-    def mover(self) -> FastMover | None:
-        """The remap hot path on its own connection (SQLite; see :mod:`.addr_move`)."""
-        from edgevisor.control.addr_move import FastMover  # it imports this module
-
-        return FastMover(self.engine) if self._own else None
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any exception."""
-        with self._sessions() as s, s.begin():
-            yield s
-
-    def dispose(self) -> None:
-        if "allocator" in self.__dict__:
-            self.allocator.close()
-        mover = self.__dict__.get("mover")
-        if mover is not None:
-            mover.close()
-        if self._own:
-            self.engine.dispose()
-
-
-def net_store(st: ControllerState) -> NetStore:
-    """The :class:`NetStore` of a controller, made on first use, disposed with it."""
-    ns: NetStore | None = getattr(st, "_edgevisor_netstore", None)
-    if ns is None:
-        ns = NetStore(st)
-        object.__setattr__(st, "_edgevisor_netstore", ns)
-        weakref.finalize(st, ns.dispose)
-    return ns
 
 
 def agent_http(st: ControllerState) -> AgentHttp | None:
@@ -423,7 +365,7 @@ def _applied_of_account(s: Session, host: str, account: str) -> list[AddressReco
     return [records.record_view(r) for r in rows]
 
 
-async def _store(st: ControllerState, fn: Any, *args: Any) -> Any:
+async def in_store(st: ControllerState, fn: Any, *args: Any) -> Any:
     def run() -> Any:
         with net_store(st).session() as s:
             return fn(s, *args)
@@ -454,7 +396,7 @@ async def push_host(
         log.debug("records for %s not pushed: %s", host, endpoint)
         return endpoint
     if body is None and (full or record is None):
-        payload = await _store(st, host_payload, host)
+        payload = await in_store(st, host_payload, host)
         body = {"full": True, **payload.model_dump(mode="json")}
     elif body is None:
         assert record is not None
@@ -478,7 +420,7 @@ async def push_host(
         reports.append((host, result))
         return _outcome(result)
     try:
-        await _store(st, _report, host, result)
+        await in_store(st, _report, host, result)
     except EdgevisorError as exc:
         log.warning("report of host %s not stored: %s", host, exc.message)
         return exc.message
@@ -534,7 +476,7 @@ class ReportWriter:
             await asyncio.sleep(REPORT_DELAY_S)
             batch, self._queue = self._queue, []
             try:
-                await _store(self._st, _report_many, batch)
+                await in_store(self._st, _report_many, batch)
             except Exception:  # the reconciler pushes again to a host whose report is missing
                 log.exception("storing what hosts applied failed")
 
@@ -607,76 +549,3 @@ def _prepares(st: ControllerState, change: Push, rest: list[str]) -> Prepares | 
     if not hosts:
         return None
     return Prepares(fast, change, hosts, timeout_s=st.settings.network.push_timeout_s)
-
-
-# --- background loops ------------------------------------------------------------------------
-
-
-def _lagging_hosts(s: Session) -> list[str]:
-    return [h.name for h in repos.list_hosts(s) if h.state == "up" and lagging(s, h.name)]
-
-
-MAX_BACKOFF_S = 60.0
-
-
-async def reconcile_once(st: ControllerState) -> dict[str, str]:
-    """Push the full set to each up host that lags; the result per host pushed.
-
-    A host that keeps failing (unreachable, or refusing a record it cannot translate)
-    is retried with an exponential back-off up to :data:`MAX_BACKOFF_S`.
-    """
-    ns = net_store(st)
-    now = st.clock()
-    hosts = [h for h in await _store(st, _lagging_hosts)
-             if ns.backoff.get(h, (0.0, 0.0))[0] <= now]
-    got = await asyncio.gather(*(push_host(st, h, full=True) for h in hosts))
-    interval = st.settings.network.reconcile_interval_s
-    for host, result in zip(hosts, got, strict=True):
-        if result == "ok":
-            ns.backoff.pop(host, None)
-        else:
-            delay = min(MAX_BACKOFF_S, max(interval, 2 * ns.backoff.get(host, (0, 0))[1]))
-            ns.backoff[host] = (now + delay, delay)
-    return dict(zip(hosts, got, strict=True))
-
-
-async def run_records_reconciler(st: ControllerState) -> None:
-    """Repair drift for the controller's whole life (see the theory of operation);
-    closes the pushes' HTTP connections when the controller stops."""
-    try:
-        while True:
-            try:
-                for host, result in (await reconcile_once(st)).items():
-                    if result != "ok":
-                        log.info("host %s still behind on records: %s", host, result)
-            except Exception:  # the loop must outlive a transient store or agent error
-                log.exception("records reconciliation failed; retrying")
-            await asyncio.sleep(st.settings.network.reconcile_interval_s)
-    finally:
-        agents: AgentHttp | None = getattr(st, "_edgevisor_agent_http", None)
-        if agents is not None:
-            await agents.aclose()
-
-
-def collect_once(s: Session, settings: Any, now: float) -> list[AddressRecord]:
-    leaked = host_reports.collect_leaks(s, settings=settings)
-    records.expire_holds(s)
-    for r in leaked:
-        acct = s.execute(select(Account.id).where(Account.name == r.account)).scalar()
-        repos.add_event(s, "address.leak_collected", now, subject=r.logical, account_id=acct,
-                        data={"record": r.id, "account": r.account,
-                              "generation": r.generation})
-    return leaked
-
-
-async def run_leak_collector(st: ControllerState) -> None:
-    """Leak collection and hold-down expiry on a timer; hosts converge by reconciliation."""
-    while True:
-        await asyncio.sleep(st.settings.network.leak_interval_s)
-        try:
-            leaked = await _store(st, collect_once, st.settings.network.ipam(), st.clock())
-            for r in leaked:
-                log.warning("address %s of %s leaked (instance gone): released",
-                            r.logical, r.account)
-        except Exception:
-            log.exception("leak collection failed; retrying")

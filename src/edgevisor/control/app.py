@@ -25,7 +25,7 @@ from edgevisor.control import (
     http_errors,
     pki,
 )
-from edgevisor.control.addr_sync import run_leak_collector, run_records_reconciler
+from edgevisor.control.addr_loops import run_leak_collector, run_records_reconciler
 from edgevisor.control.auth import Principal, require_principal
 from edgevisor.control.reconciler import run_liveness
 from edgevisor.control.state import ControllerState

@@ -74,7 +74,7 @@ def test_reports_are_stored_in_order_one_transaction_per_burst(
     async def store(_st: Any, _fn: Any, got: list[tuple[str, Any]]) -> None:
         batches.append(list(got))
 
-    monkeypatch.setattr(addr_sync, "_store", store)
+    monkeypatch.setattr(addr_sync, "in_store", store)
 
     async def scenario() -> None:
         w = addr_sync.ReportWriter(_State())  # type: ignore[arg-type]
@@ -96,7 +96,7 @@ def test_a_drain_of_a_finished_event_loop_is_replaced(monkeypatch: pytest.Monkey
     async def store(_st: Any, _fn: Any, got: list[tuple[str, Any]]) -> None:
         batches.append(list(got))
 
-    monkeypatch.setattr(addr_sync, "_store", store)
+    monkeypatch.setattr(addr_sync, "in_store", store)
     w = addr_sync.ReportWriter(_State())  # type: ignore[arg-type]
 
     async def add_only() -> None:
