@@ -343,6 +343,24 @@ class VolumesCapability:
         if e.lazy is not None:
             e.lazy.release()
 
+    async def prefetch(self, name: str, ranges: list[tuple[int, int]]) -> int:
+        """Make ``ranges`` (byte offset, length) of a lazy volume present now, all asked
+        at once (each contiguous run of missing blocks is one fetch); returns the bytes
+        asked for. Best effort: a range that fails is left to the fill and to reads."""
+        e = self._get(name)
+        lazy = e.lazy
+        if lazy is None or not ranges:
+            return 0
+        size = lazy.size_bytes
+        todo = [(o, min(n, size - o)) for o, n in ranges if 0 <= o < size and n > 0]
+
+        async def one(off: int, n: int) -> None:
+            with contextlib.suppress(EdgevisorError, OSError):
+                await lazy.read(off, n)
+
+        await asyncio.gather(*(one(o, n) for o, n in todo))
+        return sum(n for _o, n in todo)
+
     async def attach(
         self, name: str, target: Path, *, mount_ns: Path | None = None, mount: bool = True
     ) -> None:

@@ -30,7 +30,7 @@ An exit while not stopping goes to the restart policy (:func:`restart_delay`); t
 volume, network and cgroups stay up across restarts. A domain that is not restarted is
 torn down like a stop. ``quiesce`` (the migration's QuiesceSource, on the switch's
 critical path) is syncfs while running (not downtime) -> freeze -> syncfs -> SIGKILL ->
-cgroups removed, ext4 made read-only, veth deleted (the last two concurrently): nothing
+cgroups removed, ext4 made read-only, veth retired (the last two concurrently): nothing
 the domain wrote after the freeze can exist, every write it completed is on the volume,
 and nothing on this host writes the volume any more when it returns. The namespace,
 the unmount, loop device and FUSE process go in the background; every later lifecycle
@@ -67,6 +67,7 @@ from edgevisor.migration.domain_host import (
     create_domain_netns,
     domain_cgroup,
     remove_domain_netns,
+    retire_link,
     seal_readonly,
     set_freezer,
     stage_domain_netns,
@@ -82,7 +83,6 @@ from edgevisor.migration.domain_parts import (
     netns_name,
 )
 from edgevisor.migration.domain_process import DomainProcess
-from edgevisor.network import netns as nn
 
 __all__ = [
     "Domain",
@@ -149,6 +149,7 @@ class Domain(DomainProcess):
         self.ifname: str | None = None
         """The host side of the veth while it carries the domain's own name (we hold it)."""
         self._staged_ifname = "evs" + self.tag  # its name while staged (<= 15 characters)
+        self._retired = "evq" + self.tag  # its name after a quiesce, until the teardown
         self._net_staged = False  # the namespace exists under ``_staged_ifname``
         self.last_exit: int | None = None
         self.started_at: float | None = None
@@ -390,28 +391,30 @@ class Domain(DomainProcess):
                 await sup
         self._reap()  # killed and waited for: only forgets it
         clock.mark("kill")
-        # cgroup.procs hides a process once its exit began, but it holds its files a
-        # little longer; removing the groups succeeds only when every task has fully
-        # exited. Then no file is open for writing, and the filesystem goes read-only:
-        # ext4 writes its journal home and a clean superblock now, before the target
-        # mounts its copy (which reads ours), and nothing writes the volume after. The
-        # unmount (evicting the cached inodes: long for a large cache) is deferred.
+        # cgroup.procs hides a process once its exit began, but it holds its files a little
+        # longer; removing the groups succeeds only when every task has fully exited. Then
+        # no file is open for writing, and the filesystem goes read-only: ext4 writes its
+        # journal home and a clean superblock now, before the target mounts its copy (which
+        # reads ours), and nothing writes the volume after. The unmount is deferred.
         t0 = clock.now()
         busy_s = self.settings.stop_timeout_s
+        await asyncio.to_thread(self._cg.remove, busy_s)
+        clock.since(t0, "cgroups")
 
         async def filesystem() -> None:
-            await asyncio.to_thread(self._cg.remove, self.settings.stop_timeout_s)
-            clock.since(t0, "cgroups")
             await asyncio.to_thread(seal_readonly, self.mnt, busy_timeout_s=busy_s)
             clock.since(t0, "readonly")
 
         async def network() -> None:
-            # The veth now, not later: the target gives its veth the same name (it
-            # derives from the address, which moves with the domain) when it starts.
-            # The namespace itself (another ~10 ms) goes with the deferred teardown.
-            if self.ifname is not None:
-                await asyncio.to_thread(nn.ip, "link", "del", self.ifname, check=False)
-            self.ifname = None
+            # Its name is the target's (it derives from the address): retired (down,
+            # renamed; deleting takes ~20 ms) once the tasks' exit reset their clients'
+            # connections over it (else a client waits out its own timeout).
+            try:  # failing, the name stays ours: the teardown deletes the veth by it
+                if self.ifname is not None:
+                    got = await asyncio.to_thread(retire_link, self.ifname, self._retired)
+                    self.ifname = self._retired if got else None
+            except OSError as exc:
+                log.warning("domain %s: veth %s: %s", self.spec.qualified, self.ifname, exc)
             clock.since(t0, "netns")
 
         results = await asyncio.gather(filesystem(), network(), return_exceptions=True)

@@ -44,10 +44,12 @@ __all__ = [
     "checkpoint_journal",
     "clear_stale",
     "create_domain_netns",
+    "delete_link",
     "domain_cgroup",
     "mount_holders",
     "remove_domain_netns",
     "remove_host_cgroups",
+    "retire_link",
     "route_domain_address",
     "seal_readonly",
     "set_freezer",
@@ -225,6 +227,55 @@ def remove_domain_netns(netns: str, ifname: str | None = None) -> None:
         # -force: one line failing (gone meanwhile) does not skip the other
         subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n",
                        capture_output=True, text=True, check=False)  # fmt: skip
+
+
+_RTM_NEWLINK, _RTM_DELLINK = 16, 17
+_NLM_F_REQUEST_ACK = 0x1 | 0x4
+_NLMSG_ERROR = 2
+_IFLA_IFNAME = 3
+_IFF_UP = 0x1
+
+
+def _link_request(kind: int, ifname: str, attrs: bytes = b"", change: int = 0) -> bool:
+    """One rtnetlink request on link ``ifname`` (this thread's network namespace),
+    waiting for its ack; False when there is no such link.
+
+    Raw rather than pyroute2: this is on the switch's critical path, and an ``IPRoute``
+    with its ``link_lookup`` (a dump of every link) took ~3 ms here for one rename."""
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    # nlmsghdr (len, type, flags, seq, pid) + ifinfomsg (family, type, index, flags, change)
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, change) + attrs
+    msg = struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST_ACK, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.sendto(msg, (0, 0))
+        reply = nl.recv(4096)
+    if len(reply) >= 20 and struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:
+        err = -struct.unpack_from("=i", reply, 16)[0]
+        if err == errno.ENODEV:
+            return False
+        if err:
+            raise OSError(err, f"link {ifname}: {os.strerror(err)}")
+    return True
+
+
+def delete_link(ifname: str) -> bool:
+    """Delete the link ``ifname`` (and its veth peer); False when there is none. Takes
+    the kernel ~15-20 ms (unregistering waits for RCU): not for a critical path."""
+    return _link_request(_RTM_DELLINK, ifname)
+
+
+def retire_link(ifname: str, new_name: str) -> bool:
+    """Take link ``ifname`` down and rename it ``new_name`` in one netlink request
+    (well under a millisecond, where deleting it costs ~15-20 ms): its routes go at once,
+    and its name is free for the domain's next copy; deleting the namespace later takes
+    it. False when there is no such link."""
+    name = new_name.encode() + b"\0"
+    rta = struct.pack("=HH", 4 + len(name), _IFLA_IFNAME) + name
+    rta += b"\0" * (-len(rta) % 4)
+    return _link_request(_RTM_NEWLINK, ifname, rta, change=_IFF_UP)
 
 
 def _link_exists(ifname: str) -> bool:

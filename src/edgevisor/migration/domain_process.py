@@ -72,6 +72,10 @@ class DomainProcess:
         """The host pid of bwrap (the domain's sandbox), while it runs."""
         return self._proc.pid if self._proc is not None else None
 
+    def processes(self) -> list[int]:
+        """Host pids of every process in the domain's cgroups (empty when none runs)."""
+        return self._cg.pids()
+
     def _save(self) -> None:
         raise NotImplementedError  # Domain's
 

@@ -152,6 +152,9 @@ class _Job:
     last_phase: Phase | None = None
     last_publish: float = 0.0
     driver: asyncio.Task[None] | None = None
+    hot: list[Any] = field(default_factory=list)
+    """The source's hot set (groups of ranges, its ``preflush`` answer): the target
+    prefetches it at StartOnTarget. In memory only (a hint: lost on a restart)."""
 
     def lock(self, host: str) -> asyncio.Lock:
         return self.locks.setdefault(host, asyncio.Lock())
@@ -514,7 +517,9 @@ class MigrationRunner:
                  "instance": domain_net.instance_name(job.account, job.name)},
             )  # fmt: skip
             try:
-                await self._call(job, src, "preflush")
+                pre = await self._call(job, src, "preflush")
+                hot = pre.get("hot") if isinstance(pre, dict) else None
+                job.hot = hot if isinstance(hot, list) else []
             except EdgevisorError as exc:  # only an optimization: the quiesce flushes too
                 log.info("migration %s: no flush ahead of the switch: %s",
                          job.m.spec.migration_id, exc)  # fmt: skip
@@ -529,7 +534,7 @@ class MigrationRunner:
             job.tasks.add(t)
             t.add_done_callback(job.tasks.discard)
         elif isinstance(cmd, StartOnTarget):
-            await self._call(job, dst, "start")
+            await self._call(job, dst, "start", {"prefetch": job.hot})
         elif isinstance(cmd, MoveRecord):
             addr = await run_in_threadpool(self._address, job)
             if addr is not None:

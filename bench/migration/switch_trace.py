@@ -1,0 +1,295 @@
+"""A timeline of one post-copy switch of the kv example, step by step (root).
+
+    sudo .venv/bin/python bench/migration/switch_trace.py [--size 64M] [--repeat 1]
+        [--strace] [--written 0.75] [--compare-prefetch] [--keep-log PATH]
+
+Same setup as ``run.py`` (a controller and two agents in this process, the kv example
+domain, a client probing every 1 ms); for each migration it prints, in ms from
+QuiesceSource issued, every step up to the client's first answer from the target:
+
+* the runner's commands (spans), the source quiesce's and the target start's sub-steps
+  (``Domain.timings``), the target attach's layers;
+* the lazy volume's release and every on-demand fetch on the target (the fill's lane
+  fetches are counted apart): offset, blocks, latency;
+* with ``--strace``: the service's own syscalls (``strace -f -ttt`` around the command:
+  execve, the opens of its imports and of its data, bind/listen, the first accept) -
+  this slows the service itself a little, so compare with a run without it;
+* the client's last answer from the source and first from the target.
+
+``--compare-prefetch`` alternates runs with and without the target's hot-set prefetch
+(:mod:`edgevisor.migration.domain_hot`) and ends with a table of medians of both.
+
+Instrumentation is by wrapping methods in this process only (no code of the platform
+changes for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench
+
+from edgevisor import Client
+from edgevisor.migration.testbed import Testbed, http, open_testbed, wait_serving
+from edgevisor.sdk.volumes import parse_size
+from edgevisor.storage.lazy import LazyVolume
+from edgevisor.testing.controller import free_port
+
+_TRACED = "execve,openat,bind,listen,accept4,fsync,ftruncate,truncate,read,newfstatat,lseek"
+Event = tuple[float, str]
+EVENTS: list[Event] = []
+FETCHES: list[tuple[float, float, int, int, bool]] = []  # t0, t1, first, count, lane
+
+
+_PREFETCH = [True]
+
+
+def summarize(results: dict[bool, list[dict[str, float | None]]]) -> None:
+    print("\n| prefetch | runs | client downtime p50 | runner p50 | service up p50 "
+          "| misses after StartOnTarget p50 | target volume p50 | quiesce p50 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for on, rs in results.items():
+        if not rs:
+            continue
+        col = {k: sorted(v for r in rs if (v := r[k]) is not None) for k in rs[0]}
+        p50 = {k: (v[(len(v) - 1) // 2] if v else None) for k, v in col.items()}
+        miss = p50["misses_after_start"]
+        print(f"| {'on' if on else 'off'} | {len(rs)} | {bench.ms(p50['client'])} | "
+              f"{bench.ms(p50['runner'])} | {bench.ms(p50['service'])} | "
+              f"{'-' if miss is None else int(miss)} | {bench.ms(p50['start_volume'])} | "
+              f"{bench.ms(p50['quiesce'])} |")  # fmt: skip
+
+
+def _instrument() -> None:
+    import edgevisor.agent.migration as agent_migration
+
+    orig_hot = agent_migration.hot_ranges
+
+    def hot_ranges(*args: Any, **kwargs: Any) -> Any:
+        return orig_hot(*args, **kwargs) if _PREFETCH[0] else []
+
+    agent_migration.hot_ranges = hot_ranges  # type: ignore[assignment]
+    orig_fetch = LazyVolume._fetch_run
+    orig_release = LazyVolume.release
+
+    async def fetch_run(self: LazyVolume, first: int, count: int, futs: Any, deadline: float,
+                        *, lanes: Any = None) -> None:  # fmt: skip
+        t0 = time.monotonic()
+        try:
+            await orig_fetch(self, first, count, futs, deadline, lanes=lanes)
+        finally:
+            FETCHES.append((t0, time.monotonic(), first, count, lanes is not None))
+
+    def release(self: LazyVolume) -> None:
+        if self.held:
+            EVENTS.append((time.monotonic(), "target lazy volume released"))
+        orig_release(self)
+
+    LazyVolume._fetch_run = fetch_run  # type: ignore[method-assign]
+    LazyVolume.release = release  # type: ignore[method-assign]
+
+
+_STRACE_LINE = re.compile(r"^(?:\[pid\s+(\d+)\]\s+|(\d+)\s+)?(\d+\.\d+)\s+(.*)$")
+
+
+def strace_events(log_path: Path, since_wall: float, mono_minus_wall: float) -> list[Event]:
+    """Interesting lines of the strace output in the domain's log (after ``since_wall``)."""
+    out: list[Event] = []
+    seen_open = 0
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = _STRACE_LINE.match(line)
+        if not m:
+            continue
+        wall, call = float(m.group(3)), m.group(4)
+        if wall < since_wall:
+            continue
+        t = wall + mono_minus_wall
+        if call.startswith("execve("):
+            out.append((t, "service: " + call[:90]))
+        elif call.startswith("openat(") and "/data" in call:
+            out.append((t, "service: " + call[:110]))
+        elif call.startswith("openat("):
+            seen_open += 1
+            if seen_open in (1, 10, 20, 40, 80, 120):
+                out.append((t, f"service: open #{seen_open}: {call[:80]}"))
+        elif call.startswith(("bind(", "listen(", "accept", "fsync", "ftruncate")):
+            out.append((t, "service: " + call[:80]))
+        elif call.startswith("+++ exited"):
+            out.append((t, "service: " + call))
+    return out
+
+
+def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written: float,
+        strace: bool, keep_log: str | None = None) -> dict[str, float | None]:  # fmt: skip
+    cmd = [bench.PY, "-I", "-S", "/task/kv.py", "--port", "8080"]
+    if strace:
+        cmd = ["/usr/bin/strace", "-f", "-ttt", "--seccomp-bpf",
+               "-e", f"trace={_TRACED}", "-T", *cmd]  # fmt: skip
+    name = f"t{size >> 20}x{run}"
+    d = c.create_domain(name, cmd, size, app=bench.KV_APP, host=src)
+    assert d.address
+    wait_serving(d.address)
+    for i in range(50):
+        http("PUT", f"http://{d.address}:8080/kv/k{i}", os.urandom(512).hex().encode())
+    qualified, vid = f"bench.{name}", f"bench.domain-{name}"
+    bench.write_ballast(tb, src, vid, int(size * written) & ~4095)
+    src_domain = tb.agents[src].agent.capability("domains").domains[qualified]
+    dst_domains = tb.agents[dst].agent.capability("domains").domains
+
+    def target_addr() -> str | None:
+        dd = dst_domains.get(qualified)
+        return str(dd.address) if dd is not None else None
+
+    prober = bench.Prober(c, name, target_addr)
+    prober.t.start()
+    time.sleep(0.5)
+    EVENTS.clear()
+    FETCHES.clear()
+    wall0, mono0 = time.time(), time.monotonic()
+    m = c.migrate_domain(name, dst, mode="post-copy")
+    end = time.monotonic() + 120
+    while not (m := c.get_migration(m.id)).settled:
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    time.sleep(0.3)
+    prober.stop.set()
+    prober.t.join(5)
+    moved = c.get_domain(name)
+    runner = bench.runner_for(tb.ctl.state)
+    spans = runner.spans.get(m.id, [])
+    ev: list[Event] = list(EVENTS)
+    for label, t0, t1 in spans:
+        ev.append((t0, f"runner: {label} issued"))
+        ev.append((t1, f"runner: {label} done ({(t1 - t0) * 1000:.1f} ms)"))
+    last_src = prober.last_ok.get(d.address)
+    first_dst = prober.first_ok.get(moved.address or "")
+    for t0, addr, dt in prober.slow_fails:
+        side = "source" if addr == d.address else "target"
+        ev.append((t0, f"client: a probe of the {side} failed after {dt * 1000:.0f} ms"))
+    if last_src:
+        ev.append((last_src, "client: last answer from the source"))
+    if first_dst:
+        ev.append((first_dst, "client: first answer from the target"))
+    dst_domain = dst_domains.get(qualified)
+    if strace and dst_domain is not None:
+        ev += strace_events(dst_domain.log_path, wall0, mono0 - wall0)
+        if keep_log:
+            shutil.copy(dst_domain.log_path, keep_log)
+    q0 = next((t0 for label, t0, _t1 in spans if label == "QuiesceSource"), mono0)
+    release = next((t for t, what in EVENTS if "released" in what), None)
+    demand = [f for f in FETCHES if not f[4] and (release is None or f[0] >= release - 0.001)]
+    lane = [f for f in FETCHES if f[4]]
+    horizon = first_dst or (q0 + 2)
+    for t0, t1, first, count, _ in demand:
+        if t0 <= horizon:
+            ev.append((t0, f"target: on-demand fetch block {first} x{count}: "
+                           f"{(t1 - t0) * 1000:.1f} ms"))  # fmt: skip
+    print(f"\n== {size >> 20} MiB run {run + 1}: client downtime "
+          f"{bench.ms(prober.downtime(d.address, moved.address or ''))}, runner "
+          f"{bench.ms(m.downtime_s)}; slowest failed probe "
+          f"{bench.ms(prober.slowest_fail_s)}")  # fmt: skip
+    for t, what in sorted(ev):
+        if q0 - 0.3 <= t <= horizon + 0.01:
+            print(f"  {(t - q0) * 1000:8.1f} ms  {what}")
+    before = [f for f in demand if f[0] <= horizon]
+    lat = sorted((f[1] - f[0]) * 1000 for f in before)
+    if lat:
+        print(f"  on-demand fetches before the first answer: {len(lat)}, "
+              f"{sum(f[3] for f in before)} blocks, latency p50 {lat[len(lat) // 2]:.1f} ms, "
+              f"max {lat[-1]:.1f} ms, sum {sum(lat):.1f} ms")  # fmt: skip
+    lane_before = [f for f in lane if f[0] <= horizon]
+    print(
+        f"  fill lane fetches started before the first answer: {len(lane_before)}, "
+        f"{sum(f[3] for f in lane_before)} blocks"
+    )
+    for what, timing in (("source quiesce", src_domain.timings.get("quiesce", {})),
+                         ("target start", dst_domain.timings.get("start", {})
+                          if dst_domain else {})):  # fmt: skip
+        print(f"  {what}: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in timing.items()))
+    try:
+        att = tb.agents[dst].agent.capability("volumes")._get(vid).attached
+        print("  target attach: " + ", ".join(f"{k} {v * 1000:.1f}"
+                                             for k, v in att.timings.items()))  # fmt: skip
+    except Exception:  # internals; informative only
+        pass
+    c.remove_domain(name)
+    sod = next((t1 for label, _t0, t1 in spans if label == "StartOnTarget"), None)
+    return {
+        "client": prober.downtime(d.address, moved.address or ""),
+        "runner": m.downtime_s,
+        "service": first_dst - sod if first_dst and sod else None,
+        "misses_after_start": float(sum(1 for f in demand if sod and sod <= f[0] <= horizon)),
+        "start_volume": (dst_domain.timings.get("start", {}) if dst_domain else {}).get("volume"),
+        "quiesce": src_domain.timings.get("quiesce", {}).get("total"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--written", type=float, default=0.75)
+    ap.add_argument("--strace", action="store_true")
+    ap.add_argument("--keep-log", default=None, help="copy the target domain's log here")
+    ap.add_argument("--cleanup-delay-s", type=float, default=2.0)
+    ap.add_argument("--fill-hold-s", type=float, default=None)
+    ap.add_argument(
+        "--compare-prefetch",
+        action="store_true",
+        help="alternate runs with and without the hot-set prefetch (same run, A/B)",
+    )
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 2
+    _instrument()
+    size = parse_size(args.size)
+    root = Path(tempfile.mkdtemp(prefix="edgevisor-switch-trace-"))
+    tag = f"{os.getpid() % 10000}"
+    src, dst = f"trace-a{tag}", f"trace-b{tag}"
+    k = os.getpid() % 8
+    subnets = {src: f"169.254.{240 + 2 * k}.0/24", dst: f"169.254.{241 + 2 * k}.0/24"}
+    try:
+        with (
+            bench.fence_subnets(list(subnets.values())),
+            open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb,
+        ):
+            for h, subnet in subnets.items():
+                tb.overrides["devices.broker_port"] = free_port()
+                tb.overrides["domains.test_subnet"] = subnet
+                tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
+                if args.fill_hold_s is not None:
+                    tb.overrides["domains.fill_hold_s"] = args.fill_hold_s
+                tb.start_agent(h)
+            tb.admin.create_account("bench")
+            with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
+                results: dict[bool, list[dict[str, float | None]]] = {True: [], False: []}
+                for i in range(args.repeat):
+                    # A/B in one run: odd runs without the hot-set prefetch
+                    on = not (args.compare_prefetch and i % 2)
+                    _PREFETCH[0] = on
+                    print(f"\n-- prefetch {'on' if on else 'off'}")
+                    r = one(tb, c, src, dst, size, i, args.written, args.strace, args.keep_log)
+                    results[on].append(r)
+                summarize(results)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
