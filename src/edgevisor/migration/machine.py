@@ -73,11 +73,10 @@ again; committed → release the source if not yet done; aborting → continue t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from edgevisor.errors import NotFound
+from edgevisor.migration.admission import admit
 from edgevisor.migration.commands import (
     FINAL_PHASES,
     AbortRefused,
@@ -112,6 +111,7 @@ from edgevisor.migration.commands import (
     Verify,
     Wakeup,
 )
+from edgevisor.migration.machine_state import durable, note_progress, restore, spec_of, status_of
 from edgevisor.migration.table import EFFECT_OF, ON_ABORT, ON_HOST_DOWN, PLANS, ROLLBACK_ORDER
 
 __all__ = [
@@ -129,30 +129,7 @@ __all__ = [
 UNREACHABLE: Final = "unreachable"
 """``Failed`` reason meaning the link between the hosts is cut (not a data problem)."""
 
-_FORMAT_VERSION: Final = 1
-
 _SYNC_KINDS: Final = frozenset({"StartFill", "ResyncSource", "Verify"})
-_EWMA_WEIGHT: Final = 0.3
-
-
-def admit(
-    spec: MigrationSpec, *, hosts_up: Mapping[str, bool], active: Iterable[Migration]
-) -> None:
-    """Refuse a migration request before anything changes (raises; returns None if fine)."""
-    if spec.source == spec.target:
-        raise MigrationRefused(f"domain {spec.domain!r} is already on {spec.target!r}")
-    for host in (spec.source, spec.target):
-        if host not in hosts_up:
-            raise NotFound(f"unknown host {host!r}")
-        if not hosts_up[host]:
-            raise MigrationRefused(f"host {host!r} is down")
-    if spec.volume_bytes < 0:
-        raise MigrationRefused("volume size must not be negative")
-    for m in active:
-        if m.spec.domain == spec.domain and not m.settled:
-            raise MigrationRefused(
-                f"domain {spec.domain!r} is already migrating ({m.spec.migration_id}, {m.phase})"
-            )
 
 
 class Migration:
@@ -183,7 +160,7 @@ class Migration:
         self.present_bytes = 0
         self.total_bytes = spec.volume_bytes
         self.rate_bytes_s: float | None = None
-        self._last_progress: tuple[float, int] | None = None
+        self.last_progress: tuple[float, int] | None = None  # (time, bytes) of the last gain
         self.quiesce_at: float | None = None
         self.downtime_s: float | None = None
 
@@ -228,26 +205,7 @@ class Migration:
         return self._run(lambda: self._resume(now))
 
     def status(self) -> MigrationStatus:
-        remaining = max(self.total_bytes - self.present_bytes, 0)
-        eta = None
-        if remaining == 0:
-            eta = 0.0
-        elif self.rate_bytes_s:
-            eta = remaining / self.rate_bytes_s
-        return MigrationStatus(
-            migration_id=self.spec.migration_id,
-            domain=self.spec.domain,
-            phase=self.phase,
-            present_bytes=self.present_bytes,
-            total_bytes=self.total_bytes,
-            rate_bytes_s=self.rate_bytes_s,
-            eta_s=eta,
-            downtime_s=self.downtime_s,
-            blocked_on=self.blocked_on,
-            cause=self.cause,
-            reason=self.reason,
-            settled=self.settled,
-        )
+        return status_of(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = self._durable()
@@ -256,27 +214,8 @@ class Migration:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Migration:
-        if d.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"unknown migration snapshot version {d.get('version')!r}")
-        raw = dict(d["spec"])
-        raw["mode"] = Mode(raw["mode"])
-        m = cls(MigrationSpec(**raw))
-        m.phase = Phase(d["phase"])
-        m.step = int(d["step"])
-        m.cause = Cause(d["cause"]) if d["cause"] is not None else None
-        m.reason = d["reason"]
-        m.effects = set(d["effects"])
-        m.leftovers = set(d["leftovers"])
-        m.source_up = bool(d["source_up"])
-        m.target_up = bool(d["target_up"])
-        m.source_current = bool(d["source_current"])
-        m.released = bool(d["released"])
-        m.quiesce_at = d["quiesce_at"]
-        m.downtime_s = d["downtime_s"]
-        m.next_seq = int(d["next_seq"])
-        m.present_bytes = int(d["present_bytes"])
-        m.total_bytes = int(d["total_bytes"])
-        m.rate_bytes_s = d["rate_bytes_s"]
+        m = cls(spec_of(d))
+        restore(m, d)
         return m
 
     # -- core --------------------------------------------------------------------------
@@ -284,27 +223,7 @@ class Migration:
     def _durable(self) -> dict[str, Any]:
         """The state a restart needs; any change of it makes the batch start with a
         PersistPhase (so the last snapshot stored always equals this)."""
-        spec = asdict(self.spec)
-        spec["mode"] = str(self.spec.mode)
-        return {
-            "version": _FORMAT_VERSION,
-            "spec": spec,
-            "phase": str(self.phase),
-            "step": self.step,
-            "cause": str(self.cause) if self.cause is not None else None,
-            "reason": self.reason,
-            "effects": sorted(self.effects),
-            "leftovers": sorted(self.leftovers),
-            "source_up": self.source_up,
-            "target_up": self.target_up,
-            "source_current": self.source_current,
-            "released": self.released,
-            "quiesce_at": self.quiesce_at,
-            "downtime_s": self.downtime_s,
-            # Progress is durable too, so a restart never shows it going backwards.
-            "present_bytes": self.present_bytes,
-            "total_bytes": self.total_bytes,
-        }
+        return durable(self)
 
     def _run(self, body: Callable[[], list[Command]]) -> list[Command]:
         before = self._durable()
@@ -571,21 +490,7 @@ class Migration:
         return [self._retry_later(now)]
 
     def _on_progress(self, ev: Progress, now: float) -> None:
-        if ev.total_bytes > 0:
-            self.total_bytes = max(self.total_bytes, ev.total_bytes)
-        present = min(max(ev.present_bytes, self.present_bytes), self.total_bytes)
-        if self._last_progress is not None:
-            t0, p0 = self._last_progress
-            if now > t0 and present > p0:
-                inst = (present - p0) / (now - t0)
-                self.rate_bytes_s = (
-                    inst
-                    if self.rate_bytes_s is None
-                    else (1 - _EWMA_WEIGHT) * self.rate_bytes_s + _EWMA_WEIGHT * inst
-                )
-        if self._last_progress is None or present > self._last_progress[1]:
-            self._last_progress = (now, present)
-        self.present_bytes = present
+        note_progress(self, ev.present_bytes, ev.total_bytes, now)
 
     def _on_host_down(self, host: str, now: float) -> list[Command]:
         side = self._side(host)
