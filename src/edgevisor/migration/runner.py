@@ -55,19 +55,17 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Final
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from edgevisor.control import domain_net
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError, NotFound, UnavailableError
 from edgevisor.migration.commands import (
     AbortRequested,
     Command,
-    DiscardTarget,
     Done,
     Event,
     Failed,
@@ -76,25 +74,17 @@ from edgevisor.migration.commands import (
     MigrationRefused,
     MigrationSpec,
     Mode,
-    MoveRecord,
     PersistPhase,
     Phase,
-    PrepareTarget,
     Progress,
-    QuiesceSource,
-    ReleaseSource,
-    ResumeOnSource,
-    ResyncSource,
     SetRoles,
     StartFill,
-    StartOnTarget,
     StopFill,
-    StopTarget,
     Tick,
-    Verify,
     Wakeup,
 )
 from edgevisor.migration.machine import UNREACHABLE, Migration, admit
+from edgevisor.migration.perform import AbortAsk, Job, Performer
 from edgevisor.store import repos
 from edgevisor.store.domain_models import Domain
 from edgevisor.store.migration_models import MigrationRecord
@@ -108,8 +98,6 @@ POLL_S: Final = 0.25
 """Fill progress polls and host-state checks."""
 PUBLISH_EVERY_S: Final = 0.5
 """Progress events on the SSE stream at most this often (phase changes always)."""
-_TIMEOUTS: Final = {"default": 60.0, "quiesce": 120.0, "start": 180.0, "discard": 120.0,
-                    "serving": 40.0}  # fmt: skip
 _ON_TARGET_PHASES: Final = frozenset({Phase.POST_SYNC, Phase.VERIFYING, Phase.COMMITTED})
 
 _RUNNERS: dict[int, MigrationRunner] = {}
@@ -132,45 +120,13 @@ async def run_migrations(st: ControllerState) -> None:
         _RUNNERS.pop(id(st), None)
 
 
-@dataclass
-class _AbortAsk:
-    fut: asyncio.Future[None]
-
-
-@dataclass
-class _Job:
-    m: Migration
-    account_id: int
-    account: str
-    name: str
-    queue: asyncio.Queue[Event | _AbortAsk] = field(default_factory=asyncio.Queue)
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    fills: set[asyncio.Task[None]] = field(default_factory=set)
-    hosts_up: dict[str, bool] = field(default_factory=dict)
-    created_at: float = 0.0
-    last_phase: Phase | None = None
-    last_publish: float = 0.0
-    driver: asyncio.Task[None] | None = None
-    hot: list[Any] = field(default_factory=list)
-    """The source's hot set (groups of ranges, its ``preflush`` answer): the target
-    prefetches it at StartOnTarget. In memory only (a hint: lost on a restart)."""
-
-    def lock(self, host: str) -> asyncio.Lock:
-        return self.locks.setdefault(host, asyncio.Lock())
-
-    @property
-    def who(self) -> dict[str, str]:
-        return {"account": self.account, "name": self.name}
-
-
 class MigrationRunner:
     """Runs every active migration of one controller (see the module docstring)."""
 
     def __init__(self, st: ControllerState, *, poll_s: float = POLL_S) -> None:
         self.st = st
         self.poll_s = poll_s
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[str, Job] = {}
         self.trace: dict[str, list[str]] = {}
         """Kinds of the commands performed, per migration (tests assert the sequence)."""
         self.timings: dict[str, list[tuple[str, float]]] = {}
@@ -178,9 +134,10 @@ class MigrationRunner:
         self.spans: dict[str, list[tuple[str, float, float]]] = {}
         """Per migration: (command, issued, done) on ``time.monotonic`` for each command
         that succeeded (benchmarks line them up with a client's view of the switch)."""
-        self.fill_s: dict[str, float] = {}
+        self.performer = Performer(st, poll_s=poll_s)
+        self.fill_s = self.performer.fill_s
         """Per migration: lazy volume created -> every block present, on the target."""
-        self.fill_held_s: dict[str, float] = {}
+        self.fill_held_s = self.performer.fill_held_s
         """Per migration: how long the target held the fill for the domain's start-up."""
         self._admit_lock = asyncio.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -231,7 +188,7 @@ class MigrationRunner:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("migration %s cannot be resumed: %s", mid, exc)
                 continue
-            job = _Job(m, account_id, account, name, created_at=self.st.clock())
+            job = Job(m, account_id, account, name, created_at=self.st.clock())
             job.last_phase = m.phase
             cmds = m.resume(self.st.clock())
             self._launch(job, cmds)
@@ -254,7 +211,7 @@ class MigrationRunner:
                 self._admission, account, name, target, mode, rate_bytes_s
             )
             m = Migration(spec)
-            job = _Job(m, account.id, account.name, name, created_at=self.st.clock())
+            job = Job(m, account.id, account.name, name, created_at=self.st.clock())
             cmds = m.start(self.st.clock())
             await run_in_threadpool(self._insert, job, domain)
             self._launch(job, cmds)
@@ -272,11 +229,11 @@ class MigrationRunner:
                 raise AbortRefused(f"migration {migration_id} is committed")
             return row
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        job.queue.put_nowait(_AbortAsk(fut))
+        job.queue.put_nowait(AbortAsk(fut))
         await fut
         return self.info(job)
 
-    def info(self, job: _Job) -> dict[str, Any]:
+    def info(self, job: Job) -> dict[str, Any]:
         s = job.m.status()
         out = asdict(s)
         out.pop("migration_id")
@@ -355,7 +312,7 @@ class MigrationRunner:
                 )
             return spec, d.id
 
-    def _insert(self, job: _Job, domain_id: int) -> None:
+    def _insert(self, job: Job, domain_id: int) -> None:
         now = self.st.clock()
         spec = job.m.spec
         with self.st.store.session() as s:
@@ -367,7 +324,7 @@ class MigrationRunner:
             )  # fmt: skip
             s.add(row)
 
-    def _persist(self, job: _Job) -> None:
+    def _persist(self, job: Job) -> None:
         m = job.m
         now = self.st.clock()
         with self.st.store.session() as s:
@@ -386,16 +343,6 @@ class MigrationRunner:
                 d.role = "primary"
                 d.updated_at = now
 
-    def _address(self, job: _Job) -> tuple[int, str] | None:
-        """The domain's address record id and logical address (None: it has none)."""
-        with self.st.store.session() as s:
-            d = s.scalar(
-                select(Domain).where(Domain.account_id == job.account_id, Domain.name == job.name)
-            )
-            if d is None or d.address_record_id is None or d.address is None:
-                return None
-            return d.address_record_id, d.address
-
     def _row_info(self, migration_id: str) -> dict[str, Any]:
         with self.st.store.session() as s:
             row = s.get(MigrationRecord, migration_id)
@@ -406,13 +353,13 @@ class MigrationRunner:
 
     # -- driving -----------------------------------------------------------------------
 
-    def _launch(self, job: _Job, first: list[Command]) -> None:
+    def _launch(self, job: Job, first: list[Command]) -> None:
         m = job.m
         job.hosts_up = {m.spec.source: m.source_up, m.spec.target: m.target_up}
         self.jobs[m.spec.migration_id] = job
         job.driver = asyncio.get_running_loop().create_task(self._drive(job, first))
 
-    async def _drive(self, job: _Job, first: list[Command]) -> None:
+    async def _drive(self, job: Job, first: list[Command]) -> None:
         m = job.m
         try:
             await self._apply(job, first)
@@ -420,7 +367,7 @@ class MigrationRunner:
             # agent may restart the domain there, so the driver waits for it.
             while not _settled(m):
                 ev = await job.queue.get()
-                if isinstance(ev, _AbortAsk):
+                if isinstance(ev, AbortAsk):
                     try:
                         cmds = m.handle(AbortRequested(), self.st.clock())
                     except EdgevisorError as exc:  # AbortRefused: nothing changed
@@ -445,10 +392,10 @@ class MigrationRunner:
                 del self.jobs[m.spec.migration_id]
             while not job.queue.empty():  # nobody answers aborts queued after the end
                 ev = job.queue.get_nowait()
-                if isinstance(ev, _AbortAsk) and not ev.fut.done():
+                if isinstance(ev, AbortAsk) and not ev.fut.done():
                     ev.fut.set_result(None)
 
-    async def _apply(self, job: _Job, cmds: Iterable[Command]) -> None:
+    async def _apply(self, job: Job, cmds: Iterable[Command]) -> None:
         loop = asyncio.get_running_loop()
         trace = self.trace.setdefault(job.m.spec.migration_id, [])
         for cmd in cmds:
@@ -471,10 +418,10 @@ class MigrationRunner:
             else:
                 log.warning("migration runner: unknown command %r", cmd)
 
-    async def _exec(self, job: _Job, cmd: Command) -> None:
+    async def _exec(self, job: Job, cmd: Command) -> None:
         t0 = time.monotonic()
         try:
-            await self._perform(job, cmd)
+            await self.performer.perform(job, cmd)
             ev: Event = Done(cmd)
             t1 = time.monotonic()
             mid = job.m.spec.migration_id
@@ -491,111 +438,6 @@ class MigrationRunner:
             log.exception("migration %s: %s failed", job.m.spec.migration_id, cmd.kind)
             ev = Failed(cmd, f"{type(exc).__name__}: {exc}")
         job.queue.put_nowait(ev)
-
-    async def _call(
-        self, job: _Job, host: str, op: str, extra: dict[str, Any] | None = None,
-        *, timeout_s: float | None = None,
-    ) -> Any:  # fmt: skip
-        payload = {**job.who, **(extra or {})}
-        async with job.lock(host):
-            return await self.st.links.call(
-                host, f"migration.{op}", payload,
-                timeout_s=timeout_s or _TIMEOUTS.get(op, _TIMEOUTS["default"]),
-            )  # fmt: skip
-
-    async def _perform(self, job: _Job, cmd: Command) -> None:
-        spec = job.m.spec
-        src, dst = spec.source, spec.target
-        bulk = max(120.0, spec.volume_bytes / (20 << 20))  # reads the volume: >= 20 MB/s
-        if isinstance(cmd, PrepareTarget):
-            offer = await self._call(job, src, "offer", {"peer": dst})
-            addr = await run_in_threadpool(self._address, job) if spec.has_address else None
-            await self._call(
-                job, dst, "prepare",
-                {**offer, "rate_bytes_s": spec.rate_bytes_s, "lazy": cmd.lazy,
-                 "address": addr[1] if addr else None,
-                 "instance": domain_net.instance_name(job.account, job.name)},
-            )  # fmt: skip
-            try:
-                pre = await self._call(job, src, "preflush")
-                hot = pre.get("hot") if isinstance(pre, dict) else None
-                job.hot = hot if isinstance(hot, list) else []
-            except EdgevisorError as exc:  # only an optimization: the quiesce flushes too
-                log.info("migration %s: no flush ahead of the switch: %s",
-                         job.m.spec.migration_id, exc)  # fmt: skip
-        elif isinstance(cmd, QuiesceSource):
-            await self._call(job, src, "quiesce")
-        elif isinstance(cmd, SetRoles):
-            # The fence is on the primary and its answer alone decides Done; the other
-            # side follows when it can, off the switch's critical path (its host lock,
-            # taken before any later command's, keeps its order on that host).
-            await self._call(job, cmd.primary, "set_role", {"role": "primary"})
-            t = asyncio.get_running_loop().create_task(self._demote(job, cmd.secondary))
-            job.tasks.add(t)
-            t.add_done_callback(job.tasks.discard)
-        elif isinstance(cmd, StartOnTarget):
-            await self._call(job, dst, "start", {"prefetch": job.hot})
-        elif isinstance(cmd, MoveRecord):
-            addr = await run_in_threadpool(self._address, job)
-            if addr is not None:
-                await domain_net.move_record(self.st, job.account, addr[0], cmd.to_host)
-        elif isinstance(cmd, StartFill):
-            await self._fill(job, cmd)
-        elif isinstance(cmd, Verify):
-            await self._call(job, dst, "verify", timeout_s=bulk)
-        elif isinstance(cmd, ReleaseSource):
-            await self._call(job, dst, "finish")
-            await self._call(job, src, "release")
-        elif isinstance(cmd, ResyncSource):
-            await self._call(job, dst, "resync", timeout_s=bulk)
-        elif isinstance(cmd, StopTarget):
-            await self._call(job, dst, "stop_target", timeout_s=_TIMEOUTS["quiesce"])
-        elif isinstance(cmd, ResumeOnSource):
-            await self._call(job, src, "resume", timeout_s=_TIMEOUTS["start"])
-        elif isinstance(cmd, DiscardTarget):
-            await self._call(job, dst, "discard")
-        else:
-            raise AssertionError(f"no way to perform {cmd!r}")
-
-    async def _demote(self, job: _Job, host: str) -> None:
-        try:
-            await self._call(job, host, "set_role", {"role": "secondary"})
-        except EdgevisorError as exc:
-            log.info("migration %s: %s stays as it was for now: %s",
-                     job.m.spec.migration_id, host, exc)  # fmt: skip
-
-    async def _fill(self, job: _Job, cmd: StartFill) -> None:
-        dst = job.m.spec.target
-        await self._hold_fill(job, dst)
-        p = await self._call(job, dst, "fill", {"rate_bytes_s": cmd.rate_bytes_s})
-        misses = 0
-        while True:
-            job.queue.put_nowait(Progress(int(p["present_bytes"]), int(p["total_bytes"])))
-            if p["done"]:
-                if p.get("fill_s") is not None:
-                    self.fill_s[job.m.spec.migration_id] = float(p["fill_s"])
-                return
-            await asyncio.sleep(self.poll_s)
-            try:
-                p = await self._call(job, dst, "progress")
-                misses = 0
-            except UnavailableError:
-                misses += 1  # a lost poll is not a lost fill; a dead host shows in liveness
-                if misses >= 20:
-                    raise
-
-    async def _hold_fill(self, job: _Job, dst: str) -> None:
-        """Let the domain's start-up on the target finish before the fill takes the link
-        and the CPU (the agent bounds the wait). Best effort: an agent that cannot tell
-        (or is unreachable: the fill's own call then fails) does not hold it."""
-        mid = job.m.spec.migration_id
-        try:
-            r = await self._call(job, dst, "serving", timeout_s=_TIMEOUTS["serving"])
-        except EdgevisorError as exc:
-            log.info("migration %s: fill not held: %s", mid, exc)
-            return
-        if isinstance(r, dict) and isinstance(r.get("waited_s"), int | float):
-            self.fill_held_s[mid] = float(r["waited_s"])
 
     # -- hosts and events --------------------------------------------------------------
 
@@ -614,7 +456,7 @@ class MigrationRunner:
         with self.st.store.session() as s:
             return {h.name: h.state == "up" for h in repos.list_hosts(s)}
 
-    def _maybe_publish(self, job: _Job, progress: bool) -> None:
+    def _maybe_publish(self, job: Job, progress: bool) -> None:
         now = time.monotonic()
         if job.m.phase != job.last_phase:
             job.last_phase = job.m.phase
@@ -625,7 +467,7 @@ class MigrationRunner:
             return
         job.last_publish = now
 
-    def _publish(self, job: _Job, kind: str) -> None:
+    def _publish(self, job: Job, kind: str) -> None:
         try:
             self.st.publish(kind, subject=job.name, account_id=job.account_id,
                             data=self.info(job))  # fmt: skip
