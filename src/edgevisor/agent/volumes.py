@@ -18,7 +18,7 @@ serves it three ways:
   promoting it); with one owner, the FUSE process also rides out an agent restart;
 * **to other capabilities** (domains, migration) through this Python API.
 
-Every served device is a :class:`_DeviceRef`, an indirection the agent can re-point
+Every served device is a :class:`~.volume_parts.DeviceRef`, an indirection the agent can re-point
 (:meth:`promote` swaps a finished lazy volume for its plain local volume) without closing
 the NBD sessions or the mounts that use it.
 
@@ -43,14 +43,21 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgevisor.agent import volume_fuse
 from edgevisor.agent.capacity import route_source_address
+from edgevisor.agent.volume_parts import (
+    DeviceRef,
+    VolumeEntry,
+    check_source,
+    int_field,
+    opt_str,
+    socket_path,
+    volume_id,
+)
 from edgevisor.errors import (
     AlreadyExists,
     Conflict,
@@ -80,79 +87,7 @@ log = logging.getLogger(__name__)
 
 Role = Literal["primary", "secondary"]
 Mirror = Literal["off", "async", "sync"]
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _CHUNK = 4 << 20
-
-
-def volume_id(account: str, name: str) -> str:
-    for what, v in (("account", account), ("volume name", name)):
-        if not _NAME.match(v):
-            raise RequestError(f"bad {what} {v!r}: lowercase letters, digits, '-' and '_'")
-    return f"{account}.{name}"
-
-
-class _DeviceRef:
-    """A :class:`BlockDevice` that forwards to a device the agent may swap under it."""
-
-    def __init__(self, target: BlockDevice) -> None:
-        self.target = target
-
-    @property
-    def size_bytes(self) -> int:
-        return self.target.size_bytes
-
-    @property
-    def block_size(self) -> int:
-        return self.target.block_size
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.target.read(offset, length)
-
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        await self.target.write(offset, data, fua=fua)
-
-    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await self.target.write_zeroes(offset, length, fua=fua)
-
-    async def trim(self, offset: int, length: int) -> None:
-        await self.target.trim(offset, length)
-
-    async def flush(self) -> None:
-        await self.target.flush()
-
-    def present(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        return self.target.present(offset, length)
-
-    def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        return self.target.allocated(offset, length)
-
-    # The NBD sessions' fast paths, looked up per request: forward when the target has them.
-    def file_extent(self, offset: int, length: int) -> tuple[int, int] | None:
-        fn = getattr(self.target, "file_extent", None)
-        return cast("tuple[int, int] | None", fn(offset, length)) if fn else None
-
-    def write_nowait(self, offset: int, data: bytes | memoryview) -> bool:
-        fn = getattr(self.target, "write_nowait", None)
-        return bool(fn(offset, data)) if fn else False
-
-
-@dataclass
-class _Entry:
-    id: str
-    account: str
-    name: str
-    dir: Path
-    volume: Volume
-    ref: _DeviceRef
-    meta: dict[str, Any]
-    lazy: LazyVolume | None = None
-    attached: AttachedVolume | None = None
-    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def save(self) -> None:
-        tmp = self.dir / "meta.json.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=1, sort_keys=True))
-        os.replace(tmp, self.dir / "meta.json")
 
 
 class VolumesCapability:
@@ -163,7 +98,7 @@ class VolumesCapability:
     def __init__(self, settings: Settings, storage: StorageSettings | None = None) -> None:
         self.settings = settings
         self.cfg: StorageSettings = storage or settings.storage
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, VolumeEntry] = {}
         self._agent: Agent | None = None
         self.identity: HostIdentity | None = None
         self.server: NBDServer | None = None
@@ -203,7 +138,7 @@ class VolumesCapability:
                       nbd.listen_host, nbd.listen_port, exc)  # fmt: skip
             self.endpoint = None
         self.local_server = NBDServer(max_payload=nbd.max_payload_bytes)
-        self.local_socket = _socket_path(agent.dir)
+        self.local_socket = socket_path(agent.dir)
         await self.local_server.start_unix(str(self.local_socket))
         for d in sorted(self.vol_dir.iterdir()):
             if (d / "meta.json").exists():
@@ -297,7 +232,7 @@ class VolumesCapability:
         source's data is final; a migration's target creates it so before the switch.
         The hold is persisted (a restarted agent keeps holding)."""
         vid = volume_id(account, name)
-        src = _check_source(source)
+        src = check_source(source)
         block_size = int(source.get("block_size", self.cfg.default_block_size_bytes))
         self._check_size(size_bytes, block_size)
         if mirror not in ("off", "async", "sync"):
@@ -381,7 +316,7 @@ class VolumesCapability:
             )  # fmt: skip
             await av.attach(mount=mount)
             e.attached = av
-            e.meta["attached"] = {"target": str(av.target), "mount_ns": _opt_str(mount_ns)}
+            e.meta["attached"] = {"target": str(av.target), "mount_ns": opt_str(mount_ns)}
             e.save()
 
     async def detach(self, name: str) -> None:
@@ -531,13 +466,13 @@ class VolumesCapability:
 
     async def _op_create(self, p: dict[str, Any]) -> dict[str, Any]:
         return await self.create(
-            str(p.get("name", "")), _int(p, "size_bytes"), account=str(p.get("account", "")),
+            str(p.get("name", "")), int_field(p, "size_bytes"), account=str(p.get("account", "")),
             block_size=int(p.get("block_size") or self.cfg.default_block_size_bytes),
         )  # fmt: skip
 
     async def _op_create_lazy(self, p: dict[str, Any]) -> dict[str, Any]:
         return await self.create_lazy(
-            str(p.get("name", "")), _int(p, "size_bytes"), account=str(p.get("account", "")),
+            str(p.get("name", "")), int_field(p, "size_bytes"), account=str(p.get("account", "")),
             source=dict(p.get("source") or {}), mirror=p.get("mirror", "sync"),
         )  # fmt: skip
 
@@ -564,7 +499,7 @@ class VolumesCapability:
 
     # ------------------------------------------------------------------ internals
 
-    def _get(self, vid: str) -> _Entry:
+    def _get(self, vid: str) -> VolumeEntry:
         e = self._entries.get(vid)
         if e is None:
             raise NotFound(f"volume {vid!r} not found on host {self.agent.host}")
@@ -591,8 +526,8 @@ class VolumesCapability:
         d.mkdir(parents=True)
         return d
 
-    def _add(self, vid: str, d: Path, vol: Volume, meta: dict[str, Any]) -> _Entry:
-        e = _Entry(vid, meta["account"], meta["name"], d, vol, _DeviceRef(vol), meta)
+    def _add(self, vid: str, d: Path, vol: Volume, meta: dict[str, Any]) -> VolumeEntry:
+        e = VolumeEntry(vid, meta["account"], meta["name"], d, vol, DeviceRef(vol), meta)
         self._entries[vid] = e
         assert self.local_server is not None
         self.local_server.add_export(Export(vid, e.ref, description=e.name))
@@ -611,7 +546,7 @@ class VolumesCapability:
             )
         e.attached = self._attachment_from_meta(e)
 
-    def _attachment_from_meta(self, e: _Entry) -> AttachedVolume | None:
+    def _attachment_from_meta(self, e: VolumeEntry) -> AttachedVolume | None:
         att = e.meta.get("attached")
         if not att:
             return None
@@ -622,11 +557,11 @@ class VolumesCapability:
             spares=self.spares,
         )  # fmt: skip
 
-    def _fuse_arg(self, e: _Entry) -> str:
+    def _fuse_arg(self, e: VolumeEntry) -> str:
         assert self.local_socket is not None
         return volume_fuse.device_arg(str(self.local_socket), e.id, str(e.volume.data_path))
 
-    def _start_lazy(self, e: _Entry) -> None:
+    def _start_lazy(self, e: VolumeEntry) -> None:
         src = e.meta["source"]
         lazy_cfg = self.cfg.lazy.model_copy(update={"mirror": e.meta.get("mirror", "sync")})
 
@@ -646,7 +581,7 @@ class VolumesCapability:
             ssl_context=ident.client_context(), server_hostname=src["host"],
         )  # fmt: skip
 
-    async def _close(self, e: _Entry) -> None:
+    async def _close(self, e: VolumeEntry) -> None:
         for srv in (self.server, self.local_server):
             if srv is not None and e.id in srv.exports:
                 srv.remove_export(e.id)
@@ -662,35 +597,3 @@ class VolumesCapability:
         if address in ("0.0.0.0", "::", ""):
             address = route_source_address(self.agent.cfg.controller_url) or "127.0.0.1"
         return {"host": self.agent.host, "address": address, "port": port, "export": vid}
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _int(p: dict[str, Any], key: str) -> int:
-    try:
-        return int(p[key])
-    except (KeyError, TypeError, ValueError):
-        raise RequestError(f"{key} must be an integer") from None
-
-
-def _opt_str(p: Path | None) -> str | None:
-    return str(p) if p is not None else None
-
-
-def _check_source(source: dict[str, Any]) -> dict[str, Any]:
-    missing = [k for k in ("host", "address", "port", "export") if not source.get(k)]
-    if missing:
-        raise RequestError(f"source lacks {', '.join(missing)}")
-    return {k: source[k] for k in ("host", "address", "port", "export")}
-
-
-def _socket_path(agent_dir: Path) -> Path:
-    """The local NBD socket; under /run when the agent dir is too deep for sun_path."""
-    p = agent_dir / "nbd.sock"
-    if len(str(p)) < 100:
-        return p
-    tag = hashlib.sha256(str(agent_dir).encode()).hexdigest()[:16]
-    d = Path("/run/edgevisor") if os.access("/run", os.W_OK) else Path("/tmp")
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d / f"nbd-{tag}.sock"
