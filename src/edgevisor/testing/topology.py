@@ -52,12 +52,17 @@ from edgevisor.testing.netns import (
     ip,
     kill_group,
     link_delete,
-    link_names,
     netns_add,
     netns_delete,
     netns_exec_argv,
     netns_list,
-    netns_pids,
+)
+from edgevisor.testing.topology_cleanup import (
+    DEFAULT_PREFIX,
+    cleanup_stale,
+    group_exists,
+    kill_netns_processes,
+    leftovers,
 )
 
 __all__ = [
@@ -70,12 +75,9 @@ __all__ = [
     "leftovers",
 ]
 
-DEFAULT_PREFIX = "evt"
 SUPERNET = ipaddress.IPv4Network("10.251.0.0/16")
 _LOCK_PATH = Path("/run/lock/edgevisor-topology.lock")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,14}$")
-# Default prefixes look like "evt<pid hex>-<3 hex>": cleanup_stale parses the owner's pid.
-_OWNER_RE = re.compile(rf"^{DEFAULT_PREFIX}([0-9a-f]+)-[0-9a-f]{{3}}")
 _FIRST_HOST_OCTET = 10
 
 
@@ -430,14 +432,14 @@ class Topology:
         with self._lock:
             procs = list(self._procs)
         for proc in procs:
-            if proc.poll() is None or _group_exists(proc.pid):
+            if proc.poll() is None or group_exists(proc.pid):
                 kill_group(proc.pid, grace_s=self.grace_s, poll=proc)
             self._forget(proc)
         self._agents.clear()
         # Anything still inside our namespaces descends from what we started (it escaped
         # its process group, e.g. by setsid): kill it by pid so the namespaces can go.
         ours = [ns for ns in netns_list() if ns.startswith(f"{self.prefix}-")]
-        _kill_netns_processes(ours)
+        kill_netns_processes(ours)
         link_delete(self.root_veth)
         for ns in ours:
             netns_delete(ns)
@@ -512,78 +514,6 @@ class AsyncTopology(Topology):
 
 
 # -- module helpers --------------------------------------------------------------------
-
-
-def leftovers(prefix: str) -> list[str]:
-    """Namespaces and root-namespace links whose names start with ``prefix``."""
-    found = [f"netns:{ns}" for ns in netns_list() if ns.startswith(prefix)]
-    found += [f"link:{name}" for name in link_names() if name.startswith(prefix)]
-    return found
-
-
-def cleanup_stale(prefix: str = DEFAULT_PREFIX, *, only_dead_owners: bool = True) -> list[str]:
-    """Remove namespaces and root veths left by crashed runs; return what was removed.
-
-    With ``only_dead_owners`` (default), names in the default format (which carry the
-    owner's pid) are removed only when that process is gone, so a concurrent run on the
-    same machine is never touched; names in another format are skipped then. Pass
-    ``only_dead_owners=False`` to remove everything under a specific prefix.
-    """
-    if len(prefix) < 3:
-        raise TopologyError("refusing a prefix shorter than 3 characters")
-
-    def stale(name: str) -> bool:
-        if not name.startswith(prefix):
-            return False
-        if not only_dead_owners:
-            return True
-        m = _OWNER_RE.match(name)
-        return m is not None and not _pid_alive(int(m.group(1), 16))
-
-    namespaces = [ns for ns in netns_list() if stale(ns)]
-    links = [name for name in link_names() if stale(name)]
-    with blocked_signals():
-        _kill_netns_processes(namespaces)
-        for name in links:
-            link_delete(name)
-        for ns in namespaces:
-            netns_delete(ns)
-    return [f"netns:{ns}" for ns in namespaces] + [f"link:{name}" for name in links]
-
-
-def _kill_netns_processes(namespaces: Sequence[str]) -> None:
-    pids = [pid for ns in namespaces for pid in netns_pids(ns) if pid != os.getpid()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _pid_alive(pid)]
-        if pids:
-            time.sleep(0.02)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes (its namespace references are gone).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 def _root_networks() -> list[ipaddress.IPv4Network]:
