@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/storage/lazy.py [--size-mib 256] [--reads 400] [--rounds 3]
         [--links plain,tls,tls-inproc,tls-asyncio,tls12] [--batch N] [--inflight N]
-        [--connections N]
+        [--connections N] [--held]
         [--workers N]
 
 * **first read of a missing 64 KiB block**: a lazy volume whose fill is not running reads
@@ -11,15 +11,17 @@
 * **background fill**, one row per link: a fresh lazy volume fills the whole size
   (unlimited rate; the time includes the final flush) vs ``os.copy_file_range`` of the
   same bytes into a new file plus ``fsync``, measured in the same run, alternating with
-  the fills. Target: >= 60% of the copy rate. The source holds random bytes everywhere
-  (no holes: every byte crosses the link; a sparse source fills faster, holes are not
-  transferred). Links: ``plain`` (NBD over TCP), ``tls`` (NBD over TLS with fleet
-  certificates, as between hosts; source server in another process, as on two hosts),
-  ``tls-inproc`` (the same with the source server in this process, as in the migration
-  bench's testbed: source and target share one GIL), ``tls-asyncio`` (as ``tls`` with the
-  source's TLS sessions on asyncio's TLS transport instead of threads: the old path, for
-  comparison in the same run), ``tls12`` (as ``tls`` with the source's bulk cipher policy:
-  TLS 1.2 ECDHE AES-128-GCM instead of TLS 1.3 AES-256-GCM).
+  the fills (``--held``: timed from the release of a volume created held and started
+  0.5 s before, as on a migration target, whose connections are open by then).
+  Target: >= 60% of the copy rate. The source holds random bytes everywhere (no holes:
+  every byte crosses the link; a sparse source fills faster, holes are not transferred).
+  Links: ``plain`` (NBD over TCP), ``tls`` (NBD over TLS with fleet certificates, as
+  between hosts; source server in another process, as on two hosts), ``tls-inproc`` (the
+  same with the source server in this process, as in the migration bench's testbed: source
+  and target share one GIL), ``tls-asyncio`` (as ``tls`` with the source's TLS sessions on
+  asyncio's TLS transport instead of threads: the old path, for comparison in the same
+  run), ``tls12`` (as ``tls`` with the source's bulk cipher policy: TLS 1.2 ECDHE
+  AES-128-GCM instead of TLS 1.3 AES-256-GCM).
 
 The source is our NBD server (a separate process unless ``-inproc``) over loopback, with
 the agent's default worker threads (``--workers``). The fill uses the lazy-volume
@@ -232,10 +234,16 @@ async def fill_rounds(
             fill_inflight=args.inflight,
             fill_connections=args.connections,
         )
-        lazy = LazyVolume(dst, source.connect, fill_cfg)
+        lazy = LazyVolume(dst, source.connect, fill_cfg, held=args.held)
+        if args.held:  # as on a migration target: created (and connected) before the switch
+            lazy.start()
+            await asyncio.sleep(0.5)
         c0, s0 = _cpu_s(), source.cpu_s()
         t0 = time.perf_counter()
-        lazy.start()
+        if args.held:
+            lazy.release()
+        else:
+            lazy.start()
         await lazy.filled.wait()
         dt = time.perf_counter() - t0
         gib = size / (1 << 30)
@@ -319,6 +327,12 @@ def main() -> None:
         type=int,
         default=LazySettings().fill_connections,
         help="fill connections of their own (0: share the main one)",
+    )
+    ap.add_argument(
+        "--held",
+        action="store_true",
+        help="time each fill from the release of a volume created held and started 0.5 s "
+        "earlier (a migration target's case: its connections are open by then)",
     )
     ap.add_argument(
         "--workers",

@@ -122,6 +122,7 @@ class LazyVolume:
         self._fill_task: asyncio.Task[None] | None = None
         self._layout = SourceLayout(local.block_size, local.size_bytes)  # holes at the source
         self._status_ok = True
+        self._status_asks: dict[int, asyncio.Task[None]] = {}  # window -> ask under way
         self._mirror_q: asyncio.Queue[tuple[int, bytes, int]] = asyncio.Queue()
         self._mirror_task: asyncio.Task[None] | None = None
         self._since_flush = 0

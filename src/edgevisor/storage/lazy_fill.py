@@ -4,11 +4,14 @@ Runs of missing blocks (``fill_batch_blocks`` per request, ``fill_inflight`` req
 flight) are fetched from the cursor on under the volume's token-bucket rate limit, over
 ``fill_connections`` connections of their own, each on its own thread
 (:mod:`edgevisor.storage.lazy_lane`; blocking sockets when the source tells its
-``endpoint``). Runs the source reports as holes (``base:allocation`` block status, asked
-per window of ``_STATUS_WINDOW_BLOCKS``) are not transferred: they are zeroed here and
-marked present. A background ``fdatasync`` every ``flush_every_blocks`` makes fetched
-blocks durable while the fill goes on; the fill ends with a final flush, closes its
-lanes and sets the volume's ``filled`` event.
+``endpoint``); their connections are opened as soon as the fill task starts, so a
+volume created *held* ahead of a switch has its handshakes (TCP, NBD, TLS) done before
+the release. Runs the source reports as holes (``base:allocation`` block status, asked
+once per window of ``_STATUS_WINDOW_BLOCKS`` and remembered, the next window asked in
+the background) are not transferred: they are zeroed here and marked present. A
+background ``fdatasync`` every ``flush_every_blocks`` makes fetched blocks durable while
+the fill goes on; the fill ends with a final flush, sets the volume's ``filled`` event
+and then closes its lanes.
 
 These functions work on the volume's state and follow its theory of operation (claims
 are registered synchronously with the decision to fetch, rule 1 in
@@ -85,6 +88,8 @@ async def run(v: LazyVolume) -> None:
     bs = v.local.block_size
     if v._lanes is None:
         v._lanes = await open_lanes(v)
+        if v._lanes is not None:
+            v._lanes.connect_soon()
     await v._released.wait()  # connected while held: ready at the release
     try:
         while True:
@@ -111,8 +116,10 @@ async def run(v: LazyVolume) -> None:
                     if v._flush_task is not None:
                         await v._flush_task
                     await v.local.flush()
-                    await v._close_lanes()
+                    # Filled once durable; closing the lanes (joining their threads) is
+                    # no part of the fill's time.
                     v.filled.set()
+                    await v._close_lanes()
                     return
                 await asyncio.sleep(v.settings.reconnect_interval_s)
                 continue
@@ -129,6 +136,7 @@ async def run(v: LazyVolume) -> None:
                 v._flush_task = asyncio.create_task(v.local.flush())
                 v._flush_task.add_done_callback(log_crash)
     finally:
+        _stop_asks(v)
         for t in inflight:
             t.cancel()
         # Let cancelled fetches finish their stores before the lanes are closed.
@@ -138,14 +146,39 @@ async def run(v: LazyVolume) -> None:
 async def source_layout(v: LazyVolume, first: int, count: int) -> list[tuple[int, int, bool]]:
     """``[first, first + count)`` split into ``(first, count, zero)`` segments by the
     source's allocation (``base:allocation`` block status, asked once per window of
-    ``_STATUS_WINDOW_BLOCKS``); all data when the source cannot tell."""
-    if v._status_ok and not v._layout.covers(first):
-        await ask_status(v, first)
+    ``_STATUS_WINDOW_BLOCKS``); all data when the source cannot tell. The next window's
+    status is asked in the background meanwhile, so the fill does not wait for it when
+    it gets there."""
+    if v._status_ok:
+        w = first // _STATUS_WINDOW_BLOCKS
+        if not v._layout.covers(first):
+            await _ask_window(v, w)
+        nxt = (w + 1) * _STATUS_WINDOW_BLOCKS
+        if nxt < v.local.nblocks and v._status_ok and not v._layout.covers(nxt):
+            _ask_window(v, w + 1)
     return v._layout.segments(first, count)
 
 
-async def ask_status(v: LazyVolume, first: int) -> None:
+def _ask_window(v: LazyVolume, w: int) -> asyncio.Task[None]:
+    """The ask for window ``w`` under way, or a new one: one question at a time."""
+    t = v._status_asks.get(w)
+    if t is None or t.done():
+        t = v._status_asks[w] = asyncio.create_task(ask_status(v, w * _STATUS_WINDOW_BLOCKS))
+        t.add_done_callback(log_crash)
+    return t
+
+
+def _stop_asks(v: LazyVolume) -> None:
+    for t in v._status_asks.values():
+        t.cancel()
+    v._status_asks.clear()
+
+
+async def ask_status(v: LazyVolume, block: int) -> None:
+    """Learn the source's layout of the (aligned) window holding ``block``; the layout
+    keeps every window learnt, so the source is asked once per window."""
     bs = v.local.block_size
+    first = block - block % _STATUS_WINDOW_BLOCKS
     hi = min(v.local.nblocks, first + _STATUS_WINDOW_BLOCKS)
     off, length = first * bs, min(hi * bs, v.size_bytes) - first * bs
     # Short: with the source away the fetches below wait (and retry) anyway.

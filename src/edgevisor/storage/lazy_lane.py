@@ -6,6 +6,7 @@ connection is created, used and closed only on the lane's thread. Two kinds:
 * :class:`BlockingLane` (used when the source says where it is, ``endpoint``): a plain
   thread running fetches one after the other over a
   :class:`~edgevisor.storage.nbd_blocking.BlockingReader`; no event loop at all. Its
+  connection opens on first use, or ahead of it (:meth:`FillLanes.connect_soon`). Its
   stores run on store threads (one per lane), so the lane reads its next run while the
   disk takes the last one (``O_DIRECT`` writes wait for the device).
 * :class:`Lane`: a thread with its own event loop awaiting the source's ``connect`` (for
@@ -142,6 +143,17 @@ class BlockingLane:
                 self.reader.close()
         return self.reader
 
+    def connect_soon(self) -> None:
+        """Open the connection on the lane's thread ahead of the first fetch (which queues
+        behind it); a failure is left to that fetch, which connects again."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+        self._jobs.put((self._connect_quietly, fut))
+
+    def _connect_quietly(self) -> None:
+        with contextlib.suppress(PeerUnavailable):
+            self.connection()
+
     async def run(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the lane's thread; a cancelled caller still waits for it to end."""
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -202,6 +214,14 @@ class FillLanes:
         self._storer = concurrent.futures.ThreadPoolExecutor(n or 1, "lazy-store")
         self._turn = itertools.cycle(range(n))
         self._closer: asyncio.Task[None] | None = None
+
+    def connect_soon(self) -> None:
+        """Blocking lanes open their connections now, each on its thread (TCP, NBD and
+        TLS handshakes): a fill created ahead of a switch (held) has them ready at the
+        release instead of paying them in its first fetches."""
+        for lane in self.lanes:
+            if isinstance(lane, BlockingLane):
+                lane.connect_soon()
 
     async def fetch(
         self, first: int, length: int, deadline: float, closed: Callable[[], bool]

@@ -4,6 +4,7 @@ limit, the source protocol and its error (:mod:`edgevisor.storage.lazy` re-expor
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -139,24 +140,34 @@ class TokenBucket:
 
 
 class SourceLayout:
-    """Which blocks of one window read as zeroes at the source (pure bookkeeping).
+    """Which blocks read as zeroes at the source (pure bookkeeping), for every window of
+    blocks learnt so far.
 
     :meth:`learn` takes the source's extents ``(offset, length, zero)`` for blocks
-    ``[first, end)``; :meth:`segments` then splits a run of blocks inside the window into
-    ``(first, count, zero)`` pieces. Only whole blocks inside a zero extent count as zero
-    (a block partly data is data), and whatever the extents do not cover is data: the
-    fill may fetch more than needed, never skip a block that holds bytes.
+    ``[first, end)`` (replacing what was known there); :meth:`segments` then splits a run
+    of blocks into ``(first, count, zero)`` pieces. Only whole blocks inside a zero extent
+    count as zero (a block partly data is data), and whatever no learnt window covers is
+    data: the fill may fetch more than needed, never skip a block that holds bytes.
+
+    Why every window is kept, not only the last one: a read miss moves the fill's cursor
+    (:mod:`edgevisor.storage.lazy`), so a domain reading here and there sends the fill
+    back and forth between windows; asking the source again on each jump (one round trip
+    the fill waits for) cost more than the transfer of a 1 GiB fill under random reads.
+    The source's layout does not change under the fill after the release (only the
+    target's mirrored writes reach it, and those blocks are present here already).
     """
 
     def __init__(self, block_size: int, size_bytes: int) -> None:
         self.bs = block_size
         self.size = size_bytes
         self.nblocks = -(-size_bytes // block_size)
-        self.lo = self.hi = 0
-        self.runs: list[tuple[int, int, bool]] = []  # (first, end, zero), covering [lo, hi)
+        # Learnt runs (first, end, zero): sorted, disjoint; gaps are unknown (data).
+        self.runs: list[tuple[int, int, bool]] = []
+        self._starts: list[int] = []
 
     def covers(self, block: int) -> bool:
-        return self.lo <= block < self.hi
+        i = bisect.bisect_right(self._starts, block) - 1
+        return i >= 0 and self.runs[i][1] > block
 
     def learn(self, first: int, end: int, extents: list[tuple[int, int, bool]]) -> None:
         bs = self.bs
@@ -170,37 +181,55 @@ class SourceLayout:
             lo, up = max(lo, first), min(up, end)
             if up > lo:
                 zeros.append((lo, up))
-        runs: list[tuple[int, int, bool]] = []
+        new: list[tuple[int, int, bool]] = []
         pos = first
         for lo, up in sorted(zeros):
             lo = max(lo, pos)
             if up <= lo:
                 continue
             if lo > pos:
-                runs.append((pos, lo, False))
-            runs.append((lo, up, True))
+                new.append((pos, lo, False))
+            new.append((lo, up, True))
             pos = up
         if pos < end:
-            runs.append((pos, end, False))
-        self.runs, self.lo, self.hi = runs, first, end
+            new.append((pos, end, False))
+        kept: list[tuple[int, int, bool]] = []
+        for lo, hi, zero in self.runs:  # what was known outside [first, end) stays
+            if lo < first:
+                kept.append((lo, min(hi, first), zero))
+            if hi > end:
+                kept.append((max(lo, end), hi, zero))
+        self.runs = sorted(kept + new)
+        self._starts = [r[0] for r in self.runs]
 
     def segments(self, first: int, count: int) -> list[tuple[int, int, bool]]:
         end = first + count
-        if not self.covers(first):
-            return [(first, count, False)]
         out: list[tuple[int, int, bool]] = []
-        b = first
-        for lo, hi, zero in self.runs:
-            if hi <= b or lo >= end:
-                continue
-            seg_end = min(hi, end)
+
+        def add(lo: int, hi: int, zero: bool) -> None:
             if out and out[-1][2] == zero:
-                out[-1] = (out[-1][0], out[-1][1] + seg_end - b, zero)
+                out[-1] = (out[-1][0], out[-1][1] + hi - lo, zero)
             else:
-                out.append((b, seg_end - b, zero))
+                out.append((lo, hi - lo, zero))
+
+        b = first
+        i = max(bisect.bisect_right(self._starts, first) - 1, 0)
+        runs = self.runs
+        while b < end and i < len(runs):
+            lo, hi, zero = runs[i]
+            i += 1
+            if hi <= b:
+                continue
+            if lo >= end:
+                break
+            if lo > b:  # a gap nothing covers: data
+                add(b, lo, False)
+                b = lo
+            seg_end = min(hi, end)
+            add(b, seg_end, zero)
             b = seg_end
-        if b < end:  # beyond the window: asked about next time
-            out.append((b, end - b, False))
+        if b < end:  # beyond what is known: data (asked about next time)
+            add(b, end, False)
         return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevisor.agent.volumes import _DeviceRef, volume_id
+from edgevisor.agent.volume_parts import DeviceRef, volume_id
 from edgevisor.errors import RequestError
 from edgevisor.pki import FleetCA, HostIdentity, InvalidCSR, certificate_cn
 from edgevisor.sdk.volumes import parse_size
@@ -116,7 +116,7 @@ async def test_device_ref_forwards_and_can_be_repointed(tmp_path: Path) -> None:
     v2 = Volume.create(tmp_path / "v2", 1 << 20, 65536)
     try:
         await v2.write(0, b"two")
-        ref = _DeviceRef(v1)
+        ref = DeviceRef(v1)
         await ref.write(0, b"one", fua=True)
         assert ref.file_extent(0, 4096) is not None  # the fast path survives the wrapper
         assert ref.write_nowait(8192, b"x") is True
