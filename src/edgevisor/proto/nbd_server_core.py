@@ -7,6 +7,14 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import Protocol
 
+from edgevisor.proto.nbd_replies import (
+    block_status_reply,
+    error_reply,
+    ok_reply,
+    read_frame,
+    read_header,
+    read_reply,
+)
 from edgevisor.proto.nbd_wire import (
     CMD_FLAG_DF,
     CMD_FLAG_FUA,
@@ -19,17 +27,12 @@ from edgevisor.proto.nbd_wire import (
     FLAG_NO_ZEROES,
     IHAVEOPT,
     MAX_OPTION_LEN,
-    MAX_STRING,
     NBDMAGIC,
     NEED,
     OPTION_HDR,
-    REPLY_FLAG_DONE,
     REQUEST,
     REQUEST_MAGIC,
-    SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
     STRUCTURED_HDR,
-    STRUCTURED_REPLY_MAGIC,
     BlockStatusReply,
     Closed,
     Cmd,
@@ -45,7 +48,6 @@ from edgevisor.proto.nbd_wire import (
     ReadReply,
     RecvBuffer,
     Rep,
-    ReplyType,
     Request,
     StartTLS,
     opt_reply,
@@ -221,40 +223,14 @@ class ServerConnection:
     def read_reply_header(self, handle: int) -> bytes:
         """Answer a READ with one data chunk whose payload the caller sends right after
         these header bytes (exactly the request's length; e.g. straight from a file)."""
-        req = self._pop_read(handle)
-        if not self.structured:
-            return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
-        return _DATA_CHUNK_HDR.pack(
-            STRUCTURED_REPLY_MAGIC,
-            REPLY_FLAG_DONE,
-            ReplyType.OFFSET_DATA,
-            handle,
-            8 + req.length,
-            req.offset,
-        )
+        return read_header(self._pop_read(handle), self.structured)
 
     def read_reply_frame(self, handle: int) -> tuple[bytearray, int]:
         """Answer a READ with one data chunk built in place: returns ``(frame, start)``,
         the whole reply with its header filled in; the caller writes exactly the
         request's length of payload at ``frame[start:]`` (e.g. ``os.preadv`` into it)
         and sends ``frame`` -- one buffer, one ``send``, no concatenation."""
-        req = self._pop_read(handle)
-        if not self.structured:
-            frame = bytearray(SIMPLE_REPLY.size + req.length)
-            SIMPLE_REPLY.pack_into(frame, 0, SIMPLE_REPLY_MAGIC, 0, handle)
-            return frame, SIMPLE_REPLY.size
-        frame = bytearray(_DATA_CHUNK_HDR.size + req.length)
-        _DATA_CHUNK_HDR.pack_into(
-            frame,
-            0,
-            STRUCTURED_REPLY_MAGIC,
-            REPLY_FLAG_DONE,
-            ReplyType.OFFSET_DATA,
-            handle,
-            8 + req.length,
-            req.offset,
-        )
-        return frame, _DATA_CHUNK_HDR.size
+        return read_frame(self._pop_read(handle), self.structured)
 
     def _pop_read(self, handle: int) -> Request:
         req = self._inflight.pop(handle, None)
@@ -532,101 +508,13 @@ class ServerConnection:
         return None
 
     def _ok_bytes(self, handle: int) -> bytes:
-        if self.structured:
-            return STRUCTURED_HDR.pack(
-                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE, handle, 0
-            )
-        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        return ok_reply(handle, self.structured)
 
     def _error_bytes(self, handle: int, err: Errno, message: str) -> bytes:
-        if self.structured:
-            msg = message.encode()[:MAX_STRING]
-            payload = struct.pack(">IH", int(err), len(msg)) + msg
-            return (
-                STRUCTURED_HDR.pack(
-                    STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, handle, len(payload)
-                )
-                + payload
-            )
-        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, int(err), handle)
+        return error_reply(handle, err, message, self.structured)
 
     def _read_reply(self, req: Request, ev: ReadReply) -> bytes:
-        hole_total = sum(n for _, n in ev.holes)
-        if len(ev.data) + hole_total != req.length:
-            raise LocalProtocolError("read reply does not cover the request exactly")
-        if not self.structured or req.flags & CMD_FLAG_DF or not ev.holes:
-            data = _materialize(req, ev) if ev.holes else ev.data
-            if not self.structured:
-                return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, req.handle) + data
-            return (
-                STRUCTURED_HDR.pack(
-                    STRUCTURED_REPLY_MAGIC,
-                    REPLY_FLAG_DONE,
-                    ReplyType.OFFSET_DATA,
-                    req.handle,
-                    8 + len(data),
-                )
-                + struct.pack(">Q", req.offset)
-                + data
-            )
-        chunks: list[tuple[int, int, bytes]] = []  # (type, offset, payload)
-        pos, used = req.offset, 0
-        for hoff, hlen in sorted(ev.holes):
-            if hoff < pos or hoff + hlen > req.offset + req.length or hlen <= 0:
-                raise LocalProtocolError("read reply holes overlap or leave the range")
-            if hoff > pos:
-                n = hoff - pos
-                chunks.append((ReplyType.OFFSET_DATA, pos, ev.data[used : used + n]))
-                used += n
-            chunks.append((ReplyType.OFFSET_HOLE, hoff, struct.pack(">I", hlen)))
-            pos = hoff + hlen
-        if pos < req.offset + req.length:
-            chunks.append((ReplyType.OFFSET_DATA, pos, ev.data[used:]))
-        out = bytearray()
-        for i, (typ, off, payload) in enumerate(chunks):
-            flag = REPLY_FLAG_DONE if i == len(chunks) - 1 else 0
-            out += STRUCTURED_HDR.pack(
-                STRUCTURED_REPLY_MAGIC, flag, typ, req.handle, 8 + len(payload)
-            )
-            out += struct.pack(">Q", off)
-            out += payload
-        return bytes(out)
+        return read_reply(req, ev, self.structured)
 
     def _block_status_reply(self, req: Request, ev: BlockStatusReply) -> bytes:
-        if set(ev.extents) != set(self.contexts):
-            raise LocalProtocolError("block status must answer every negotiated context")
-        out = bytearray()
-        items = sorted(ev.extents.items())
-        for i, (ctx, extents) in enumerate(items):
-            descs: list[tuple[int, int]] = []
-            covered = 0
-            for length, status in extents:
-                if length <= 0:
-                    raise LocalProtocolError("zero-length extent")
-                length = min(length, req.length - covered)
-                descs.append((length, status))
-                covered += length
-                if covered >= req.length or req.flags & CMD_FLAG_REQ_ONE:
-                    break
-            if not descs:
-                raise LocalProtocolError("block status needs at least one extent")
-            payload = struct.pack(">I", ctx) + b"".join(struct.pack(">II", *d) for d in descs)
-            flag = REPLY_FLAG_DONE if i == len(items) - 1 else 0
-            out += STRUCTURED_HDR.pack(
-                STRUCTURED_REPLY_MAGIC, flag, ReplyType.BLOCK_STATUS, req.handle, len(payload)
-            )
-            out += payload
-        return bytes(out)
-
-
-def _materialize(req: Request, ev: ReadReply) -> bytes:
-    out = bytearray(req.length)
-    pos, used = 0, 0
-    for hoff, hlen in sorted(ev.holes):
-        rel = hoff - req.offset
-        n = rel - pos
-        out[pos:rel] = ev.data[used : used + n]
-        used += n
-        pos = rel + hlen
-    out[pos:] = ev.data[used:]
-    return bytes(out)
+        return block_status_reply(req, ev, self.contexts)
