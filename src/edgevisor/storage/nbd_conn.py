@@ -31,7 +31,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno as _errno
 import logging
 import os
 import socket
@@ -43,23 +42,19 @@ from edgevisor.errors import EdgevisorError
 from edgevisor.proto.nbd import ServerConnection
 from edgevisor.proto.nbd_wire import (
     CMD_FLAG_FUA,
-    CTX_BASE_ALLOCATION,
-    STATE_HOLE,
-    STATE_ZERO,
-    SYNC_MISSING,
     BlockStatusReply,
     Closed,
     Cmd,
     Done,
     Errno,
     ErrorReply,
-    ExportInfo,
     Negotiated,
     ReadReply,
     Request,
     StartTLS,
 )
-from edgevisor.storage.blockdev import BlockDevice, OutOfRange
+from edgevisor.storage.blockdev import BlockDevice
+from edgevisor.storage.nbd_session_parts import Catalog, block_status, errno_for, peer_cn
 from edgevisor.storage.nbd_tls_session import TLSSession
 
 if TYPE_CHECKING:
@@ -74,37 +69,6 @@ _BATCH_MAX = 64 * 1024
 _SENDFILE_MIN = 32 * 1024  # smaller reads: one pread + one send is cheaper
 _HIGH_WATER = 16 << 20
 _LOW_WATER = 4 << 20
-
-
-class Catalog:
-    """The exports one session may see: filtered by its TLS peer identity."""
-
-    def __init__(self, server: NBDServer) -> None:
-        self.server = server
-        self.peer_cn: str | None = None
-        self.tls = False
-
-    def _visible(self, export: Export) -> bool:
-        if export.allowed_peers is None:
-            return True
-        return self.tls and self.peer_cn is not None and self.peer_cn in export.allowed_peers
-
-    def lookup(self, name: str) -> ExportInfo | None:
-        exp = self.server.exports.get(name)
-        if exp is None or not self._visible(exp):
-            return None
-        return exp.info(self.server.max_payload)
-
-    def names(self) -> list[tuple[str, str]]:
-        return [(e.name, e.description) for e in self.server.exports.values() if self._visible(e)]
-
-
-def errno_for(exc: BaseException) -> Errno:
-    if isinstance(exc, OutOfRange):
-        return Errno.EINVAL
-    if isinstance(exc, OSError) and exc.errno in (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG):
-        return Errno.ENOSPC
-    return Errno.EIO
 
 
 class _FileChunk:
@@ -347,7 +311,7 @@ class Conn(asyncio.BufferedProtocol):
         self.transport = transport
         self._tls_pending = False
         self.catalog.tls = True
-        self.catalog.peer_cn = _peer_cn(transport.get_extra_info("ssl_object"))
+        self.catalog.peer_cn = peer_cn(transport.get_extra_info("ssl_object"))
         self.core.tls_started()
         self._process()
 
@@ -400,7 +364,7 @@ class Conn(asyncio.BufferedProtocol):
         """On the session thread: the TLS handshake is done (the peer is known now)."""
         self._tls_pending = False
         self.catalog.tls = True
-        self.catalog.peer_cn = _peer_cn(sock)
+        self.catalog.peer_cn = peer_cn(sock)
         self.core.tls_started()
 
     def run_on_device(
@@ -598,46 +562,3 @@ class Conn(asyncio.BufferedProtocol):
             log.exception("nbd request %s failed", req.cmd.name)
             reply = ErrorReply(req.handle, Errno.EIO, type(e).__name__)
         return reply
-
-
-def block_status(
-    dev: BlockDevice, contexts: dict[int, str], req: Request
-) -> dict[int, tuple[tuple[int, int], ...]]:
-    out: dict[int, tuple[tuple[int, int], ...]] = {}
-    for cid, name in contexts.items():
-        if name == CTX_BASE_ALLOCATION:
-            ext = [
-                (n, 0 if data else STATE_HOLE | STATE_ZERO)
-                for _, n, data in dev.allocated(req.offset, req.length)
-            ]
-        else:
-            ext = [
-                (n, 0 if here else SYNC_MISSING)
-                for _, n, here in dev.present(req.offset, req.length)
-            ]
-        out[cid] = tuple(_merge(ext)) or ((req.length, 0),)
-    return out
-
-
-def _merge(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for n, st in ext:
-        if n <= 0:
-            continue
-        if out and out[-1][1] == st:
-            out[-1] = (out[-1][0] + n, st)
-        else:
-            out.append((n, st))
-    return out
-
-
-def _peer_cn(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    cert = obj.getpeercert() if obj is not None else None
-    if not cert:
-        return None
-    subject: Any = cert.get("subject", ())
-    for rdn in subject:
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
