@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/storage/lazy.py [--size-mib 256] [--reads 400] [--rounds 3]
         [--links plain,tls,tls-inproc,tls-asyncio,tls12] [--batch N] [--inflight N]
-        [--connections N] [--held]
+        [--connections N] [--depth N] [--held]
         [--workers N]
 
 * **first read of a missing 64 KiB block**: a lazy volume whose fill is not running reads
@@ -25,7 +25,8 @@
 
 The source is our NBD server (a separate process unless ``-inproc``) over loopback, with
 the agent's default worker threads (``--workers``). The fill uses the lazy-volume
-defaults unless ``--batch``/``--inflight``/``--connections`` say otherwise. Source and
+defaults unless ``--batch``/``--inflight``/``--connections``/``--depth`` (reads in flight
+per fill connection) say otherwise. Source and
 baseline read the same page-cached file, so both sides compare copying, not the disk.
 Each fill row also gives the process CPU seconds per GiB filled (this process, and the
 source server's). Prints a markdown table to stdout.
@@ -49,6 +50,7 @@ import time
 from pathlib import Path
 
 from edgevisor.pki import FleetCA, HostIdentity
+from edgevisor.storage import lazy_lane
 from edgevisor.storage.lazy import LazySettings, LazyVolume, RemoteSource
 from edgevisor.storage.nbd_client import NBDClient
 from edgevisor.storage.nbd_server import Export, NBDServer, NBDServerSettings
@@ -329,6 +331,12 @@ def main() -> None:
         help="fill connections of their own (0: share the main one)",
     )
     ap.add_argument(
+        "--depth",
+        type=int,
+        default=getattr(lazy_lane, "PIPELINE_DEPTH", 1),
+        help="reads in flight per blocking fill lane (1: no pipelining)",
+    )
+    ap.add_argument(
         "--held",
         action="store_true",
         help="time each fill from the release of a volume created held and started 0.5 s "
@@ -341,6 +349,8 @@ def main() -> None:
         help="source server worker threads (default: the agent's)",
     )
     args = ap.parse_args()
+    if hasattr(lazy_lane, "PIPELINE_DEPTH"):  # (an older tree, for a baseline, has none)
+        lazy_lane.PIPELINE_DEPTH = args.depth  # read by each new fill's lanes
     if args.tls:
         args.links = "tls"
     with tempfile.TemporaryDirectory(prefix="ev-lazy-bench-") as t:

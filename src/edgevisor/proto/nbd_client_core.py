@@ -197,6 +197,12 @@ class ClientConnection:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def sinking(self) -> bool:
+        """A read's payload is arriving at its destination: :meth:`get_buffer` is the
+        rest of it (a caller may fill it in a tight loop before :meth:`buffer_updated`)."""
+        return self._sink is not None
+
     def next_event(self) -> ClientEvent | None:
         while self.state not in (_CState.CLOSED, _CState.TLS_WAIT):
             if self._sink is not None:

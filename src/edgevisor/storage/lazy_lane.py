@@ -4,11 +4,12 @@ The lazy volume's fill runs on the owning loop and hands each fetch to a lane; t
 connection is created, used and closed only on the lane's thread. Two kinds:
 
 * :class:`BlockingLane` (used when the source says where it is, ``endpoint``): a plain
-  thread running fetches one after the other over a
-  :class:`~edgevisor.storage.nbd_blocking.BlockingReader`; no event loop at all. Its
-  connection opens on first use, or ahead of it (:meth:`FillLanes.connect_soon`). Its
-  stores run on store threads (one per lane), so the lane reads its next run while the
-  disk takes the last one (``O_DIRECT`` writes wait for the device).
+  thread keeping up to ``PIPELINE_DEPTH`` reads in flight over a
+  :class:`~edgevisor.storage.nbd_blocking.BlockingReader` (the next requests are sent
+  before the last reply is read, so the source never waits for them); no event loop at
+  all. Its connection opens on first use, or ahead of it (:meth:`FillLanes.connect_soon`).
+  Its stores run on store threads (one per lane), so the lane reads its next run while
+  the disk takes the last one (``O_DIRECT`` writes wait for the device).
 * :class:`Lane`: a thread with its own event loop awaiting the source's ``connect`` (for
   sources that cannot be reopened as blocking connections).
 
@@ -21,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import itertools
+import logging
 import mmap
 import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgevisor.errors import PeerUnavailable
@@ -37,7 +39,14 @@ from edgevisor.storage.nbd_client import Endpoint
 if TYPE_CHECKING:
     from edgevisor.storage.lazy_parts import RemoteSource
 
-__all__ = ["BlockingLane", "FillLanes", "Lane"]
+__all__ = ["PIPELINE_DEPTH", "BlockingLane", "FillLanes", "Lane"]
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 4
+"""Reads a blocking lane keeps in flight on its connection: the source sends the next
+reply while this side decrypts and stores the last (one at a time, the source sat idle
+for a round trip per read). Read when a fill's lanes are made (a benchmark may set it)."""
 
 
 class Lane:
@@ -104,36 +113,127 @@ class Lane:
         self.loop.close()
 
 
-class BlockingLane:
-    """One blocking connection to ``endpoint`` on its own thread, opened on first use."""
+@dataclass(eq=False)
+class _Read:
+    offset: int
+    view: memoryview
+    future: concurrent.futures.Future[None]
 
-    def __init__(self, name: str, endpoint: Endpoint) -> None:
+
+_CONNECT = object()
+"""A lane job: open the connection ahead of the first read."""
+
+
+class BlockingLane:
+    """One blocking connection to ``endpoint`` on its own thread, opened on first use,
+    with up to ``depth`` reads in flight on it.
+
+    Theory of operation (the lane's thread)::
+
+        take jobs while fewer than ``depth`` reads are in flight (waiting for one only
+        when none is) -> send each at once (BlockingReader.submit) -> receive the next
+        completed read (any order: matched by handle), resolve its future -> repeat
+        the link breaks -> every read in flight fails with PeerUnavailable (the fill
+        retries exactly those, on a new connection); the next read reconnects
+        close() -> reads not yet sent fail, the reader is closed (a blocked receive
+        returns at once, the reads in flight fail), the thread ends
+
+    A read's future is *running* from the moment it is taken: a cancelled caller then
+    waits for the read to end (its reply landed, or the link broke), so no bytes land in
+    a buffer after its owner gave it up.
+    """
+
+    def __init__(self, name: str, endpoint: Endpoint, depth: int = PIPELINE_DEPTH) -> None:
         self.endpoint = endpoint
+        self.depth = depth
         self.reader: BlockingReader | None = None  # touched only on this lane's thread
-        self._jobs: queue.SimpleQueue[
-            tuple[Callable[[], None], concurrent.futures.Future[None]] | None
-        ] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Read | object | None] = queue.SimpleQueue()
+        self._sent: dict[int, _Read] = {}  # ticket -> read in flight (the lane's thread)
         self._closing = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, fut = job
-            if not fut.set_running_or_notify_cancel():
+        try:
+            self._pump()
+        except BaseException:  # a bug: fail what is queued rather than hang its callers
+            log.exception("fill lane %s failed", self._thread.name)
+        finally:
+            self._closing = True
+            self._fail_sent(PeerUnavailable("fill lane closed"))
+            if self.reader is not None:
+                self.reader.close()
+                self.reader = None
+            while True:  # jobs queued behind the end (close() refuses new ones)
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(job, _Read) and job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(PeerUnavailable("fill lane closed"))
+
+    def _pump(self) -> None:
+        sent = self._sent
+        stop = False
+        while True:
+            while not stop and len(sent) < self.depth:
+                try:  # wait for work only when nothing is in flight
+                    job = self._jobs.get(block=not sent)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                elif job is _CONNECT:
+                    with contextlib.suppress(PeerUnavailable):  # the next read retries
+                        self.connection()
+                elif isinstance(job, _Read):
+                    self._send(job)
+            if not sent:
+                if stop:
+                    return
                 continue
-            if self._closing:
-                fut.set_exception(PeerUnavailable("fill lane closed"))
-                continue
+            reader = self.reader
+            assert reader is not None  # reads are in flight on it
             try:
-                fn()
-            except BaseException as e:
-                fut.set_exception(e)
+                ticket, err = reader.receive()
+            except PeerUnavailable as e:
+                self._broken(e)
+                continue
+            read = sent.pop(ticket)
+            if err is None:
+                read.future.set_result(None)
             else:
-                fut.set_result(None)
+                read.future.set_exception(err)
+
+    def _send(self, read: _Read) -> None:
+        if not read.future.set_running_or_notify_cancel():
+            return  # its caller gave it up before it was sent
+        if self._closing:
+            read.future.set_exception(PeerUnavailable("fill lane closed"))
+            return
+        try:
+            reader = self.connection()
+            ticket = reader.submit(read.offset, read.view)
+        except PeerUnavailable as e:  # the reader closed itself
+            read.future.set_exception(e)
+            self._broken(e)
+        except BaseException as e:
+            read.future.set_exception(e)
+        else:
+            self._sent[ticket] = read
+
+    def _broken(self, e: PeerUnavailable) -> None:
+        """The link broke: fail exactly the reads in flight on it; the next one reconnects."""
         if self.reader is not None:
-            self.reader.close()
+            self.reader.abandoned()
             self.reader = None
+        self._fail_sent(e)
+
+    def _fail_sent(self, e: PeerUnavailable) -> None:
+        reads = list(self._sent.values())
+        self._sent.clear()  # in place: the pump holds this dict
+        for read in reads:
+            read.future.set_exception(PeerUnavailable(str(e)))
 
     def connection(self) -> BlockingReader:
         """The lane's reader (on the lane's thread); opened here when there is none."""
@@ -144,29 +244,34 @@ class BlockingLane:
         return self.reader
 
     def connect_soon(self) -> None:
-        """Open the connection on the lane's thread ahead of the first fetch (which queues
-        behind it); a failure is left to that fetch, which connects again."""
-        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
-        self._jobs.put((self._connect_quietly, fut))
+        """Open the connection on the lane's thread ahead of the first read (which queues
+        behind it); a failure is left to that read, which connects again."""
+        if not self._closing:
+            self._jobs.put(_CONNECT)
 
-    def _connect_quietly(self) -> None:
-        with contextlib.suppress(PeerUnavailable):
-            self.connection()
-
-    async def run(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the lane's thread; a cancelled caller still waits for it to end."""
+    async def read(self, offset: int, view: memoryview) -> None:
+        """Read ``len(view)`` bytes at ``offset`` into ``view`` on the lane (pipelined
+        with the lane's other reads); a cancelled caller still waits for it to end.
+        Raises PeerUnavailable when the link breaks or the lane is closed, and
+        NBDCommandError when the source refuses the read."""
+        if self._closing:
+            raise PeerUnavailable("fill lane closed")
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._jobs.put((fn, fut))
+        self._jobs.put(_Read(offset, view, fut))
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
-            fut.cancel()  # fails if it runs already: then wait for the end
+            fut.cancel()  # fails if it was sent already: then wait for the end
             await asyncio.to_thread(concurrent.futures.wait, [fut])
             raise
 
+    @property
+    def in_flight(self) -> int:
+        """Reads sent and not completed (a snapshot, for tests and benchmarks)."""
+        return len(self._sent)
+
     async def close(self) -> None:
-        """Idempotent: unblocks a fetch in progress (it fails), then ends the thread."""
+        """Idempotent: reads not yet sent and reads in flight fail, the thread ends."""
         self._closing = True
         self._jobs.put(None)
         reader = self.reader
@@ -201,7 +306,9 @@ class FillLanes:
         reconnect_interval_s: float,
     ) -> None:
         self.lanes: list[AnyLane] = [
-            BlockingLane(f"lazy-fill-{i}", endpoint) if endpoint else Lane(f"lazy-fill-{i}")
+            BlockingLane(f"lazy-fill-{i}", endpoint, PIPELINE_DEPTH)
+            if endpoint
+            else Lane(f"lazy-fill-{i}")
             for i in range(n)
         ]
         self._connect = connect
@@ -235,7 +342,7 @@ class FillLanes:
             view = memoryview(buf)[:length]
             try:
                 if isinstance(lane, BlockingLane):
-                    await lane.run(functools.partial(self._blocking_read, lane, first, view))
+                    await lane.read(first * self._bs, view)
                     # The store runs on a store thread: the lane goes on with its next
                     # fetch meanwhile (network and disk overlap instead of taking turns).
                     await self._stored(first, view)
@@ -249,14 +356,6 @@ class FillLanes:
                 continue
             self._buffers.append(buf)  # only after success: the reply is complete
             return
-
-    def _blocking_read(self, lane: BlockingLane, first: int, view: memoryview) -> None:
-        """Runs on a blocking lane's thread (the reader closes itself on a failure)."""
-        try:
-            lane.connection().read_into(first * self._bs, view)
-        except PeerUnavailable:
-            lane.reader = None
-            raise
 
     async def _stored(self, first: int, view: memoryview) -> None:
         """Store on a store thread; a cancelled caller still waits for the store to end

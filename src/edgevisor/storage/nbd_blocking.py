@@ -7,20 +7,27 @@ transport first copies every record into a memory BIO). The payload of each read
 where the caller wants it through the core's zero-copy sink
 (:meth:`~edgevisor.proto.nbd_client_core.ClientConnection.send` with ``into``).
 
+Pipelining: :meth:`BlockingReader.submit` sends a read and returns at once,
+:meth:`BlockingReader.receive` waits for whichever submitted read completes next (replies
+are matched by handle, :mod:`edgevisor.proto.nbd_pipeline`), so a caller keeps several
+reads in flight on one connection and the server never waits for the next request.
+:meth:`BlockingReader.read_into` is one read, waited for.
+
 Errors: anything that breaks the link (OS errors, timeouts, TLS errors, protocol
 violations, a refused handshake) raises :class:`~edgevisor.errors.PeerUnavailable`, after
-which the reader is closed; a server's error reply raises
-:class:`~edgevisor.storage.nbd_client.NBDCommandError`.
+which the reader is closed and :meth:`BlockingReader.abandoned` names the reads that were
+in flight; a server's error reply to a read is a
+:class:`~edgevisor.storage.nbd_client.NBDCommandError` for that read only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import socket
 
 from edgevisor.errors import PeerUnavailable
 from edgevisor.proto.nbd import ClientConnection
+from edgevisor.proto.nbd_pipeline import PipeWindow
 from edgevisor.proto.nbd_wire import (
     Closed,
     Cmd,
@@ -50,7 +57,8 @@ class BlockingReader:
         self._core = ClientConnection(
             endpoint.export, contexts=(), tls=endpoint.ssl_context is not None
         )
-        self._handles = itertools.count(1)
+        # Unbounded here: the caller (a fill lane) keeps its own window's depth.
+        self._window = PipeWindow(1 << 30)
         self._closed = False
         self._sock: socket.socket = self._open()
         try:
@@ -116,39 +124,66 @@ class BlockingReader:
 
     # ------------------------------------------------------------ reads
 
-    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``; pieces larger than the
-        server's maximum payload are all sent first, then received (pipelined)."""
+    @property
+    def in_flight(self) -> int:
+        """Reads submitted whose completion :meth:`receive` has not returned yet."""
+        return len(self._window)
+
+    def submit(self, offset: int, buf: memoryview | bytearray) -> int:
+        """Send a read of ``len(buf)`` bytes at ``offset`` into ``buf`` without waiting
+        for its reply (pieces larger than the server's maximum payload are separate
+        commands); returns its ticket for :meth:`receive`. ``buf`` must stay untouched
+        until the read completed or the reader is closed."""
         view = memoryview(buf).cast("B")
+        if not view:
+            raise ValueError("an empty read")
+        if self._closed:
+            raise PeerUnavailable("nbd connection closed")
         step = self.max_payload
+        offsets = list(range(offset, offset + len(view), step))
+        ticket, handles = self._window.add(offsets)
+        try:
+            out = bytearray()
+            for o, h in zip(offsets, handles, strict=True):
+                n = min(step, offset + len(view) - o)
+                rel = o - offset
+                out += self._core.send(Command(h, Cmd.READ, o, n), into=view[rel : rel + n])
+            self._sock.sendall(out)
+        except (OSError, NBDProtocolError) as e:
+            self.close()
+            raise PeerUnavailable(f"nbd connection lost: {e}") from e
+        except BaseException:
+            self.close()
+            raise
+        return ticket
+
+    def receive(self) -> tuple[int, NBDCommandError | None]:
+        """Wait until one submitted read completed (in the server's order): its ticket,
+        and the server's error reply to it (None: its buffer is complete). An error
+        reply fails only that read; the connection goes on. A broken link raises
+        PeerUnavailable (the reader is closed; :meth:`abandoned` names the reads lost)."""
+        if not self._window:
+            raise RuntimeError("receive() with no read in flight")
         if self._closed:
             raise PeerUnavailable("nbd connection closed")
         try:
-            pending: dict[int, int] = {}
-            out = bytearray()
-            for o in range(offset, offset + len(view), step):
-                n = min(step, offset + len(view) - o)
-                h = next(self._handles)
-                rel = o - offset
-                out += self._core.send(Command(h, Cmd.READ, o, n), into=view[rel : rel + n])
-                pending[h] = o
-            self._sock.sendall(out)
-            while pending:
+            while True:
                 ev = self._core.next_event()
                 if ev is None:
-                    self._receive(view.obj)
-                    continue
-                if isinstance(ev, Reply):
-                    o = pending.pop(ev.handle)
-                    if ev.error:
-                        raise NBDCommandError(
-                            f"READ at {o} failed: error {ev.error} {ev.message}".rstrip(),
-                            errno=ev.error,
-                        )
+                    self._receive()
+                elif isinstance(ev, Reply):
+                    done = self._window.reply(ev.handle, ev.error, ev.message)
+                    if done is None:
+                        continue
+                    if not done.error:
+                        return done.ticket, None
+                    msg = f"READ at {done.error_offset} failed: error {done.error}"
+                    err = NBDCommandError(f"{msg} {done.message}".rstrip(), errno=done.error)
+                    return done.ticket, err
                 elif isinstance(ev, Closed):
                     raise PeerUnavailable(f"nbd connection lost: {ev.reason}")
-        except NBDCommandError:
-            self.close()  # replies of the other pieces may still be on their way
+        except PeerUnavailable:
+            self.close()
             raise
         except (OSError, NBDProtocolError) as e:
             self.close()
@@ -157,11 +192,30 @@ class BlockingReader:
             self.close()
             raise
 
-    def _receive(self, dest: object) -> None:
-        """Receive once; into the core's buffer, or (payload of a read into ``dest``)
-        until the payload's piece of ``dest`` is full."""
+    def abandoned(self) -> list[int]:
+        """Tickets of the reads in flight when the link broke (oldest first); they are
+        forgotten here, so each is reported once."""
+        return self._window.drain()
+
+    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` and wait for them (pieces
+        are pipelined). With nothing else in flight only; an error reply closes the
+        reader (a caller that gives up on a read must not reuse its buffer)."""
+        if self._window:
+            raise RuntimeError("read_into() while pipelined reads are in flight")
+        if not len(buf):
+            return
+        self.submit(offset, buf)
+        _, err = self.receive()
+        if err is not None:
+            self.close()
+            raise err
+
+    def _receive(self) -> None:
+        """Receive once: into the core's buffer, or (a read's payload) until the
+        payload's piece of its destination is full."""
         target = self._core.get_buffer(_RECV_MIN)
-        if target.obj is not dest:
+        if not self._core.sinking:
             n = self._sock.recv_into(target)
             if n == 0:  # every caller is waiting for a reply: the link is gone
                 raise PeerUnavailable("nbd connection lost: server closed the connection")

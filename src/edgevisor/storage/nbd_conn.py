@@ -371,10 +371,10 @@ class Conn(asyncio.BufferedProtocol):
         self, req: Request
     ) -> concurrent.futures.Future[ReadReply | Done | ErrorReply | BlockStatusReply]:
         """Perform ``req`` on the device's loop (from any thread)."""
-        assert self.export is not None
-        return asyncio.run_coroutine_threadsafe(
-            self._perform(self.export.device, req), self.device_loop
-        )
+        export = self.export
+        if export is None:  # removed meanwhile; the TLS session answers ESHUTDOWN
+            raise RuntimeError("export removed")
+        return asyncio.run_coroutine_threadsafe(self._perform(export.device, req), self.device_loop)
 
     def finish_threadsafe(self) -> None:
         """The TLS thread ended: the server forgets the session (from any thread)."""
@@ -449,8 +449,11 @@ class Conn(asyncio.BufferedProtocol):
 
     def _dispatch(self, req: Request) -> None:
         """Answer inline when the device can do it without waiting; else start a task."""
-        assert self.export is not None
-        dev = self.export.device
+        export = self.export
+        if export is None:  # removed (NBDServer.remove_export): nothing more is served
+            self.abort()
+            return
+        dev = export.device
         if self.answer_inline(req, self._read_from_file, self.write):
             return
         if isinstance(req.data, memoryview):  # the view dies with the next receive

@@ -191,6 +191,9 @@ class NBDServer:
         self.exports.pop(name, None)
         for c in list(self._conns):
             if c.export is not None and c.export.name == name:
+                # At once, not when the abort runs on the session's loop: a request read
+                # meanwhile must not be served from the removed export.
+                c.export = None
                 c.loop.call_soon_threadsafe(c.abort)
 
     @property
