@@ -114,7 +114,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     settings = load_settings(
         overrides={
             "data_dir": str(tmp_path / "target"),
-            "storage.lazy.fill_rate_bytes_per_s": 1 * MiB,  # slow: checks happen mid-fill
+            # Slow, so the checks happen mid-fill however slow this machine is: the test's
+            # own reads are on demand (not rate-limited); late.bin (3 MiB) takes ~24 s.
+            "storage.lazy.fill_rate_bytes_per_s": 128 * 1024,
             "storage.lazy.fetch_timeout_s": 60.0,
             "storage.lazy.reconnect_interval_s": 0.1,
         },
@@ -128,6 +130,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     try:
         yield source, cap, hashes
     finally:
+        if source.proc is None:  # killed by a test that failed before restarting it: the
+            await source.start()  # mount's final flush mirrors to it, the unmount waits
         for v in cap.list_volumes():
             if v["attached"]:
                 await cap.detach(v["id"])
