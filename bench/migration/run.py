@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import random
 import shutil
@@ -54,7 +55,13 @@ from typing import Any
 from edgevisor import Client
 from edgevisor.migration.domain_config import DomainsSettings
 from edgevisor.migration.runner import runner_for
-from edgevisor.migration.testbed import Testbed, http, open_testbed, wait_serving
+from edgevisor.migration.testbed import (
+    Testbed,
+    free_test_subnet,
+    http,
+    open_testbed,
+    wait_serving,
+)
 from edgevisor.sdk.volumes import parse_size
 from edgevisor.testing.controller import free_port
 
@@ -85,6 +92,7 @@ class Prober:
         self.target_addr = target_addr or (lambda: None)
         self.last_ok: dict[str, float] = {}
         self.first_ok: dict[str, float] = {}
+        self.answers: list[tuple[float, str]] = []  # (time, address) of every success
         self.slowest_fail_s = 0.0  # longest failed probe (a blind spot of the client)
         self.slow_fails: list[tuple[float, str, float]] = []  # (start, address, s) > 50 ms
         self.stop = threading.Event()
@@ -100,6 +108,7 @@ class Prober:
             if code in (200, 404):
                 self.first_ok.setdefault(addr, t)
                 self.last_ok[addr] = t
+                self.answers.append((t, addr))
             else:
                 self.slowest_fail_s = max(self.slowest_fail_s, t - t0)
                 if t - t0 > 0.05:
@@ -111,9 +120,25 @@ class Prober:
             time.sleep(0.001)
 
     def downtime(self, src_addr: str, dst_addr: str) -> float | None:
-        if src_addr not in self.last_ok or dst_addr not in self.first_ok:
-            return None
-        return self.first_ok[dst_addr] - self.last_ok[src_addr]
+        last_src, first_dst = switch_edges(self.answers, src_addr, dst_addr)
+        return None if last_src is None or first_dst is None else first_dst - last_src
+
+
+def switch_edges(
+    answers: list[tuple[float, str]], src: str, dst: str
+) -> tuple[float | None, float | None]:
+    """The switch seen by the client, from its answers in time order: (last answer from
+    ``src`` before the first from ``dst``, first answer from ``dst``). Nones when there is
+    no switch to measure: no answer from a side, or ``dst == src`` (a migration that failed
+    back leaves the domain at its source address; "first minus last answer of one address"
+    was the negative downtimes, minus the whole run, that the bench once printed)."""
+    if not src or not dst or src == dst:
+        return None, None
+    first_dst = next((t for t, a in answers if a == dst), None)
+    if first_dst is None:
+        return None, None
+    last_src = max((t for t, a in answers if a == src and t <= first_dst), default=None)
+    return last_src, first_dst
 
 
 def probe(address: str, port: int, timeout_s: float) -> int:
@@ -134,21 +159,33 @@ def probe(address: str, port: int, timeout_s: float) -> int:
 
 
 @contextlib.contextmanager
-def fence_subnets(subnets: list[str]) -> Iterator[None]:
-    """``unreachable`` routes for the bench's domain subnets in the root namespace while
-    the bench runs: traffic to an address of theirs that no domain holds fails at once
-    and never leaves the machine (domains' /32 routes are more specific)."""
-    added = []
+def claim_subnets(hosts: list[str]) -> Iterator[dict[str, str]]:
+    """A free /24 per host (:func:`~edgevisor.migration.testbed.free_test_subnet`), fenced
+    by an ``unreachable`` route in the root namespace while the bench runs: traffic to an
+    address of theirs that no domain holds fails at once and never leaves the machine
+    (domains' /32 routes are more specific). The route is also the claim: a subnet whose
+    route another run added first (``ip route add`` fails) is skipped, so two benches (or
+    a bench and the tests) running at once never share a subnet."""
+    added: list[str] = []
+    taken: set[ipaddress.IPv4Network] = set()
+    out: dict[str, str] = {}
     try:
-        for net in subnets:
-            r = subprocess.run(["ip", "route", "add", "unreachable", net], check=False,
-                               capture_output=True)  # fmt: skip
-            if r.returncode == 0:
-                added.append(net)
-        yield
+        for h in hosts:
+            for _ in range(20):
+                net = free_test_subnet(taken)
+                taken.add(net)
+                r = subprocess.run(["ip", "route", "add", "unreachable", str(net)],
+                                   check=False, capture_output=True)  # fmt: skip
+                if r.returncode == 0:
+                    added.append(str(net))
+                    out[h] = str(net)
+                    break
+            else:
+                raise RuntimeError("no free test subnet could be claimed")
+        yield out
     finally:
-        for net in added:
-            subprocess.run(["ip", "route", "del", "unreachable", net], check=False,
+        for net_s in added:
+            subprocess.run(["ip", "route", "del", "unreachable", net_s], check=False,
                            capture_output=True)  # fmt: skip
 
 
@@ -288,8 +325,7 @@ def one(
     preflush = src_domain.timings.get("preflush", {})  # PrepareTarget's last op
     steps = breakdown(
         runner_for(tb.ctl.state).spans.get(m.id, []),
-        prober.last_ok.get(d.address),
-        prober.first_ok.get(moved.address or ""),
+        *switch_edges(prober.answers, d.address, moved.address or ""),
         src_domain.timings.get("quiesce", {}),
         dst_domain.timings.get("start", {}) if dst_domain is not None else {},
     )
@@ -407,19 +443,16 @@ def main() -> int:
     spread: list[str] = []
     steps_rows: list[str] = []
     try:
-        # A /24 per host, by pid: two benches running at once (engineers share the
+        # A free /24 per host: two benches running at once (engineers share the
         # machine) must not hold the same address (the same veth name).
-        k = os.getpid() % 8
-        subnets = {src: f"169.254.{224 + 2 * k}.0/24", dst: f"169.254.{225 + 2 * k}.0/24"}
         with (
-            fence_subnets(list(subnets.values())),
+            claim_subnets([src, dst]) as subnets,
             open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb,
         ):
             for h, subnet in subnets.items():
                 tb.overrides["devices.broker_port"] = free_port()
-                # Own test addresses per host, away from the tests' 169.254.192.0/20:
-                # host routes live in the shared root namespace, and the prober tells
-                # the hosts apart by address.
+                # Own test addresses per host: host routes live in the shared root
+                # namespace, and the prober tells the hosts apart by address.
                 tb.overrides["domains.test_subnet"] = subnet
                 tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
                 if args.fill_hold_s is not None:

@@ -1,7 +1,8 @@
 """A timeline of one post-copy switch of the kv example, step by step (root).
 
     sudo .venv/bin/python bench/migration/switch_trace.py [--size 64M] [--repeat 1]
-        [--strace] [--written 0.75] [--compare-prefetch] [--keep-log PATH]
+        [--strace] [--written 0.75] [--keep-log PATH]
+        [--compare-prefetch | --compare-fill-rate | --compare-staged-mount]
 
 Same setup as ``run.py`` (a controller and two agents in this process, the kv example
 domain, a client probing every 1 ms); for each migration it prints, in ms from
@@ -16,8 +17,14 @@ QuiesceSource issued, every step up to the client's first answer from the target
   this slows the service itself a little, so compare with a run without it;
 * the client's last answer from the source and first from the target.
 
+* the target volume's own reads, writes and flushes between the release and StartOnTarget
+  done (the mount's: its superblock write and the flush it forces are part of the mount).
+
 ``--compare-prefetch`` alternates runs with and without the target's hot-set prefetch
-(:mod:`edgevisor.migration.domain_hot`) and ends with a table of medians of both.
+(:mod:`edgevisor.migration.domain_hot`), ``--compare-fill-rate`` runs whose fill is held
+at its trickle from the release until StartFill with runs at full rate from the release,
+``--compare-staged-mount`` the direct mount of the staged FUSE process and loop device with
+the old re-probing attach; each ends with a table of medians of both (downtime and fill).
 
 Instrumentation is by wrapping methods in this process only (no code of the platform
 changes for it).
@@ -26,6 +33,7 @@ changes for it).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -39,9 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench
 
+import edgevisor.agent.migration as agent_migration
 from edgevisor import Client
 from edgevisor.migration.testbed import Testbed, http, open_testbed, wait_serving
 from edgevisor.sdk.volumes import parse_size
+from edgevisor.storage.attach import AttachedVolume
 from edgevisor.storage.lazy import LazyVolume
 from edgevisor.testing.controller import free_port
 
@@ -49,25 +59,31 @@ _TRACED = "execve,openat,bind,listen,accept4,fsync,ftruncate,truncate,read,newfs
 Event = tuple[float, str]
 EVENTS: list[Event] = []
 FETCHES: list[tuple[float, float, int, int, bool]] = []  # t0, t1, first, count, lane
+READS: list[tuple[float, float, int, int]] = []  # the target volume's reads: t0, t1, off, len
+OTHER: list[tuple[float, float, str]] = []  # the target volume's writes and flushes
 
 
 _PREFETCH = [True]
 
 
-def summarize(results: dict[bool, list[dict[str, float | None]]]) -> None:
-    print("\n| prefetch | runs | client downtime p50 | runner p50 | service up p50 "
-          "| misses after StartOnTarget p50 | target volume p50 | quiesce p50 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for on, rs in results.items():
+def summarize(what: str, results: dict[str, list[dict[str, float | None]]]) -> None:
+    print(f"\n| {what} | runs | client downtime p50 | runner p50 | service up p50 "
+          "| misses after StartOnTarget p50 | target volume p50 | quiesce p50 "
+          "| fill (StartOnTarget done -> synced) p50 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, rs in results.items():
         if not rs:
             continue
         col = {k: sorted(v for r in rs if (v := r[k]) is not None) for k in rs[0]}
         p50 = {k: (v[(len(v) - 1) // 2] if v else None) for k, v in col.items()}
         miss = p50["misses_after_start"]
-        print(f"| {'on' if on else 'off'} | {len(rs)} | {bench.ms(p50['client'])} | "
+        print(f"| {label} | {len(rs)} | {bench.ms(p50['client'])} | "
               f"{bench.ms(p50['runner'])} | {bench.ms(p50['service'])} | "
               f"{'-' if miss is None else int(miss)} | {bench.ms(p50['start_volume'])} | "
-              f"{bench.ms(p50['quiesce'])} |")  # fmt: skip
+              f"{bench.ms(p50['quiesce'])} | {bench.ms(p50['fill'])} |")  # fmt: skip
+    for label, rs in results.items():
+        print(f"{label}: client downtimes " + ", ".join(bench.ms(r["client"]) for r in rs)
+              + "; fills " + ", ".join(bench.ms(r["fill"]) for r in rs))  # fmt: skip
 
 
 def _instrument() -> None:
@@ -95,6 +111,48 @@ def _instrument() -> None:
             EVENTS.append((time.monotonic(), "target lazy volume released"))
         orig_release(self)
 
+    orig_read = LazyVolume.read
+
+    async def read(self: LazyVolume, offset: int, length: int) -> bytes:
+        t0 = time.monotonic()
+        try:
+            return await orig_read(self, offset, length)
+        finally:
+            READS.append((t0, time.monotonic(), offset, length))
+
+    orig_write, orig_flush = LazyVolume.write, LazyVolume.flush
+
+    async def write(self: LazyVolume, offset: int, data: bytes, *, fua: bool = False) -> None:
+        t0 = time.monotonic()
+        try:
+            await orig_write(self, offset, data, fua=fua)
+        finally:
+            OTHER.append(
+                (t0, time.monotonic(), f"write {offset} +{len(data)}{' fua' if fua else ''}")
+            )
+
+    async def flush(self: LazyVolume) -> None:
+        t0 = time.monotonic()
+        try:
+            await orig_flush(self)
+        finally:
+            OTHER.append((t0, time.monotonic(), "flush"))
+
+    from edgevisor.storage.volume import Volume
+
+    orig_vflush = Volume.flush
+
+    async def vflush(self: Volume) -> None:
+        t0 = time.monotonic()
+        try:
+            await orig_vflush(self)
+        finally:
+            OTHER.append((t0, time.monotonic(), f"local flush of {Path(self.path).parent.name}"))
+
+    Volume.flush = vflush  # type: ignore[method-assign]
+    LazyVolume.read = read  # type: ignore[method-assign]
+    LazyVolume.write = write  # type: ignore[method-assign]
+    LazyVolume.flush = flush  # type: ignore[method-assign]
     LazyVolume._fetch_run = fetch_run  # type: ignore[method-assign]
     LazyVolume.release = release  # type: ignore[method-assign]
 
@@ -159,6 +217,8 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
     time.sleep(0.5)
     EVENTS.clear()
     FETCHES.clear()
+    READS.clear()
+    OTHER.clear()
     wall0, mono0 = time.time(), time.monotonic()
     m = c.migrate_domain(name, dst, mode="post-copy")
     end = time.monotonic() + 120
@@ -175,8 +235,7 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
     for label, t0, t1 in spans:
         ev.append((t0, f"runner: {label} issued"))
         ev.append((t1, f"runner: {label} done ({(t1 - t0) * 1000:.1f} ms)"))
-    last_src = prober.last_ok.get(d.address)
-    first_dst = prober.first_ok.get(moved.address or "")
+    last_src, first_dst = bench.switch_edges(prober.answers, d.address, moved.address or "")
     for t0, addr, dt in prober.slow_fails:
         side = "source" if addr == d.address else "target"
         ev.append((t0, f"client: a probe of the {side} failed after {dt * 1000:.0f} ms"))
@@ -202,6 +261,9 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
           f"{bench.ms(prober.downtime(d.address, moved.address or ''))}, runner "
           f"{bench.ms(m.downtime_s)}; slowest failed probe "
           f"{bench.ms(prober.slowest_fail_s)}")  # fmt: skip
+    for t0, t1, what in OTHER:
+        if release is not None and release <= t0 <= horizon:
+            ev.append((t0, f"target volume: {what}: {(t1 - t0) * 1000:.1f} ms"))
     for t, what in sorted(ev):
         if q0 - 0.3 <= t <= horizon + 0.01:
             print(f"  {(t - q0) * 1000:8.1f} ms  {what}")
@@ -211,6 +273,18 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
         print(f"  on-demand fetches before the first answer: {len(lat)}, "
               f"{sum(f[3] for f in before)} blocks, latency p50 {lat[len(lat) // 2]:.1f} ms, "
               f"max {lat[-1]:.1f} ms, sum {sum(lat):.1f} ms")  # fmt: skip
+    sod_t = next((t1 for label, _t0, t1 in spans if label == "StartOnTarget"), None)
+    if release is not None and sod_t is not None:
+        # reads of the volume (the mount's and the service's, through FUSE) in the switch
+        rs = [r for r in READS if release <= r[0] <= sod_t]
+        lat = sorted((r[1] - r[0]) * 1000 for r in rs)
+        gaps = [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(rs)]
+        if lat:
+            print(f"  volume reads release -> StartOnTarget done: {len(rs)}, "
+                  f"{sum(r[3] for r in rs) >> 10} KiB, in the agent p50 {lat[len(lat) // 2]:.2f}"
+                  f" ms, sum {sum(lat):.1f} ms; first at +{(rs[0][0] - release) * 1000:.1f}, "
+                  f"last done +{(rs[-1][1] - release) * 1000:.1f} ms; gaps between reads sum "
+                  f"{sum(g for g in gaps if g > 0):.1f} ms")  # fmt: skip
     lane_before = [f for f in lane if f[0] <= horizon]
     print(
         f"  fill lane fetches started before the first answer: {len(lane_before)}, "
@@ -235,6 +309,7 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
         "misses_after_start": float(sum(1 for f in demand if sod and sod <= f[0] <= horizon)),
         "start_volume": (dst_domain.timings.get("start", {}) if dst_domain else {}).get("volume"),
         "quiesce": src_domain.timings.get("quiesce", {}).get("total"),
+        "fill": runner.fill_s.get(m.id),
     }
 
 
@@ -252,6 +327,19 @@ def main() -> int:
         action="store_true",
         help="alternate runs with and without the hot-set prefetch (same run, A/B)",
     )
+    ap.add_argument(
+        "--compare-fill-rate",
+        action="store_true",
+        help="alternate runs whose target fill is held at its trickle from the release "
+        "until StartFill (the code's choice) with runs at the migration's rate from the "
+        "release (same run, A/B: downtime and fill)",
+    )
+    ap.add_argument(
+        "--compare-staged-mount",
+        action="store_true",
+        help="alternate runs whose target mounts the staged FUSE process and loop device "
+        "directly (the code's choice) with runs that re-probe and re-find them first",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -261,11 +349,9 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="edgevisor-switch-trace-"))
     tag = f"{os.getpid() % 10000}"
     src, dst = f"trace-a{tag}", f"trace-b{tag}"
-    k = os.getpid() % 8
-    subnets = {src: f"169.254.{240 + 2 * k}.0/24", dst: f"169.254.{241 + 2 * k}.0/24"}
     try:
         with (
-            bench.fence_subnets(list(subnets.values())),
+            bench.claim_subnets([src, dst]) as subnets,
             open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb,
         ):
             for h, subnet in subnets.items():
@@ -277,15 +363,31 @@ def main() -> int:
                 tb.start_agent(h)
             tb.admin.create_account("bench")
             with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
-                results: dict[bool, list[dict[str, float | None]]] = {True: [], False: []}
+                results: dict[str, list[dict[str, float | None]]] = {}
+                trickle = agent_migration._TRICKLE
+                staged_up = AttachedVolume._staged_layers_up
                 for i in range(args.repeat):
-                    # A/B in one run: odd runs without the hot-set prefetch
+                    # A/B in one run: odd runs without the hot-set prefetch, or with the
+                    # fill at the migration's rate from the release (None: that rate)
                     on = not (args.compare_prefetch and i % 2)
                     _PREFETCH[0] = on
-                    print(f"\n-- prefetch {'on' if on else 'off'}")
+                    full = args.compare_fill_rate and i % 2 == 1
+                    agent_migration._TRICKLE = None if full else trickle  # type: ignore[assignment]
+                    legacy = args.compare_staged_mount and i % 2 == 1
+                    AttachedVolume._staged_layers_up = (  # type: ignore[method-assign]
+                        (lambda self: False) if legacy else staged_up
+                    )
+                    if args.compare_staged_mount:
+                        label = "staged mount re-probed" if legacy else "staged mount direct"
+                    elif args.compare_fill_rate:
+                        label = "full rate from release" if full else "trickle until StartFill"
+                    else:
+                        label = f"prefetch {'on' if on else 'off'}"
+                    print(f"\n-- {label}")
                     r = one(tb, c, src, dst, size, i, args.written, args.strace, args.keep_log)
-                    results[on].append(r)
-                summarize(results)
+                    results.setdefault(label, []).append(r)
+                what = "fill" if args.compare_fill_rate else "prefetch"
+                summarize("mount" if args.compare_staged_mount else what, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -309,11 +309,13 @@ class VolumesCapability:
         async with e.busy:
             if e.attached is not None and e.attached.target != Path(os.path.abspath(target)):
                 raise Conflict(f"volume {name!r} is already attached at {e.attached.target}")
-            av = AttachedVolume(
-                e.id, state_dir=self.attach_dir, target=target, kind=volume_fuse.KIND,
-                arg=self._fuse_arg(e), settings=self.cfg.attach, mount_ns=mount_ns,
-                spares=self.spares,
-            )  # fmt: skip
+            av = e.attached  # the same object: a staged one mounts without re-probing
+            if av is None or av.mount_ns != mount_ns:
+                av = AttachedVolume(
+                    e.id, state_dir=self.attach_dir, target=target, kind=volume_fuse.KIND,
+                    arg=self._fuse_arg(e), settings=self.cfg.attach, mount_ns=mount_ns,
+                    spares=self.spares,
+                )  # fmt: skip
             await av.attach(mount=mount)
             e.attached = av
             e.meta["attached"] = {"target": str(av.target), "mount_ns": opt_str(mount_ns)}
