@@ -96,11 +96,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _UNLIMITED = 0  # the lazy volume's fill rate meaning "no limit"
 _TRICKLE = 1 << 20
-"""Fill rate during the switch: the mount's on-demand reads get the link to themselves;
-low enough not to compete, high enough that the fill's token-bucket wait (one batch) ends
-within about a second of StartFill raising the rate. Better than full rate from the
-release in a same-run A/B (``switch_trace.py --compare-fill-rate``, 8 pairs): client
-downtime p50 345 vs 451 ms, runner 107 vs 263 ms, fill after the start 318 vs 347 ms."""
+"""Fill rate during the switch, so the mount's on-demand reads have the link and the CPU;
+the token-bucket wait (one batch) ends within ~1 s of StartFill. Full rate from the release
+lost a same-run A/B (``switch_trace.py --compare-fill-rate``, 8 pairs): client downtime
+p50 345 vs 451 ms, runner 107 vs 263 ms, fill after the start 318 vs 347 ms."""
 _HOT_MAX_BYTES = 4 << 20
 """Cap of the hot set the source names (the target fetches it during the mount, ahead of
 the fill: a few MiB take a few ms on a LAN)."""

@@ -314,8 +314,7 @@ class VolumesCapability:
                 av = AttachedVolume(
                     e.id, state_dir=self.attach_dir, target=target, kind=volume_fuse.KIND,
                     arg=self._fuse_arg(e), settings=self.cfg.attach, mount_ns=mount_ns,
-                    spares=self.spares,
-                )  # fmt: skip
+                    spares=self.spares)  # fmt: skip
             await av.attach(mount=mount)
             e.attached = av
             e.meta["attached"] = {"target": str(av.target), "mount_ns": opt_str(mount_ns)}

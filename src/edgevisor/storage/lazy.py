@@ -359,15 +359,24 @@ class LazyVolume:
 
     async def flush(self) -> None:
         with self._op() as linked:
-            await self.local.flush()
-            if linked and self.settings.mirror == "sync":
-                deadline = time.monotonic() + self.settings.fetch_timeout_s
-                try:
-                    await lazy_link.on_source(self, "flush", _flush, deadline)
-                except SourceUnavailable:
-                    if not self._detaching:
-                        raise
-                    log.warning("lazy volume: flush at detach did not reach the source")
+            if not (linked and self.settings.mirror == "sync"):
+                await self.local.flush()
+                return
+            # Both at once (ext4's superblock write at mount waits on it in a switch).
+            got = await asyncio.gather(self.local.flush(), self._flush_source(),
+                                       return_exceptions=True)  # fmt: skip
+            for r in got:
+                if isinstance(r, BaseException):
+                    raise r
+
+    async def _flush_source(self) -> None:
+        deadline = time.monotonic() + self.settings.fetch_timeout_s
+        try:
+            await lazy_link.on_source(self, "flush", _flush, deadline)
+        except SourceUnavailable:
+            if not self._detaching:
+                raise
+            log.warning("lazy volume: flush at detach did not reach the source")
 
     def present(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self.local.present(offset, length)
