@@ -225,7 +225,14 @@ async def test_attach_after_a_crash_clears_the_remains_itself(
     again = _volume(root, backing)
     await again.attach()
     assert _read_sums(root / "mnt", sums) == sums
-    mounts, loops, pids = left.now()
+    # The crashed attachment's loop device is detached with autoclear: the kernel frees it
+    # once its lazily unmounted filesystem lets go, which may be a moment after attach().
+    deadline = time.monotonic() + 30
+    while True:
+        mounts, loops, pids = left.now()
+        if len(loops) <= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert len(mounts) == 2 and len(loops) == 1 and pids == [again.pid]
     await again.detach()
     assert left.now() == ([], [], [])
