@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -80,3 +82,80 @@ async def test_staged_attach_is_torn_down_by_detach(vols: LocalVolumes) -> None:
     assert not is_mounted(str(av.fuse_dir))
     backing = Path(f"/sys/block/{os.path.basename(loop)}/loop/backing_file")
     assert not backing.exists() or str(av.image) not in backing.read_text()
+
+
+# -- the switch's mount of a staged attachment ------------------------------------------
+# ``attach(mount=False)`` then ``attach()`` on the same object goes straight to the
+# filesystem (no statfs probe of the FUSE process, no loop-device scan), and falls back to
+# the full path when a staged layer went away.
+
+
+async def _formatted(vols: LocalVolumes, name: str, target: Path) -> None:
+    """A volume with ext4 and one file on it, detached again."""
+    await vols.create(name, SIZE, account="acme")
+    target.mkdir()
+    av = _attachment(vols, f"acme.{name}", target)
+    await av.attach()
+    (target / "kept").write_text("data")
+    await av.detach()
+
+
+async def test_switch2_staged_mount_skips_probe_and_loop_scan(vols: LocalVolumes) -> None:
+    target = vols.root / "mnt"
+    await _formatted(vols, "v", target)
+    av = _attachment(vols, "acme.v", target)
+    await av.attach(mount=False)
+    pid, loop = av.pid, av.loop_device
+    assert pid is not None and loop is not None and not is_mounted(str(target))
+
+    assert await av.attach() is False  # the filesystem was there
+    # no "loop" (no scan, no losetup), no "fs" (the mount reads the superblock itself)
+    assert set(av.timings) == {"adopt", "mount"}
+    assert (av.pid, av.loop_device) == (pid, loop)
+    assert (target / "kept").read_text() == "data"
+    (target / "new").write_text("x")
+    await av.detach()
+    assert not is_mounted(str(target)) and not is_mounted(str(av.fuse_dir))
+
+    # once mounted (and detached), the next attach is a full one again
+    await av.attach()
+    assert "adopt" not in av.timings and (target / "new").read_text() == "x"
+    await av.detach()
+
+
+async def test_switch2_staged_mount_without_filesystem_creates_it(vols: LocalVolumes) -> None:
+    # a staged volume that never had a filesystem: the direct mount fails, the full path
+    # runs mkfs (as an attach without staging would)
+    await vols.create("e", SIZE, account="acme")
+    target = vols.root / "mnt-e"
+    target.mkdir()
+    av = _attachment(vols, "acme.e", target)
+    await av.attach(mount=False)
+    assert await av.attach() is True
+    assert is_mounted(str(target)) and "fs" in av.timings
+    (target / "f").write_text("y")
+    await av.detach()
+    assert not is_mounted(str(target))
+
+
+async def test_switch2_staged_mount_after_fuse_died_reattaches(vols: LocalVolumes) -> None:
+    target = vols.root / "mnt-d"
+    await _formatted(vols, "d", target)
+    av = _attachment(vols, "acme.d", target)
+    await av.attach(mount=False)
+    old_pid = av.pid
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    end = time.monotonic() + 30
+    while Path(f"/proc/{old_pid}").exists():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(old_pid, os.WNOHANG)
+        assert time.monotonic() < end
+        time.sleep(0.02)
+
+    await av.attach()  # the stale layers are cleared and built again
+    assert "adopt" not in av.timings and "fuse" in av.timings
+    assert av.pid not in (None, old_pid)
+    assert (target / "kept").read_text() == "data"
+    await av.detach()
+    assert not is_mounted(str(target))
