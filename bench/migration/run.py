@@ -189,6 +189,30 @@ def claim_subnets(hosts: list[str]) -> Iterator[dict[str, str]]:
                            capture_output=True)  # fmt: skip
 
 
+@contextlib.contextmanager
+def bench_testbed(
+    root: Path, hosts: list[str], args: argparse.Namespace
+) -> Iterator[tuple[Testbed, Client]]:
+    """A controller and ``hosts`` on this machine, each with a subnet of its own (two
+    benches running at once must not hold the same address: the same veth name; the
+    prober tells the hosts apart by address), and a client of the account ``bench``.
+    ``args`` gives ``cleanup_delay_s`` and ``fill_hold_s``."""
+    with (
+        claim_subnets(hosts) as subnets,
+        open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb,
+    ):
+        for h, subnet in subnets.items():
+            tb.overrides["devices.broker_port"] = free_port()
+            tb.overrides["domains.test_subnet"] = subnet
+            tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
+            if args.fill_hold_s is not None:
+                tb.overrides["domains.fill_hold_s"] = args.fill_hold_s
+            tb.start_agent(h)
+        tb.admin.create_account("bench")
+        with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
+            yield tb, c
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -443,82 +467,66 @@ def main() -> int:
     spread: list[str] = []
     steps_rows: list[str] = []
     try:
-        # A free /24 per host: two benches running at once (engineers share the
-        # machine) must not hold the same address (the same veth name).
-        with (
-            claim_subnets([src, dst]) as subnets,
-            open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb,
-        ):
-            for h, subnet in subnets.items():
-                tb.overrides["devices.broker_port"] = free_port()
-                # Own test addresses per host: host routes live in the shared root
-                # namespace, and the prober tells the hosts apart by address.
-                tb.overrides["domains.test_subnet"] = subnet
-                tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
-                if args.fill_hold_s is not None:
-                    tb.overrides["domains.fill_hold_s"] = args.fill_hold_s
-                tb.start_agent(h)
-            tb.admin.create_account("bench")
-            with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
-                for size in sizes:
-                    t_size = time.monotonic()
-                    raw_s = copy_rate(root, size)
-                    res = {}
-                    for mode in modes:
-                        runs = []
-                        for i in range(args.repeat if mode == "post-copy" else 1):
-                            log(f"{size >> 20} MiB {mode} (run {i + 1}) ...")
-                            run_res = one(tb, c, src, dst, size, mode, i, args.written)
-                            log(f"  {run_res['phase']}: client downtime "
-                                f"{ms(run_res['client_downtime_s'])}")  # fmt: skip
-                            if run_res["phase"] != "committed":
-                                log(f"    reason: {run_res['reason']}")
-                            log(f"    slowest failed probe: "
-                                f"{ms(run_res['slowest_failed_probe_s'])}")  # fmt: skip
-                            for k, v in run_res["steps"].items():
-                                log(f"    {k}: {v * 1000:.1f} ms")
-                            runs.append(run_res)
-                        res[mode] = median_run(runs)
-                        if len(runs) > 1:
-                            downs = [ms(x["client_downtime_s"]) for x in runs]
-                            log(f"  {size >> 20} MiB {mode}: client downtimes of "
-                                f"{len(runs)} runs: {', '.join(downs)}; the median run's "
-                                f"figures are reported")  # fmt: skip
-                            for k in runs[0]["steps"]:
-                                vals = [x["steps"][k] for x in runs if k in x["steps"]]
-                                log(f"    median {k}: {pct(vals, 0.5) * 1000:.1f} ms")
-                            spread.append(
-                                f"{size >> 20} MiB: "
-                                + ", ".join(ms(x["client_downtime_s"]) for x in runs)
-                            )
-                    empty: dict[str, Any] = {
-                        "client_downtime_s": None, "runner_downtime_s": None, "fill_s": None,
-                        "present_lat": [], "missing_lat": [],
-                    }  # fmt: skip
-                    pc, sc = res.get("post-copy", empty), res.get("stop-and-copy", empty)
-                    fill = pc["fill_s"]
-                    sync_rate = size / fill / 1e6 if fill else float("nan")
-                    raw_rate = size / raw_s / 1e6
-                    pl, ml = pc["present_lat"], pc["missing_lat"]
-                    rows.append(
-                        f"| {size >> 20} MiB | {ms(pc['client_downtime_s'])} "
-                        f"({ms(pc['runner_downtime_s'])}) | {ms(sc['client_downtime_s'])} "
-                        f"({ms(sc['runner_downtime_s'])}) | "
-                        f"{fill or float('nan'):.2f} s ({sync_rate:.0f} MB/s) | "
-                        f"{raw_s:.2f} s ({raw_rate:.0f} MB/s) | "
-                        f"{ms(pct(pl, 0.5))} / {ms(pct(pl, 0.99))} (n={len(pl)}) | "
-                        f"{ms(pct(ml, 0.5))} / {ms(pct(ml, 0.99))} (n={len(ml)}) |"
-                    )
-                    pcd, scd = pc["client_downtime_s"], sc["client_downtime_s"]
-                    ratio = f"1/{scd / pcd:.0f}" if pcd and scd else "-"
-                    st: dict[str, float] = pc.get("steps", {})
-                    steps_rows.append(
-                        f"| {size >> 20} MiB | {ratio} | {ms(st.get('QuiesceSource'))} | "
-                        f"{ms(st.get('target start: volume'))} / "
-                        f"{ms(st.get('StartOnTarget'))} | "
-                        f"{ms(st.get('service up (StartOnTarget done -> first answer)'))} | "
-                        f"{time.monotonic() - t_size:.0f} s |"
-                    )
+        with bench_testbed(root, [src, dst], args) as (tb, c):
+            for size in sizes:
+                t_size = time.monotonic()
+                raw_s = copy_rate(root, size)
+                res = {}
+                for mode in modes:
+                    runs = []
+                    for i in range(args.repeat if mode == "post-copy" else 1):
+                        log(f"{size >> 20} MiB {mode} (run {i + 1}) ...")
+                        run_res = one(tb, c, src, dst, size, mode, i, args.written)
+                        log(f"  {run_res['phase']}: client downtime "
+                            f"{ms(run_res['client_downtime_s'])}")  # fmt: skip
+                        if run_res["phase"] != "committed":
+                            log(f"    reason: {run_res['reason']}")
+                        log(f"    slowest failed probe: "
+                            f"{ms(run_res['slowest_failed_probe_s'])}")  # fmt: skip
+                        for k, v in run_res["steps"].items():
+                            log(f"    {k}: {v * 1000:.1f} ms")
+                        runs.append(run_res)
+                    res[mode] = median_run(runs)
+                    if len(runs) > 1:
+                        downs = [ms(x["client_downtime_s"]) for x in runs]
+                        log(f"  {size >> 20} MiB {mode}: client downtimes of "
+                            f"{len(runs)} runs: {', '.join(downs)}; the median run's "
+                            f"figures are reported")  # fmt: skip
+                        for k in runs[0]["steps"]:
+                            vals = [x["steps"][k] for x in runs if k in x["steps"]]
+                            log(f"    median {k}: {pct(vals, 0.5) * 1000:.1f} ms")
+                        spread.append(
+                            f"{size >> 20} MiB: "
+                            + ", ".join(ms(x["client_downtime_s"]) for x in runs)
+                        )
+                empty: dict[str, Any] = {
+                    "client_downtime_s": None, "runner_downtime_s": None, "fill_s": None,
+                    "present_lat": [], "missing_lat": [],
+                }  # fmt: skip
+                pc, sc = res.get("post-copy", empty), res.get("stop-and-copy", empty)
+                fill = pc["fill_s"]
+                sync_rate = size / fill / 1e6 if fill else float("nan")
+                raw_rate = size / raw_s / 1e6
+                pl, ml = pc["present_lat"], pc["missing_lat"]
+                rows.append(
+                    f"| {size >> 20} MiB | {ms(pc['client_downtime_s'])} "
+                    f"({ms(pc['runner_downtime_s'])}) | {ms(sc['client_downtime_s'])} "
+                    f"({ms(sc['runner_downtime_s'])}) | "
+                    f"{fill or float('nan'):.2f} s ({sync_rate:.0f} MB/s) | "
+                    f"{raw_s:.2f} s ({raw_rate:.0f} MB/s) | "
+                    f"{ms(pct(pl, 0.5))} / {ms(pct(pl, 0.99))} (n={len(pl)}) | "
+                    f"{ms(pct(ml, 0.5))} / {ms(pct(ml, 0.99))} (n={len(ml)}) |"
+                )
+                pcd, scd = pc["client_downtime_s"], sc["client_downtime_s"]
+                ratio = f"1/{scd / pcd:.0f}" if pcd and scd else "-"
+                st: dict[str, float] = pc.get("steps", {})
+                steps_rows.append(
+                    f"| {size >> 20} MiB | {ratio} | {ms(st.get('QuiesceSource'))} | "
+                    f"{ms(st.get('target start: volume'))} / "
+                    f"{ms(st.get('StartOnTarget'))} | "
+                    f"{ms(st.get('service up (StartOnTarget done -> first answer)'))} | "
+                    f"{time.monotonic() - t_size:.0f} s |"
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"Each volume had {args.written:.0%} of its size written with random data (a file "

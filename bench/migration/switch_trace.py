@@ -49,11 +49,10 @@ import run as bench
 
 import edgevisor.agent.migration as agent_migration
 from edgevisor import Client
-from edgevisor.migration.testbed import Testbed, http, open_testbed, wait_serving
+from edgevisor.migration.testbed import Testbed, http, wait_serving
 from edgevisor.sdk.volumes import parse_size
 from edgevisor.storage.attach import AttachedVolume
 from edgevisor.storage.lazy import LazyVolume
-from edgevisor.testing.controller import free_port
 
 _TRACED = "execve,openat,bind,listen,accept4,fsync,ftruncate,truncate,read,newfstatat,lseek"
 Event = tuple[float, str]
@@ -350,44 +349,32 @@ def main() -> int:
     tag = f"{os.getpid() % 10000}"
     src, dst = f"trace-a{tag}", f"trace-b{tag}"
     try:
-        with (
-            bench.claim_subnets([src, dst]) as subnets,
-            open_testbed(root, [], {"network.dataplane_mode": "off"}) as tb,
-        ):
-            for h, subnet in subnets.items():
-                tb.overrides["devices.broker_port"] = free_port()
-                tb.overrides["domains.test_subnet"] = subnet
-                tb.overrides["domains.quiesce_cleanup_delay_s"] = args.cleanup_delay_s
-                if args.fill_hold_s is not None:
-                    tb.overrides["domains.fill_hold_s"] = args.fill_hold_s
-                tb.start_agent(h)
-            tb.admin.create_account("bench")
-            with Client(tb.ctl.url, tb.admin.create_token("bench").secret) as c:
-                results: dict[str, list[dict[str, float | None]]] = {}
-                trickle = agent_migration._TRICKLE
-                staged_up = AttachedVolume._staged_layers_up
-                for i in range(args.repeat):
-                    # A/B in one run: odd runs without the hot-set prefetch, or with the
-                    # fill at the migration's rate from the release (None: that rate)
-                    on = not (args.compare_prefetch and i % 2)
-                    _PREFETCH[0] = on
-                    full = args.compare_fill_rate and i % 2 == 1
-                    agent_migration._TRICKLE = None if full else trickle  # type: ignore[assignment]
-                    legacy = args.compare_staged_mount and i % 2 == 1
-                    AttachedVolume._staged_layers_up = (  # type: ignore[method-assign]
-                        (lambda self: False) if legacy else staged_up
-                    )
-                    if args.compare_staged_mount:
-                        label = "staged mount re-probed" if legacy else "staged mount direct"
-                    elif args.compare_fill_rate:
-                        label = "full rate from release" if full else "trickle until StartFill"
-                    else:
-                        label = f"prefetch {'on' if on else 'off'}"
-                    print(f"\n-- {label}")
-                    r = one(tb, c, src, dst, size, i, args.written, args.strace, args.keep_log)
-                    results.setdefault(label, []).append(r)
-                what = "fill" if args.compare_fill_rate else "prefetch"
-                summarize("mount" if args.compare_staged_mount else what, results)
+        with bench.bench_testbed(root, [src, dst], args) as (tb, c):
+            results: dict[str, list[dict[str, float | None]]] = {}
+            trickle = agent_migration._TRICKLE
+            staged_up = AttachedVolume._staged_layers_up
+            for i in range(args.repeat):
+                # A/B in one run: odd runs without the hot-set prefetch, or with the
+                # fill at the migration's rate from the release (None: that rate)
+                on = not (args.compare_prefetch and i % 2)
+                _PREFETCH[0] = on
+                full = args.compare_fill_rate and i % 2 == 1
+                agent_migration._TRICKLE = None if full else trickle  # type: ignore[assignment]
+                legacy = args.compare_staged_mount and i % 2 == 1
+                AttachedVolume._staged_layers_up = (  # type: ignore[method-assign]
+                    (lambda self: False) if legacy else staged_up
+                )
+                if args.compare_staged_mount:
+                    label = "staged mount re-probed" if legacy else "staged mount direct"
+                elif args.compare_fill_rate:
+                    label = "full rate from release" if full else "trickle until StartFill"
+                else:
+                    label = f"prefetch {'on' if on else 'off'}"
+                print(f"\n-- {label}")
+                r = one(tb, c, src, dst, size, i, args.written, args.strace, args.keep_log)
+                results.setdefault(label, []).append(r)
+            what = "fill" if args.compare_fill_rate else "prefetch"
+            summarize("mount" if args.compare_staged_mount else what, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -95,14 +95,20 @@ def encode_request(id: int, op: str, payload: Any) -> str:
     return json.dumps({"id": id, "op": op, "payload": payload})
 
 
-def decode_request(text: str | bytes) -> Request:
+def _frame(text: str | bytes, kind: str) -> tuple[dict[str, Any], int]:
+    """A frame's JSON object and its id (FrameError: not JSON, or no integer id)."""
     try:
         raw = json.loads(text)
     except ValueError as exc:
         raise FrameError(f"malformed JSON frame: {exc}") from exc
     rid = _id(raw)
     if rid is None:
-        raise FrameError("a request frame needs an integer id")
+        raise FrameError(f"a {kind} frame needs an integer id")
+    return raw, rid
+
+
+def decode_request(text: str | bytes) -> Request:
+    raw, rid = _frame(text, "request")
     op = raw.get("op")
     if not isinstance(op, str) or not op:
         raise FrameError("a request frame needs an op (a string)", rid)
@@ -119,13 +125,7 @@ def encode_error(id: int, exc: EdgevisorError) -> str:
 
 def decode_reply(text: str | bytes) -> Reply:
     """A reply frame; an ``error`` member becomes the typed error it names."""
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise FrameError(f"malformed JSON frame: {exc}") from exc
-    rid = _id(raw)
-    if rid is None:
-        raise FrameError("a reply frame needs an integer id")
+    raw, rid = _frame(text, "reply")
     if "error" in raw:
         status = raw.get("status")
         status = status if isinstance(status, int) and not isinstance(status, bool) else 500
