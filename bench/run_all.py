@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgevisor.testing.cgroup_cleanup import remove_empty_groups
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # (title, script, timeout in seconds); order is the order in the document.
@@ -94,6 +96,7 @@ def main() -> int:
             tail = "\n".join((out + "\n" + err).strip().splitlines()[-15:])
             parts.append(f"## {title}\n\n`{script}` FAILED:\n\n```\n{tail}\n```\n")
         print(f"   {'ok' if ok else 'FAILED'} in {took:.0f} s", file=sys.stderr, flush=True)
+    remove_empty_groups()  # the benchmarks' agents are gone: their empty cgroups go too
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}", file=sys.stderr)

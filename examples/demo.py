@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 import edgevisor
+from edgevisor.testing.cgroup_cleanup import remove_empty_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 EV = str(Path(sys.executable).with_name("edgevisor"))
@@ -104,6 +105,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        remove_empty_groups()  # the demo's agents are gone: their empty cgroups go too
 
 
 if __name__ == "__main__":

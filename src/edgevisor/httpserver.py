@@ -28,7 +28,9 @@ def bound_port(server: uvicorn.Server) -> int:
     return 0
 
 
-def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+def replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    """A ``receive`` that returns ``messages`` first (already read by a middleware), then
+    reads on from ``then``."""
     queue = list(messages)
 
     async def receive() -> Message:
@@ -39,6 +41,13 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, or None."""
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    return secret if scheme.lower() == "bearer" and secret else None
 
 
 class BodyLimit:
@@ -70,7 +79,7 @@ class BodyLimit:
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
-                await self.app(scope, _replay([msg]), send)
+                await self.app(scope, replay([msg]), send)
                 return
             chunk = msg.get("body", b"")
             seen += len(chunk)
@@ -81,7 +90,7 @@ class BodyLimit:
             if not msg.get("more_body", False):
                 break
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body], receive), send)
+        await self.app(scope, replay([body], receive), send)
 
 
 async def _reject(limit: int, send: Send) -> None:

@@ -40,7 +40,7 @@ from edgevisor.agent.channel_frames import (
 )
 from edgevisor.agent.rpc import OpRouter
 from edgevisor.errors import EdgevisorError, RequestError, Unauthorized
-from edgevisor.httpserver import BodyLimit
+from edgevisor.httpserver import BodyLimit, bearer_token
 
 log = logging.getLogger(__name__)
 KeyFn = Callable[[], str | None]
@@ -54,11 +54,11 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _authorized(header: str, expected: str | None) -> bool:
-    scheme, _, secret = header.partition(" ")
+    secret = bearer_token(header)
     return (
         bool(expected)
-        and scheme.lower() == "bearer"
-        and hmac.compare_digest(secret.strip().encode(), str(expected).encode())
+        and secret is not None
+        and hmac.compare_digest(secret.encode(), str(expected).encode())
     )
 
 

@@ -30,6 +30,7 @@ from edgevisor.control.addr_sync import push
 from edgevisor.control.api_addresses import fast_move, move_answer
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import EdgevisorError
+from edgevisor.httpserver import bearer_token, replay
 from edgevisor.sdk import addresses as w
 
 __all__ = ["MAX_BODY_BYTES", "MoveFastPath", "install"]
@@ -57,9 +58,7 @@ def _ref(scope: Scope) -> str | None:
 def _bearer(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, secret = value.decode("latin-1").partition(" ")
-            secret = secret.strip()
-            return secret if scheme.lower() == "bearer" and secret else None
+            return bearer_token(value.decode("latin-1"))
     return None
 
 
@@ -90,7 +89,7 @@ class MoveFastPath:
         if messages[-1]["type"] == "http.request" and not messages[-1].get("more_body"):
             answer = await self._serve(scope, ref, body)
         if answer is None:
-            await self.app(scope, _replay(messages, receive), send)
+            await self.app(scope, replay(messages, receive), send)
             return
         self.served += 1
         status, data = answer
@@ -132,17 +131,6 @@ class MoveFastPath:
             log.exception("move of %s committed, but its pushes or answer failed", ref)
             err = EdgevisorError(f"internal error: {type(exc).__name__}")
             return 500, json.dumps(err.to_payload()).encode()
-
-
-def _replay(messages: list[Message], then: Receive) -> Receive:
-    queue = list(messages)
-
-    async def receive() -> Message:
-        if queue:
-            return queue.pop(0)
-        return await then()
-
-    return receive
 
 
 def install(app: Any, st: ControllerState) -> None:

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgevisor.control.state import ControllerState
 from edgevisor.errors import Forbidden, NotFound, RequestError, Unauthorized
+from edgevisor.httpserver import bearer_token
 from edgevisor.store import repos
 from edgevisor.store.models import Account, Host
 
@@ -39,11 +40,10 @@ class Principal:
 
 
 def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    secret = bearer_token(request.headers.get("authorization", ""))
+    if secret is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    return secret.strip()
+    return secret
 
 
 def state_of(request: Request) -> ControllerState:
