@@ -35,6 +35,7 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
     ("Storage: lazy volumes", ["bench/storage/lazy.py"], 600),
     ("Storage: FUSE image", ["bench/fuse/run.py"], 600),
     ("Migration", ["bench/migration/run.py"], 1200),
+    ("Migration: fill with foreground writes", ["bench/migration/fill_writes.py"], 900),
     ("Addresses: allocation", ["bench/addresses/allocations.py"], 600),
     ("Addresses: dataplane", ["bench/addresses/dataplane.py"], 600),
     ("Addresses: remap through the API", ["bench/addresses/remap.py"], 600),
