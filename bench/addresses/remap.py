@@ -424,11 +424,19 @@ def run(rounds: int, tmp: Path) -> list[Row]:
             direct.append(took)
             commits.append(res["committed_s"])
         noop = [lean.op(ctl, h0, "records.state", {})[0] for _ in range(rounds)]
+        noop_paused: list[float] = []
         empty: list[float] = []
+        empty_commits: list[float] = []
         for _ in range(rounds):
+            # Alternated, both after the same pause: an idle agent (and vCPU) wakes up
+            # for each; the difference is the apply's own path.
             time.sleep(PAUSE_S)
-            empty.append(lean.op(ctl, h0, "records.apply",
-                                 {"full": False, "records": [], "removed": []})[0])
+            noop_paused.append(lean.op(ctl, h0, "records.state", {})[0])
+            time.sleep(PAUSE_S)
+            took, res = lean.op(ctl, h0, "records.apply",
+                                {"full": False, "records": [], "removed": []})
+            empty.append(took)
+            empty_commits.append(res["committed_s"])
         lean.close()
         admin.close()
     # Per move: the old host's push, the new host's (its commit, or its plain apply).
@@ -490,9 +498,11 @@ def run(rounds: int, tmp: Path) -> list[Row]:
         row("  API floor: GET of the record (lean client)", api_get),
         row("  API floor: GET of the record (SDK client: httpx)", api_get_httpx),
         row("records.apply on one agent (HTTP round trip, aiohttp)", direct),
-        row("records.state on one agent (HTTP round trip, no work)", noop),
-        row("records.apply of nothing on one agent (HTTP round trip, after a pause)", empty),
         row("  of which nft commit in the agent", commits, 3),
+        row("records.state on one agent (HTTP round trip, no work)", noop),
+        row("records.state on one agent (HTTP round trip, after a pause)", noop_paused),
+        row("records.apply of nothing on one agent (HTTP round trip, after a pause)", empty),
+        row("  of which commit in the agent (plan, nothing to send)", empty_commits, 3),
     ]
 
 
