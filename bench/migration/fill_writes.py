@@ -24,6 +24,7 @@ the writes' achieved rate and their write+fsync latency p50/p99, next to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ import hashlib, json, os, random, select, sys, time
 path, rate, limit = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(11)
 fd = os.open(path, os.O_WRONLY)
-last, lat, n, t0 = {}, [], 0, time.monotonic()
+last, lat, spans, n, t0 = {}, [], [], 0, time.monotonic()
 sys.stdout.write("started\n"); sys.stdout.flush()
 while True:
     due = t0 + n * (1 << 20) / rate
@@ -65,12 +66,14 @@ while True:
     w0 = time.monotonic()
     os.pwrite(fd, chunk, off)
     os.fsync(fd)
-    lat.append(time.monotonic() - w0)
+    w1 = time.monotonic()
+    lat.append(w1 - w0)
+    spans.append((w0, w1))
     last[off] = hashlib.sha256(chunk).hexdigest()
     n += 1
 os.close(fd)
 print(json.dumps({"bytes": n << 20, "seconds": time.monotonic() - t0, "lat": lat,
-                  "last": last}))
+                  "spans": spans, "last": last}))
 """
 
 _READBACK = r"""
@@ -87,6 +90,47 @@ def in_domain_fs(tb: Testbed, host: str, vid: str, code: str, *args: str) -> lis
     att = tb.agents[host].agent.capability("volumes")._get(vid).attached
     cmd = [bench.PY, "-I", "-S", "-c", code, str(Path(att.target) / "ballast"), *args]
     return ["nsenter", f"--mount={att.mount_ns}", "--", *cmd] if att.mount_ns else cmd
+
+
+def split(spans: list[list[float]], events: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """Per write+fsync of the writer: the target agent's writes and flushes inside it
+    (count, time), the rest being the FUSE process, loop device, ext4 and scheduling.
+    Medians over the writer's calls (both sides use CLOCK_MONOTONIC)."""
+    rows = []
+    for w0, w1 in spans:
+        ws = [(a, b) for k, a, b in events if k == "write" and w0 <= a <= w1]
+        fs = [(a, b) for k, a, b in events if k == "flush" and w0 <= a <= w1]
+        t_w = sum(b - a for a, b in ws)
+        t_f = sum(b - a for a, b in fs)
+        rows.append((w1 - w0, len(ws), t_w, len(fs), t_f, (w1 - w0) - t_w - t_f))
+    med = [bench.pct([r[i] for r in rows], 0.5) for i in range(6)] if rows else [0.0] * 6
+    return {
+        "total_ms": med[0] * 1e3,
+        "agent_writes": med[1],
+        "agent_write_ms": med[2] * 1e3,
+        "agent_flushes": med[3],
+        "agent_flush_ms": med[4] * 1e3,
+        "elsewhere_ms": med[5] * 1e3,
+    }
+
+
+def run_writer(
+    tb: Testbed, host: str, vid: str, rate: float, limit: int, writes: int
+) -> dict[str, Any]:
+    """The writer alone for about ``writes`` writes at ``rate`` (at least 20 writes)."""
+    w = subprocess.Popen(
+        in_domain_fs(tb, host, vid, _WRITER, str(rate), str(limit)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert w.stdout is not None and w.stdin is not None
+    assert w.stdout.readline().strip() == "started"
+    time.sleep(max(writes, 20) * MiB / rate)
+    w.stdin.close()
+    out: dict[str, Any] = json.loads(w.stdout.read())
+    w.wait(timeout=60)
+    return out
 
 
 def fill_done(tb: Testbed, host: str, vid: str) -> bool:
@@ -129,6 +173,9 @@ def migrate(
         time.sleep(0.002)
     out: dict[str, Any] = {"data_bytes": data_bytes}
     writer = None
+    lazy = None
+    with contextlib.suppress(Exception):
+        lazy = tb.agents[dst].agent.capability("volumes")._get(vid).lazy
     if write_rate > 0:
         writer = subprocess.Popen(
             in_domain_fs(tb, dst, vid, _WRITER, str(write_rate), str(data_bytes)),
@@ -143,6 +190,10 @@ def migrate(
         writer.stdin.close()
         out["writer"] = json.loads(writer.stdout.read())
         writer.wait(timeout=60)
+        stats = getattr(lazy, "stats", None)  # the target's lazy volume: where writes went
+        if stats is not None:
+            out["agent"] = stats.as_dict()
+            out["split"] = split(out["writer"]["spans"], stats.events)
     while not (m := c.get_migration(m.id)).settled:
         assert time.monotonic() < end, "the migration did not settle"
         time.sleep(0.02)
@@ -159,6 +210,9 @@ def migrate(
         )
         back = json.loads(got.stdout)
         out["lost"] = sum(1 for o, h in last.items() if back.get(o) != h)
+        # Baseline: the same writer on the same domain after the commit (volume purely
+        # local: no fill, no mirror), as many writes as during the fill.
+        out["after"] = run_writer(tb, dst, vid, write_rate, data_bytes, len(out["writer"]["lat"]))
     c.remove_domain(name)
     return out
 
@@ -183,6 +237,8 @@ def main() -> int:
     tag = f"{os.getpid() % 10000}"
     src, dst = f"fw-a{tag}", f"fw-b{tag}"
     rows: list[str] = []
+    after_rows: list[str] = []
+    split_rows: list[str] = []
     failed = 0
     try:
         with bench.bench_testbed(root, [src, dst], args) as (tb, c):
@@ -204,6 +260,32 @@ def main() -> int:
                     continue
                 lat = w["lat"]
                 achieved = w["bytes"] / w["seconds"] if w["seconds"] else 0.0
+                if "agent" in busy:
+                    bench.log(f"  target's lazy volume: {json.dumps(busy['agent'])}")
+                    sp = busy["split"]
+                    bench.log(
+                        "  per write+fsync (medians): {total_ms:.1f} ms = agent "
+                        "{agent_writes:.0f} writes {agent_write_ms:.1f} ms + "
+                        "{agent_flushes:.0f} flushes {agent_flush_ms:.1f} ms + elsewhere "
+                        "{elsewhere_ms:.1f} ms".format(**sp)
+                    )
+                    split_rows.append(
+                        f"| {size >> 20} MiB | {sp['total_ms']:.1f} ms | "
+                        f"{sp['agent_writes']:.0f} / {sp['agent_write_ms']:.1f} ms | "
+                        f"{sp['agent_flushes']:.0f} / {sp['agent_flush_ms']:.1f} ms | "
+                        f"{sp['elsewhere_ms']:.1f} ms |"
+                    )
+                a = busy.get("after") or {"lat": [], "bytes": 0, "seconds": 0.0}
+                a_rate = a["bytes"] / a["seconds"] if a["seconds"] else 0.0
+                after_rows.append(
+                    f"| {size >> 20} MiB | during the fill (mirrored) | "
+                    f"{achieved / 1e6:.0f} MB/s ({len(lat)} writes) | "
+                    f"{bench.ms(bench.pct(lat, 0.5))} / {bench.ms(bench.pct(lat, 0.99))} |\n"
+                    f"| {size >> 20} MiB | after the commit (local only) | "
+                    f"{a_rate / 1e6:.0f} MB/s ({len(a['lat'])} writes) | "
+                    f"{bench.ms(bench.pct(a['lat'], 0.5))} / "
+                    f"{bench.ms(bench.pct(a['lat'], 0.99))} |"
+                )
                 q_s, b_s = quiet["fill_s"], busy["fill_s"]
                 rows.append(
                     f"| {size >> 20} MiB | {q_s:.2f} s ({size / q_s / 1e6:.0f} MB/s) | "
@@ -232,6 +314,24 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)
+    print(
+        "\nThe same writer (same rate, as many writes) on the same domain after the "
+        "migration committed (no fill, no mirror): the cost of mirroring.\n"
+    )
+    print("| volume | when | writes achieved | write+fsync p50 / p99 |")
+    print("|---|---|---|---|")
+    for r in after_rows:
+        print(r)
+    if split_rows:
+        print(
+            "\nWhere one write+fsync goes during the fill (medians over the writer's calls): "
+            "the target agent's lazy-volume writes and flushes inside it, and the rest "
+            "(FUSE process, loop device, ext4, scheduling).\n"
+        )
+        print("| volume | write+fsync | agent writes / time | agent flushes / time | elsewhere |")
+        print("|---|---|---|---|---|")
+        for r in split_rows:
+            print(r)
     return 1 if failed else 0
 
 

@@ -11,9 +11,15 @@ Used on a migration target after the switch. It is a
 * **write**: a partially covered missing block is fetched and merged first. Mirroring to
   the source: ``off``, ``async`` (queued in order, sent in the background, retried until
   the source takes them) or ``sync`` (acknowledged only after the source took the write,
-  with FUA when the caller asked for it).
+  with FUA when the caller asked for it; the source's round trip runs while the local
+  copy is written, and overlapping sync writes go one after the other so both copies see
+  them in one order: :func:`edgevisor.storage.lazy_link.write`). Where writes and
+  flushes spend their time is counted in :attr:`LazyVolume.stats`
+  (:mod:`edgevisor.storage.mirror_stats`).
 * **background fill**: runs of missing blocks (``fill_batch_blocks`` per request,
-  ``fill_inflight`` requests in flight) under a token-bucket rate limit, spread over
+  ``fill_inflight`` requests in flight, only ``fill_yield_inflight`` while a foreground
+  write or flush is under way and the fill runs above ``fill_yield_min_rate_bytes_per_s``)
+  under a token-bucket rate limit, spread over
   ``fill_connections`` connections of their own, each on its own thread
   (:mod:`edgevisor.storage.lazy_lane`; blocking sockets when the source tells its
   ``endpoint``): a read miss never queues behind fill traffic, and ``recv_into``, TLS
@@ -44,11 +50,14 @@ step with respect to writes:
    the decision to fetch them (never later, in a task that has not started yet), and never
    over another fetch's registration. So no block is fetched twice at once, and a reader
    finds the fetch to wait for.
-2. Stores on a lane thread run under ``_store_lock`` and skip blocks that are present or
-   named in ``_writing``; a local write names its blocks in ``_writing`` (under the same
-   lock, so it waits for a store in progress) before touching the data file and until its
-   present bits are set. A store is therefore entirely before the write's data (the write
-   wins) or sees the block taken (and skips it).
+2. A store on a lane thread decides under a lock which blocks to write (those neither
+   present nor named by a local write) and claims them in the same step; it writes them
+   outside the lock (a lock held across a 1 MiB ``O_DIRECT`` write would stall the loop)
+   and drops the claim when done. A local write names its blocks (under the lock) and
+   then waits until no store claim overlaps them, before touching the data file; the
+   name stays until its present bits are set. A store is therefore entirely before the
+   write's data (the write wins) or sees the block taken (and skips it). Both sides:
+   :class:`~edgevisor.storage.lazy_store.StoreClaims`.
 3. Stores on the owning loop are synchronous (check, ``pwrite``, mark), as is a write's
    ``pwrite``-and-mark, so they cannot interleave either.
 
@@ -62,11 +71,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from edgevisor.errors import Conflict, PeerUnavailable
 from edgevisor.storage import lazy_fill, lazy_link
@@ -80,7 +89,9 @@ from edgevisor.storage.lazy_parts import (
     TokenBucket,
     log_crash,
 )
-from edgevisor.storage.range_gate import RangeGate
+from edgevisor.storage.lazy_store import StoreClaims
+from edgevisor.storage.mirror_stats import MirrorStats
+from edgevisor.storage.range_gate import RangeGate, RangeOrder
 from edgevisor.storage.volume import Volume
 
 __all__ = ["LazySettings", "LazyVolume", "Progress", "RemoteSource", "SourceUnavailable"]
@@ -114,8 +125,7 @@ class LazyVolume:
         self._lane_closers: set[FillLanes] = set()
         self._flush_task: asyncio.Task[None] | None = None
         self._inflight: _Futures = {}
-        self._store_lock = threading.Lock()  # rule 2 of the theory of operation
-        self._writing: list[tuple[int, int]] = []  # block spans of local writes under way
+        self._order = RangeOrder()  # overlapping sync writes, one after the other
         self._gate = RangeGate()  # writes in flight by byte range, for write_barrier
         self._cursor = 0
         self._bucket = TokenBucket(self.settings.fill_rate_bytes_per_s)
@@ -126,6 +136,11 @@ class LazyVolume:
         self._mirror_q: asyncio.Queue[tuple[int, bytes, int]] = asyncio.Queue()
         self._mirror_task: asyncio.Task[None] | None = None
         self._since_flush = 0
+        self._foreground = 0  # foreground writes and flushes under way (the fill yields)
+        self._fill_window = (time.monotonic(), local.present_blocks)  # lazy_fill._fill_rate
+        self._fill_rate = math.inf
+        self.stats = MirrorStats()  # where foreground writes and flushes spend their time
+        self._claims = StoreClaims(local, self._inflight, self.stats)  # rule 2
         self._ops = 0  # BlockDevice calls in flight that may use the source
         self._idle = asyncio.Event()
         self._idle.set()
@@ -311,38 +326,19 @@ class LazyVolume:
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self.local.present(offset, len(data))
-        # In flight (for write_barrier) until the source took it; see lazy_link.mirror for async.
-        token = await self._gate.enter(offset, offset + len(data))
-        queued = False
-        try:
-            with self._op() as linked:
-                if linked:
-                    await self._released.wait()  # never mirror to a source still in use
-                    await self._prepare_write(offset, len(data))
-                with self._writing_span(offset, len(data)):
-                    await self.local.write(offset, data, fua=fua)
-                if linked:
-                    queued = await lazy_link.mirror(self, offset, data, fua, token)
-        finally:
-            if not queued:
-                self._gate.leave(token)
+
+        async def local() -> None:
+            await self.local.write(offset, data, fua=fua)
+
+        await lazy_link.write(self, offset, len(data), local, data, fua)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         self.local.present(offset, length)
-        token = await self._gate.enter(offset, offset + length)
-        queued = False
-        try:
-            with self._op() as linked:
-                if linked:
-                    await self._released.wait()
-                    await self._prepare_write(offset, length)
-                with self._writing_span(offset, length):
-                    await self.local.write_zeroes(offset, length, fua=fua)
-                if linked:
-                    queued = await lazy_link.mirror(self, offset, bytes(length), fua, token)
-        finally:
-            if not queued:
-                self._gate.leave(token)
+
+        async def local() -> None:
+            await self.local.write_zeroes(offset, length, fua=fua)
+
+        await lazy_link.write(self, offset, length, local, None, fua)
 
     def write_barrier(self, offset: int, length: int) -> AbstractAsyncContextManager[None]:
         """Hold ``[offset, offset + length)`` free of writes on both copies: new writes
@@ -358,21 +354,35 @@ class LazyVolume:
         await self.write_zeroes(offset, length)
 
     async def flush(self) -> None:
-        with self._op() as linked:
-            if not (linked and self.settings.mirror == "sync"):
-                await self.local.flush()
-                return
-            # Both at once (ext4's superblock write at mount waits on it in a switch).
-            got = await asyncio.gather(self.local.flush(), self._flush_source(),
-                                       return_exceptions=True)  # fmt: skip
-            for r in got:
-                if isinstance(r, BaseException):
-                    raise r
+        st = self.stats
+        t0 = st.started()
+        self._foreground += 1
+        try:
+            with self._op() as linked:
+                if not (linked and self.settings.mirror == "sync"):
+                    await self._flush_local()
+                    return
+                # Both at once (ext4's superblock write at mount waits on it in a switch).
+                got = await asyncio.gather(self._flush_local(), self._flush_source(),
+                                           return_exceptions=True)  # fmt: skip
+                for r in got:
+                    if isinstance(r, BaseException):
+                        raise r
+        finally:
+            self._foreground -= 1
+            st.flush_ended(t0)
+
+    async def _flush_local(self) -> None:
+        t = time.perf_counter()
+        await self.local.flush()
+        self.stats.flush_local.add(time.perf_counter() - t)
 
     async def _flush_source(self) -> None:
         deadline = time.monotonic() + self.settings.fetch_timeout_s
+        t = time.perf_counter()
         try:
             await lazy_link.on_source(self, "flush", _flush, deadline)
+            self.stats.flush_source.add(time.perf_counter() - t)
         except SourceUnavailable:
             if not self._detaching:
                 raise
@@ -413,66 +423,17 @@ class LazyVolume:
         first, end = self._span(offset, length)
         return list(range(first, end))
 
-    @contextlib.contextmanager
-    def _writing_span(self, offset: int, length: int) -> Iterator[None]:
+    def _writing_span(self, offset: int, length: int) -> AbstractAsyncContextManager[None]:
         """Name the write's blocks so lane stores skip them (rule 2)."""
-        span = self._span(offset, length)
-        with self._store_lock:  # waits for a lane store in progress
-            self._writing.append(span)
-        try:
-            yield
-        finally:
-            with self._store_lock:
-                self._writing.remove(span)
-
-    def _taken(self, b: int) -> bool:
-        """Present, or a local write is under way on it (call under ``_store_lock``)."""
-        if self.local.is_present(b):
-            return True
-        return any(lo <= b < hi for lo, hi in self._writing)
+        return self._claims.write(self._span(offset, length))
 
     def _store(self, first: int, data: bytes | memoryview, *, lane: bool) -> int:
         """Store fetched blocks from ``first`` that are still missing (rules 2 and 3)."""
-        if not lane:  # on the owning loop: synchronous, nothing interleaves (rule 3)
-            return self.local.fill_blocks(first, cast("bytes", data))
-        bs = self.local.block_size
-        n = -(-len(data) // bs)
-        stored = 0
-        with self._store_lock:
-            i = 0
-            while i < n:
-                if self._taken(first + i):
-                    i += 1
-                    continue
-                j = i + 1
-                while j < n and not self._taken(first + j):
-                    j += 1
-                # fill_blocks takes any buffer (it wraps it in a memoryview).
-                part = memoryview(data)[i * bs : j * bs]
-                stored += self.local.fill_blocks(first + i, cast("bytes", part), direct=True)
-                i = j
-        return stored
+        return self._claims.store(first, data, lane=lane)
 
     def _store_zeroes(self, first: int, count: int) -> int:
-        """Blocks the source holds as a hole: zero them here (no transfer), skipping
-        taken ones (rule 2). On the owning loop with no await: rule 3 holds too."""
-
-        def busy(b: int) -> bool:  # a reader's fetch may have claimed it meanwhile
-            return self._taken(b) or b in self._inflight
-
-        stored = 0
-        with self._store_lock:
-            i = 0
-            while i < count:
-                if busy(first + i):
-                    i += 1
-                    continue
-                j = i + 1
-                while j < count and not busy(first + j):
-                    j += 1
-                stored += self.local.fill_zero_blocks(first + i, j - i)
-                i = j
-        return stored
+        """Blocks the source holds as a hole: zeroed here, skipping taken ones (rule 2)."""
+        return self._claims.store_zeroes(first, count)
 
     # ------------------------------------------------------------ fetching
 

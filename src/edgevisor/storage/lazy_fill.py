@@ -1,7 +1,8 @@
 """The background fill of a :class:`~edgevisor.storage.lazy.LazyVolume` (split out of it).
 
 Runs of missing blocks (``fill_batch_blocks`` per request, ``fill_inflight`` requests in
-flight) are fetched from the cursor on under the volume's token-bucket rate limit, over
+flight, ``fill_yield_inflight`` while a foreground write or flush is under way) are
+fetched from the cursor on under the volume's token-bucket rate limit, over
 ``fill_connections`` connections of their own, each on its own thread
 (:mod:`edgevisor.storage.lazy_lane`; blocking sockets when the source tells its
 ``endpoint``); their connections are opened as soon as the fill task starts, so a
@@ -41,6 +42,8 @@ __all__ = ["next_runs", "open_lanes", "run", "source_layout"]
 
 log = logging.getLogger(__name__)
 
+_RATE_WINDOW_S = 0.5
+"""Window of the fill-rate measure behind ``fill_yield_min_rate_bytes_per_s``."""
 _STATUS_WAIT_S = 2.0
 """How long the fill waits for the source's block status before fetching blindly."""
 _STATUS_WINDOW_BLOCKS = 4096
@@ -83,6 +86,33 @@ def next_runs(v: LazyVolume, limit: int) -> list[tuple[int, int]]:
     return out
 
 
+def _inflight_limit(v: LazyVolume) -> int:
+    """Fill requests allowed in flight now: fewer while a foreground write or flush is
+    under way (``fill_yield_inflight``), so the domain's I/O does not queue behind the
+    fill for the CPU, the disk and the source; but only while the fill runs faster than
+    ``fill_yield_min_rate_bytes_per_s`` (DRBD's resync throttle and ``c-min-rate``)."""
+    s = v.settings
+    if (
+        v._foreground
+        and s.fill_yield_inflight
+        and _fill_rate(v) >= s.fill_yield_min_rate_bytes_per_s
+    ):
+        return min(s.fill_inflight, s.fill_yield_inflight)
+    return s.fill_inflight
+
+
+def _fill_rate(v: LazyVolume) -> float:
+    """Bytes/s the volume became present at over the last full window (inf before the
+    first one ends)."""
+    now = time.monotonic()
+    t0, present0 = v._fill_window
+    if now - t0 >= _RATE_WINDOW_S:
+        present = v.local.present_blocks
+        v._fill_rate = (present - present0) * v.local.block_size / (now - t0)
+        v._fill_window = (now, present)
+    return v._fill_rate
+
+
 async def run(v: LazyVolume) -> None:
     inflight: set[asyncio.Task[None]] = set()
     bs = v.local.block_size
@@ -93,7 +123,7 @@ async def run(v: LazyVolume) -> None:
     await v._released.wait()  # connected while held: ready at the release
     try:
         while True:
-            while len(inflight) < v.settings.fill_inflight:
+            while len(inflight) < _inflight_limit(v):
                 runs = next_runs(v, 1)
                 if not runs:
                     break

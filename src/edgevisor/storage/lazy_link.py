@@ -6,11 +6,12 @@ demand and reopened after a failure, and the mirroring of local writes over it.
   :class:`~edgevisor.errors.PeerUnavailable` drops it and retries on a new one every
   ``reconnect_interval_s`` until its deadline, then fails with
   :class:`~edgevisor.storage.lazy_parts.SourceUnavailable`.
-* **mirroring**: ``sync`` sends each write (with the caller's FUA) before the local write
-  is acknowledged; ``async`` queues it (in order) for :func:`mirror_loop`, which retries
-  until the source takes it. Either way the write stays *in flight* for the volume's
-  write barrier until the source has it (:mod:`edgevisor.storage.range_gate`). While
-  the volume detaches, a sync mirror that cannot reach the source completes locally.
+* **mirroring** (:func:`write`): ``sync`` sends each write (with the caller's FUA) while
+  the local copy is written, and acknowledges it when both have it; ``async`` queues it
+  (in order) for :func:`mirror_loop`, which retries until the source takes it. Either
+  way the write stays *in flight* for the volume's write barrier until the source has it
+  (:mod:`edgevisor.storage.range_gate`). While the volume detaches, a sync mirror that
+  cannot reach the source completes locally.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from edgevisor.storage.lazy_parts import RemoteSource, SourceUnavailable
 if TYPE_CHECKING:
     from edgevisor.storage.lazy import LazyVolume
 
-__all__ = ["drop_source", "get_source", "mirror", "mirror_loop", "on_source"]
+__all__ = ["drop_source", "get_source", "mirror", "mirror_loop", "on_source", "write"]
 
 log = logging.getLogger("edgevisor.storage.lazy")
 T = TypeVar("T")
+_SMALL = 64 * 1024  # writes counted in MirrorStats.mirror_small
 
 
 async def get_source(v: LazyVolume, deadline: float) -> RemoteSource:
@@ -80,6 +82,85 @@ async def on_source(
             if time.monotonic() >= deadline or v._closed:
                 raise SourceUnavailable(f"{what}: {e}") from e
             await asyncio.sleep(v.settings.reconnect_interval_s)
+
+
+async def write(
+    v: LazyVolume,
+    offset: int,
+    length: int,
+    local: Callable[[], Awaitable[None]],
+    data: bytes | None,
+    fua: bool,
+) -> None:
+    """A write on both copies: ``local()`` writes the local copy, ``data`` (None: zeroes)
+    goes to the source. Partially covered missing blocks are fetched (merged) first. Sync
+    mirror: then the source's round trip runs *during* the local ``pwrite``, not after
+    it, and the call returns when both are done, so the wait is the longer of the two,
+    not their sum (a local write that fails after the source took it leaves the range
+    different on the copies, as a failed write may; the caller got an error).
+    Overlapping sync writes run one after the other (:class:`RangeOrder`): both copies
+    see them in the same order."""
+    st = v.stats
+    t0 = st.write_started(length)
+    v._foreground += 1
+    queued = False
+    token: int | None = None
+    try:
+        # In flight (for write_barrier) until the source took it; see mirror() for async.
+        token = await v._gate.enter(offset, offset + length)
+        with v._op() as linked:
+            if linked:
+                await v._released.wait()  # never mirror to a source still in use
+            if linked:
+                await _prepare(v, offset, length)
+            if linked and v.settings.mirror == "sync":
+                async with v._order.hold(offset, offset + length):
+                    got = await asyncio.gather(
+                        _write_local(v, offset, length, local),
+                        _mirror_timed(v, offset, length, data, fua, token),
+                        return_exceptions=True,
+                    )
+                for r in got:
+                    if isinstance(r, BaseException):
+                        raise r
+            else:
+                await _write_local(v, offset, length, local)
+                if linked:
+                    queued = await _mirror_timed(v, offset, length, data, fua, token)
+    finally:
+        v._foreground -= 1
+        st.write_ended(t0)
+        if not queued and token is not None:
+            v._gate.leave(token)
+
+
+async def _prepare(v: LazyVolume, offset: int, length: int) -> None:
+    """Fetch partially covered missing blocks first, before either copy is written: a
+    failed fetch (source away) then leaves both copies as they were."""
+    t = time.perf_counter()
+    await v._prepare_write(offset, length)
+    v.stats.prepare.add(time.perf_counter() - t)
+
+
+async def _write_local(
+    v: LazyVolume, offset: int, length: int, local: Callable[[], Awaitable[None]]
+) -> None:
+    t = time.perf_counter()
+    async with v._writing_span(offset, length):
+        await local()
+    v.stats.local.add(time.perf_counter() - t)
+
+
+async def _mirror_timed(
+    v: LazyVolume, offset: int, length: int, data: bytes | None, fua: bool, token: int
+) -> bool:
+    t = time.perf_counter()
+    queued = await mirror(v, offset, bytes(length) if data is None else data, fua, token)
+    t = time.perf_counter() - t
+    v.stats.mirror.add(t)
+    if length <= _SMALL:
+        v.stats.mirror_small.add(t)
+    return queued
 
 
 async def mirror(v: LazyVolume, offset: int, data: bytes, fua: bool, token: int) -> bool:

@@ -72,6 +72,25 @@ class LazySettings(BaseModel):
         16, ge=1, le=512, description="Blocks per background fill request."
     )
     fill_inflight: int = Field(8, ge=1, le=256, description="Fill requests in flight at once.")
+    fill_yield_inflight: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description=(
+            "Fill requests in flight while the volume serves a foreground write or flush "
+            "(the domain's I/O goes first; the fill never stops). 0: the fill does not "
+            "yield."
+        ),
+    )
+    fill_yield_min_rate_bytes_per_s: int = Field(
+        100_000_000,
+        ge=0,
+        description=(
+            "The fill yields to foreground I/O only while it runs faster than this "
+            "(measured over half-second windows), so a domain writing all the time slows "
+            "the fill to about this rate at worst. 0: yield whatever the rate."
+        ),
+    )
     fill_connections: int = Field(
         2,
         ge=0,

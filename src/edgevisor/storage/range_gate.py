@@ -28,7 +28,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterable
 
-__all__ = ["RangeGate"]
+__all__ = ["RangeGate", "RangeOrder"]
 
 
 def _overlaps(spans: Iterable[tuple[int, int]], lo: int, hi: int) -> bool:
@@ -111,3 +111,38 @@ class RangeGate:
         for f in waiters:
             if not f.done():
                 f.set_result(None)
+
+
+class RangeOrder:
+    """Overlapping operations one at a time; others at once. A lazy volume runs a
+    sync-mirrored write's local part and its mirror at the same time: two overlapping
+    writes could then reach the two copies in different orders (and leave them
+    different), unless one waits here until the other is done on both. Which of two
+    concurrent writes goes first is not promised (a block device promises none either);
+    only that both copies see the same one first. A waiter is not queued: it enters once
+    nothing overlapping is held (fine for a block device's writes, which rarely overlap
+    while in flight)."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int, asyncio.Future[None]]] = {}
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, lo: int, hi: int) -> AsyncIterator[None]:
+        """Run the body once no overlapping holder is left, holding the range."""
+        while True:
+            busy = [f for a, b, f in self._held.values() if a < hi and lo < b]
+            if not busy:
+                break
+            await asyncio.wait(busy)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        key = next(self._ids)
+        self._held[key] = (lo, hi, fut)
+        try:
+            yield
+        finally:
+            del self._held[key]
+            fut.set_result(None)
