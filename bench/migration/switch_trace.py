@@ -60,6 +60,8 @@ EVENTS: list[Event] = []
 FETCHES: list[tuple[float, float, int, int, bool]] = []  # t0, t1, first, count, lane
 READS: list[tuple[float, float, int, int]] = []  # the target volume's reads: t0, t1, off, len
 OTHER: list[tuple[float, float, str]] = []  # the target volume's writes and flushes
+SOURCE_IO: list[tuple[float, float, str]] = []  # local volumes' writes and flushes (--volume-io)
+_VOLUME_IO = [False]
 
 
 _PREFETCH = [True]
@@ -148,7 +150,36 @@ def _instrument() -> None:
         finally:
             OTHER.append((t0, time.monotonic(), f"local flush of {Path(self.path).parent.name}"))
 
-    Volume.flush = vflush  # type: ignore[method-assign]
+    orig_vwrite = Volume.write
+    orig_vnowait = Volume.write_nowait
+
+    def _host(v: Volume) -> str:
+        return next((part for part in Path(v.path).parts if part.startswith("trace-")), "?")
+
+    async def vwrite(self: Volume, offset: int, data: bytes, *, fua: bool = False) -> None:
+        t0 = time.monotonic()
+        try:
+            await orig_vwrite(self, offset, data, fua=fua)
+        finally:
+            SOURCE_IO.append((t0, time.monotonic(), f"{_host(self)} write {offset} +{len(data)}"))
+
+    def vnowait(self: Volume, offset: int, data: Any) -> bool:
+        t0 = time.monotonic()
+        ok = orig_vnowait(self, offset, data)
+        if ok:
+            SOURCE_IO.append((t0, time.monotonic(), f"{_host(self)} write {offset} +{len(data)}"))
+        return ok
+
+    async def vflush2(self: Volume) -> None:
+        t0 = time.monotonic()
+        try:
+            await vflush(self)
+        finally:
+            SOURCE_IO.append((t0, time.monotonic(), f"{_host(self)} flush"))
+
+    Volume.write = vwrite  # type: ignore[method-assign]
+    Volume.write_nowait = vnowait  # type: ignore[method-assign]
+    Volume.flush = vflush2  # type: ignore[method-assign]
     LazyVolume.read = read  # type: ignore[method-assign]
     LazyVolume.write = write  # type: ignore[method-assign]
     LazyVolume.flush = flush  # type: ignore[method-assign]
@@ -218,6 +249,7 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
     FETCHES.clear()
     READS.clear()
     OTHER.clear()
+    SOURCE_IO.clear()
     wall0, mono0 = time.time(), time.monotonic()
     m = c.migrate_domain(name, dst, mode="post-copy")
     end = time.monotonic() + 120
@@ -263,6 +295,11 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
     for t0, t1, what in OTHER:
         if release is not None and release <= t0 <= horizon:
             ev.append((t0, f"target volume: {what}: {(t1 - t0) * 1000:.1f} ms"))
+    if _VOLUME_IO[0]:
+        sod0 = next((t0 for label, t0, _t1 in spans if label == "StartOnTarget"), horizon)
+        for t0, t1, what in SOURCE_IO:
+            if q0 - 0.01 <= t0 <= sod0:
+                ev.append((t0, f"local volume: {what}: {(t1 - t0) * 1000:.1f} ms"))
     for t, what in sorted(ev):
         if q0 - 0.3 <= t <= horizon + 0.01:
             print(f"  {(t - q0) * 1000:8.1f} ms  {what}")
@@ -339,7 +376,14 @@ def main() -> int:
         help="alternate runs whose target mounts the staged FUSE process and loop device "
         "directly (the code's choice) with runs that re-probe and re-find them first",
     )
+    ap.add_argument(
+        "--volume-io",
+        action="store_true",
+        help="also list every local volume's writes and flushes from QuiesceSource issued "
+        "to StartOnTarget issued (the source's seal)",
+    )
     args = ap.parse_args()
+    _VOLUME_IO[0] = args.volume_io
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2

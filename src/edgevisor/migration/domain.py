@@ -24,13 +24,16 @@ Theory of operation (one :class:`Domain`)::
 Layers 1-3 are independent, so ``start`` builds them concurrently (the volume's attach
 is the long one); ``stage`` builds the cgroups and the namespace ahead (a migration's
 target, in prepare), the veth under a staged name that the start renames to its own (the
-source may hold that name until it quiesces: simulated hosts share one root namespace).
+source may hold that name until it quiesces: simulated hosts share one root namespace),
+and a launcher of the sandbox already in the cgroups (:mod:`~edgevisor.migration.
+domain_process`): the start then skips the cgroup attach and its RCU grace period.
 
 An exit while not stopping goes to the restart policy (:func:`restart_delay`); the
 volume, network and cgroups stay up across restarts. A domain that is not restarted is
 torn down like a stop. ``quiesce`` (the migration's QuiesceSource, on the switch's
-critical path) is syncfs while running (not downtime) -> freeze -> syncfs -> SIGKILL ->
-cgroups removed, ext4 made read-only, veth retired (the last two concurrently): nothing
+critical path) is syncfs while running (not downtime; skipped right after a
+``preflush``) -> freeze -> syncfs -> SIGKILL -> ext4 made read-only (as soon as no file
+is open for writing) while the tasks exit, the cgroups are removed, the veth retired: nothing
 the domain wrote after the freeze can exist, every write it completed is on the volume,
 and nothing on this host writes the volume any more when it returns. The namespace,
 the unmount, loop device and FUSE process go in the background; every later lifecycle
@@ -70,6 +73,7 @@ from edgevisor.migration.domain_host import (
     retire_link,
     seal_readonly,
     set_freezer,
+    sigkill_all,
     stage_domain_netns,
     syncfs,
     unmount,
@@ -97,6 +101,14 @@ log = logging.getLogger(__name__)
 
 _PREFLUSH_AGAIN_S = 0.05
 """A flush before the freeze that took longer is run once more (the domain kept writing)."""
+_SEAL_POLL_S = 0.0003
+"""First retry of the read-only remount while the killed tasks still hold files open for
+writing (it starts with the kill; their exit takes a few ms)."""
+_PREFLUSH_FRESH_S = 0.25
+"""A quiesce this soon after a :meth:`Domain.preflush` (a migration flushes right before
+the switch) skips its own flush before the freeze: it would find next to nothing to
+write yet costs a syncfs, a flush of the volume and a journal checkpoint (1.5-8 ms
+measured) inside the downtime; the flush after the freeze still carries every write."""
 
 Plug = Callable[[str, IPv4Address], Awaitable[None]]
 """Routes a domain's logical address to its veth: ``plug(account, address)``."""
@@ -154,6 +166,7 @@ class Domain(DomainProcess):
         self.last_exit: int | None = None
         self.started_at: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._launcher = None  # the sandbox started ahead while staged (``_prespawn``)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self._failures = 0
@@ -161,6 +174,7 @@ class Domain(DomainProcess):
         self._staged = False  # network and cgroups are up while stopped (see ``stage``)
         self._teardown: asyncio.Task[None] | None = None  # quiesce's deferred part
         self._hurry = asyncio.Event()  # someone waits for that part: no more delay
+        self._preflushed_at: float | None = None  # monotonic end of the last preflush()
         self.timings: dict[str, dict[str, float]] = {}
         """Seconds per sub-step of the last ``start``/``quiesce``/``stage`` (benchmarks)."""
 
@@ -253,6 +267,9 @@ class Domain(DomainProcess):
                 for r in results:
                     if isinstance(r, BaseException):
                         raise r
+                # the sandbox waiting in the cgroups: the start skips their attach
+                await self._prespawn()
+                clock.mark("launcher")
             except BaseException:
                 await self._tear_down()
                 raise
@@ -293,11 +310,13 @@ class Domain(DomainProcess):
         The first flush runs while the domain still serves (:meth:`_preflush`, with the
         journal's checkpoint): what the domain wrote until then reaches the volume outside
         the downtime, and the flush after the freeze and the seal carry only the rest.
+        Right after a :meth:`preflush` (within ``_PREFLUSH_FRESH_S``) it is skipped.
         The processes get SIGKILL while frozen (their writes are flushed and they are
-        discarded anyway), cgroups and the veth (its name, and the address's route) go
-        at once, the filesystem is made read-only (:func:`seal_readonly`: a writer still
-        exiting is waited out). The namespace, the unmount, the volume's loop device and
-        FUSE process go in the background, and every later lifecycle call, and
+        discarded anyway); the filesystem is made read-only from then on
+        (:func:`seal_readonly`: a writer still exiting is waited out, finely) while the
+        processes exit and the cgroups, then the veth (its name, and the address's route)
+        go. The namespace, the unmount, the volume's loop device and FUSE process go in
+        the background, and every later lifecycle call, and
         :meth:`wait_torn_down`, waits for that.
 
         On failure the domain is never left half-way: a freeze that does not complete is
@@ -311,7 +330,11 @@ class Domain(DomainProcess):
             self._save()
             clock.mark("save_state")
             if self.phase == "running":
-                await self._preflush(clock)
+                fresh = self._preflushed_at is not None and (
+                    clock.now() - self._preflushed_at < _PREFLUSH_FRESH_S
+                )
+                if not fresh:
+                    await self._preflush(clock)
                 try:
                     await set_freezer(self._cg, "FROZEN", self.settings.stop_timeout_s)
                 except (DomainError, OSError) as exc:
@@ -348,6 +371,7 @@ class Domain(DomainProcess):
                 return
             clock = StepClock()
             await self._preflush(clock)
+            self._preflushed_at = clock.now()
             self.timings["preflush"] = clock.done()
 
     async def _preflush(self, clock: StepClock) -> None:
@@ -383,29 +407,42 @@ class Domain(DomainProcess):
         clock.mark("syncfs")
         self._stopping = True
         self.phase = "stopping"
-        await self._kill()
-        sup, self._supervisor = self._supervisor, None
-        if sup is not None and sup is not asyncio.current_task():
-            sup.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sup
-        self._reap()  # killed and waited for: only forgets it
-        clock.mark("kill")
-        # cgroup.procs hides a process once its exit began, but it holds its files a little
-        # longer; removing the groups succeeds only when every task has fully exited. Then
-        # no file is open for writing, and the filesystem goes read-only: ext4 writes its
-        # journal home and a clean superblock now, before the target mounts its copy (which
-        # reads ours), and nothing writes the volume after. The unmount is deferred.
-        t0 = clock.now()
         busy_s = self.settings.stop_timeout_s
-        await asyncio.to_thread(self._cg.remove, busy_s)
-        clock.since(t0, "cgroups")
+        try:  # not waited for: the seal below and the groups' removal wait for the exits
+            sigkill_all(self._cg)
+        except OSError as exc:  # the groups' removal kills what is left
+            log.warning("domain %s: kill: %s", self.spec.qualified, exc)
+        clock.mark("kill")
+        # The seal starts with the SIGKILLs, not after the exits: ext4's remount (an RCU
+        # grace period, ~10 ms) then overlaps the tasks' exit and the groups' removal.
+        # It is refused (EBUSY, retried finely) while any file on the filesystem is open
+        # for writing, in any mount of it (the sandbox's bind too), so when it succeeds
+        # nothing can write it any more: ext4 writes its journal home and a clean
+        # superblock now, before the target mounts its copy (which reads ours), and
+        # nothing writes the volume after. The unmount is deferred.
+        t0 = clock.now()
 
         async def filesystem() -> None:
-            await asyncio.to_thread(seal_readonly, self.mnt, busy_timeout_s=busy_s)
+            await asyncio.to_thread(
+                seal_readonly, self.mnt, busy_timeout_s=busy_s, poll_s=_SEAL_POLL_S
+            )
             clock.since(t0, "readonly")
 
-        async def network() -> None:
+        async def processes_then_network() -> None:
+            proc = self._proc
+            if proc is not None and proc.poll() is None:  # bwrap's monitor (outside)
+                proc.kill()
+                await asyncio.to_thread(proc.wait, busy_s)
+            sup, self._supervisor = self._supervisor, None
+            if sup is not None and sup is not asyncio.current_task():
+                sup.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sup
+            self._reap()  # killed and waited for: only forgets it
+            # cgroup.procs hides a process once its exit began; removing the groups
+            # succeeds only when every task has fully exited
+            await asyncio.to_thread(self._cg.remove, busy_s)
+            clock.since(t0, "cgroups")
             # Its name is the target's (it derives from the address): retired (down,
             # renamed; deleting takes ~20 ms) once the tasks' exit reset their clients'
             # connections over it (else a client waits out its own timeout).
@@ -417,7 +454,9 @@ class Domain(DomainProcess):
                 log.warning("domain %s: veth %s: %s", self.spec.qualified, self.ifname, exc)
             clock.since(t0, "netns")
 
-        results = await asyncio.gather(filesystem(), network(), return_exceptions=True)
+        results = await asyncio.gather(
+            filesystem(), processes_then_network(), return_exceptions=True
+        )
         clock.skip()
         for r in results:
             if isinstance(r, BaseException):
@@ -507,7 +546,11 @@ class Domain(DomainProcess):
                 self.spec.volume, self.spec.volume_size_bytes, account=self.spec.account
             )
         await self.volumes.attach(self.spec.volume_id, self.mnt)
-        await asyncio.to_thread(os.chown, self.mnt, self.uid, self.gid)
+        # The mount has the root inode in memory (no I/O), and a migrated volume's root
+        # is the domain's already: no thread hop on the switch's path for a no-op chown.
+        st = os.stat(self.mnt)
+        if (st.st_uid, st.st_gid) != (self.uid, self.gid):
+            await asyncio.to_thread(os.chown, self.mnt, self.uid, self.gid)
         clock.since(t0, "volume")
 
     async def _bring_up_network(self, clock: StepClock) -> None:

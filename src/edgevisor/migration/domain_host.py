@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -53,6 +54,7 @@ __all__ = [
     "route_domain_address",
     "seal_readonly",
     "set_freezer",
+    "sigkill_all",
     "stage_domain_netns",
     "syncfs",
     "unmount",
@@ -194,13 +196,29 @@ def activate_domain_netns(
     staged_ifname: str, account: str, address: IPv4Address, *, host_route: bool = True
 ) -> str:
     """Rename a staged veth to the domain's own name (and, with ``host_route``, route
-    the test address over it) in one ``ip`` process; returns the name. A leftover of that
-    name is ours: the source removed its veth when it quiesced."""
+    the test address over it); returns the name. A leftover of that name is ours: the
+    source removed its veth when it quiesced.
+
+    Two rtnetlink requests from this process (well under a millisecond) rather than an
+    ``ip`` process (5-25 ms of a CPU the switch's mount needs too); a kernel that refuses
+    to rename a link that is up (EBUSY), or a staged link that is missing, takes the
+    ``ip`` path (:func:`~edgevisor.network.netns.rename_link`: down, rename, up; its
+    error names what is wrong)."""
     ifname = nn.instance_ifname(account, address)
     if _link_exists(ifname):
         nn.ip("link", "del", ifname, check=False)
     route = [f"route replace {address}/32 dev {ifname} src {nn.GATEWAY}"] if host_route else []
-    nn.rename_link(staged_ifname, ifname, then=route)
+    try:
+        renamed = _rename_link(staged_ifname, ifname)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        renamed = False
+    if not renamed:
+        nn.rename_link(staged_ifname, ifname, then=route)
+        return ifname
+    if host_route:
+        _replace_host_route(address, ifname, nn.GATEWAY)
     return ifname
 
 
@@ -261,6 +279,51 @@ def _link_request(kind: int, ifname: str, attrs: bytes = b"", change: int = 0) -
     return True
 
 
+def _netlink_ack(msg: bytes, what: str) -> int:
+    """Send one rtnetlink request (this thread's network namespace) and return the
+    errno of its ack (0: done)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.sendto(msg, (0, 0))
+        reply = nl.recv(4096)
+    if len(reply) >= 20 and struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:
+        return int(-struct.unpack_from("=i", reply, 16)[0])
+    raise OSError(errno.EPROTO, f"{what}: unexpected rtnetlink answer")
+
+
+def _rta(kind: int, payload: bytes) -> bytes:
+    rta = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return rta + b"\0" * (-len(rta) % 4)
+
+
+def _rename_link(ifname: str, new_name: str) -> bool:
+    """Rename link ``ifname`` to ``new_name``, its state (up) kept; False when there is
+    no such link. EBUSY (a kernel that renames only links that are down) is raised."""
+    return _link_request(_RTM_NEWLINK, ifname, _rta(_IFLA_IFNAME, new_name.encode() + b"\0"))
+
+
+_RTM_NEWROUTE = 24
+_NLM_F_REPLACE, _NLM_F_CREATE = 0x100, 0x400
+_RTA_DST, _RTA_OIF, _RTA_PREFSRC = 1, 4, 7
+_RT_TABLE_MAIN, _RTPROT_BOOT, _RT_SCOPE_LINK, _RTN_UNICAST = 254, 3, 253, 1
+
+
+def _replace_host_route(address: IPv4Address, ifname: str, src: IPv4Address) -> None:
+    """``ip route replace ADDRESS/32 dev IFNAME src SRC`` as one rtnetlink request."""
+    index = socket.if_nametoindex(ifname)
+    # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+    body = struct.pack(
+        "=BBBBBBBBI", socket.AF_INET, 32, 0, 0, _RT_TABLE_MAIN, _RTPROT_BOOT,
+        _RT_SCOPE_LINK, _RTN_UNICAST, 0,
+    )  # fmt: skip
+    body += _rta(_RTA_DST, address.packed) + _rta(_RTA_OIF, struct.pack("=i", index))
+    body += _rta(_RTA_PREFSRC, src.packed)
+    flags = _NLM_F_REQUEST_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
+    msg = struct.pack("=IHHII", 16 + len(body), _RTM_NEWROUTE, flags, 1, 0) + body
+    err = _netlink_ack(msg, f"route to {address}")
+    if err:
+        raise OSError(err, f"route {address}/32 dev {ifname}: {os.strerror(err)}")
+
+
 def delete_link(ifname: str) -> bool:
     """Delete the link ``ifname`` (and its veth peer); False when there is none. Takes
     the kernel ~15-20 ms (unregistering waits for RCU): not for a critical path."""
@@ -317,6 +380,25 @@ async def set_freezer(cg: CgroupSet, state: str, timeout_s: float) -> None:
         delay = min(delay * 2, 0.01)
 
 
+def sigkill_all(cg: CgroupSet) -> None:
+    """SIGKILL every process of the domain's groups (frozen meanwhile, so none forks)
+    and thaw them, so they die; without waiting for their exit (``CgroupSet.kill_all``
+    polls until the groups look empty). A few sysfs writes and kill(2)s: no thread hop,
+    on the switch's path. Nothing to do once the groups are gone."""
+    state = cg.paths["freezer"] / "freezer.state"
+    try:
+        state.write_text("FROZEN")
+    except FileNotFoundError:
+        return
+    try:
+        for pid in cg.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            state.write_text("THAWED")  # killed tasks only die once thawed
+
+
 def syncfs(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -351,7 +433,7 @@ _MS_RDONLY = 1
 _MS_REMOUNT = 32
 
 
-def seal_readonly(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
+def seal_readonly(path: Path, *, busy_timeout_s: float = 0.0, poll_s: float = 0.001) -> bool:
     """Make the filesystem at ``path`` read-only (remount, mount(2)); False when nothing
     is mounted there.
 
@@ -360,7 +442,10 @@ def seal_readonly(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
     unmount itself (which also evicts every cached inode, hundreds of ms for a large
     cache) can then run later, off the switch's critical path. A remount is refused
     (EBUSY) while a file is open for writing; that is retried for ``busy_timeout_s``
-    (a writer that is still exiting), then the error names who holds files there.
+    (a writer that is still exiting; first after ``poll_s``, then less and less often),
+    then the error names who holds files there. The kernel's check covers every mount of
+    the filesystem (a sandbox's bind of it too), so a success means no file on it is open
+    for writing anywhere.
     """
     target = os.fsencode(os.path.abspath(path))
 
@@ -370,7 +455,7 @@ def seal_readonly(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
         err = ctypes.get_errno()
         return -1 if err == errno.EINVAL and not os.path.ismount(path) else err
 
-    return _mount_call(remount, path, "make {} read-only", busy_timeout_s)
+    return _mount_call(remount, path, "make {} read-only", busy_timeout_s, poll_s)
 
 
 def unmount(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
@@ -393,11 +478,14 @@ def unmount(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
     return _mount_call(umount, path, "unmount {}", busy_timeout_s)
 
 
-def _mount_call(call: Callable[[], int], path: Path, what: str, busy_timeout_s: float) -> bool:
+def _mount_call(
+    call: Callable[[], int], path: Path, what: str, busy_timeout_s: float, poll_s: float = 0.001
+) -> bool:
     """Run ``call`` (0: done, -1: nothing mounted, else an errno) and retry EBUSY for
-    ``busy_timeout_s``; a lasting error names the processes holding files under ``path``."""
+    ``busy_timeout_s`` (first after ``poll_s``, backing off to 20 ms); a lasting error
+    names the processes holding files under ``path``."""
     deadline = time.monotonic() + busy_timeout_s
-    delay = 0.001
+    delay = poll_s
     while True:
         err = call()
         if err <= 0:
@@ -405,7 +493,7 @@ def _mount_call(call: Callable[[], int], path: Path, what: str, busy_timeout_s: 
         if err != errno.EBUSY or time.monotonic() >= deadline:
             break
         time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+        delay = min(delay * 1.5, 0.02)
     why = os.strerror(err)
     if err == errno.EBUSY:
         holders = mount_holders(path)

@@ -8,6 +8,14 @@ the thread that forked it); bwrap's namespace init blocks on a pipe until its pi
 the domain's cgroups, so everything the domain runs is limited. An exit while not
 stopping goes to the restart policy (:func:`~edgevisor.migration.domain_parts.
 restart_delay`) in ``_supervise``.
+
+A staged domain (a migration's target, in prepare) gets a *launcher* ahead
+(:meth:`DomainProcess._prespawn`): ``sh`` waiting for one line on its stdin, already moved
+into the domain's cgroups, that then execs the same ``nsenter ... bwrap`` argv. The
+sandbox it becomes inherits the cgroups, so the start at the switch skips the cgroup
+attach: the first write to a cgroup v1 ``cgroup.procs`` waits for an RCU grace period
+(``cgroup_threadgroup_rwsem``), 9-14 ms here, which was inside the downtime. The
+launcher runs nothing of the domain before the line; killing the cgroups removes it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -40,6 +49,27 @@ from edgevisor.tasks.sandbox_io import bwrap_child_pid, wait_readable
 __all__ = ["DomainProcess"]
 
 log = logging.getLogger("edgevisor.migration.domain")  # one logger for a domain's records
+
+_LAUNCHER = 'read -r _ && exec "$@"'
+"""The launcher's script: one line on stdin starts the sandbox; EOF (the agent died or
+dropped it) ends it without starting anything."""
+
+
+@dataclass
+class _Launcher:
+    """A sandbox started ahead, waiting in the domain's cgroups (see the module doc)."""
+
+    proc: subprocess.Popen[bytes]
+    block_w: int  # bwrap's --block-fd (its write end)
+    info_r: int  # bwrap's --info-fd (its read end)
+
+    def close(self) -> None:
+        for fd in (self.block_w, self.info_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
 
 class DomainProcess:
@@ -66,6 +96,7 @@ class DomainProcess:
     _failures: int
     _saved: SavedState
     _lock: asyncio.Lock
+    _launcher: _Launcher | None
 
     @property
     def pid(self) -> int | None:
@@ -107,9 +138,11 @@ class DomainProcess:
         self._cg.remove(self.settings.stop_timeout_s)  # a leftover of ours, if any
         self._cg.create(limits)
 
-    async def _spawn(self, clock: StepClock | None = None) -> None:
-        """Start the sandbox in the namespace and cgroups (from the loop's thread: the
-        parent-death signal bwrap asks for follows the thread that forked it)."""
+    def _popen_sandbox(self, *, launcher: bool) -> tuple[subprocess.Popen[bytes], int, int]:
+        """``nsenter ... bwrap ...`` started (from the loop's thread: the parent-death
+        signal bwrap asks for follows the thread that forked it), or with ``launcher``
+        the ``sh`` that execs it on a line on its stdin; returns the process, the write
+        end of bwrap's block fd and the read end of its info fd."""
         s = self.settings
         block_r, block_w = os.pipe()
         info_r, info_w = os.pipe()
@@ -129,6 +162,8 @@ class DomainProcess:
                 info_fd=info_w,
             ),
         ]
+        if launcher:
+            argv = ["/bin/sh", "-c", _LAUNCHER, "edgevisor-domain-launcher", *argv]
         env = domain_env(self.spec, s, str(self.address))
         with contextlib.suppress(FileNotFoundError):
             if self.log_path.stat().st_size > s.log_max_bytes:
@@ -137,9 +172,9 @@ class DomainProcess:
             with open(self.log_path, "ab") as logf:
                 logf.write(f"--- start {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
                 logf.flush()
-                self._proc = subprocess.Popen(
+                proc = subprocess.Popen(
                     argv,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if launcher else subprocess.DEVNULL,
                     stdout=logf,
                     stderr=logf,
                     pass_fds=(block_r, info_w),
@@ -152,6 +187,66 @@ class DomainProcess:
             raise DomainError(f"cannot start the domain sandbox: {exc}") from exc
         os.close(block_r)
         os.close(info_w)
+        return proc, block_w, info_r
+
+    async def _prespawn(self) -> None:
+        """Start the launcher (see the module doc) and move it into the domain's
+        cgroups, which must exist; idempotent. Called while staging, off the switch."""
+        if self._launcher is not None and self._launcher.proc.poll() is None:
+            return
+        self._drop_launcher()
+        proc, block_w, info_r = self._popen_sandbox(launcher=True)
+        launcher = _Launcher(proc, block_w, info_r)
+        try:
+            await asyncio.to_thread(self._cg.add, proc.pid)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, 5)
+            launcher.close()
+            raise
+        self._launcher = launcher
+
+    def _drop_launcher(self) -> None:
+        """Kill and forget a launcher that was not used (idempotent)."""
+        launcher, self._launcher = self._launcher, None
+        if launcher is None:
+            return
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launcher.proc.wait(5)
+        launcher.close()
+
+    def _take_launcher(self) -> _Launcher | None:
+        """The launcher, released (its sandbox starts), or None when there is none
+        alive (the start then takes the ordinary path)."""
+        launcher, self._launcher = self._launcher, None
+        if launcher is None:
+            return None
+        stdin = launcher.proc.stdin
+        try:
+            if launcher.proc.poll() is not None or stdin is None:
+                raise OSError("the launcher exited")
+            stdin.write(b"go\n")
+            stdin.close()  # the domain's stdin reads EOF, as from /dev/null
+        except OSError as exc:
+            log.info("domain %s: launcher unusable (%s); starting afresh", self.spec.name, exc)
+            self._launcher = launcher
+            self._drop_launcher()
+            return None
+        return launcher
+
+    async def _spawn(self, clock: StepClock | None = None) -> None:
+        """Start the sandbox in the namespace and cgroups: the launcher's if one waits
+        (already in the cgroups), else a new one moved there before it runs anything."""
+        s = self.settings
+        launcher = self._take_launcher()
+        if launcher is not None:
+            self._proc, block_w, info_r = launcher.proc, launcher.block_w, launcher.info_r
+        else:
+            self._proc, block_w, info_r = self._popen_sandbox(launcher=False)
         child: int | None = None
         try:
             child = await asyncio.wait_for(bwrap_child_pid(info_r), s.start_timeout_s)
@@ -162,7 +257,8 @@ class DomainProcess:
             if clock is not None:
                 clock.mark("sandbox")  # nsenter + bwrap up, the child waits for the cgroups
             try:
-                self._cg.add(child)
+                if launcher is None:  # a launcher's sandbox inherited them
+                    self._cg.add(child)
             except CgroupError:
                 # Empty groups may be cleared by others (a staged one waits empty until
                 # the start); the sandbox still waits for us, so build them again once.
@@ -194,6 +290,7 @@ class DomainProcess:
             await asyncio.to_thread(proc.wait, self.settings.stop_timeout_s)
 
     def _reap(self) -> None:
+        self._drop_launcher()
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.kill()

@@ -178,6 +178,47 @@ async def test_quiesce_waits_out_a_reference_to_the_volume(env: Env) -> None:
     assert await asyncio.to_thread(_http, "GET", f"http://{d.address}:8080/kv/a") == 200
 
 
+async def test_quiesce_under_writes_keeps_every_acknowledged_one(env: Env) -> None:
+    """The seal starts with the SIGKILLs, while the killed service still holds its log
+    open for writing: it must succeed only once that is closed, and every write the
+    service acknowledged before the freeze must be on the volume afterwards."""
+    d = env.kv()
+    await d.start()
+    await wait_serving(d)
+    base = f"http://{d.address}:8080/kv"
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                if _http("PUT", f"{base}/w{i}", str(i).encode(), timeout=2.0) == 204:
+                    acked.append(i)
+            except OSError:
+                pass  # the quiesce cut it off: not acknowledged
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while len(acked) < 20:
+            assert loop.time() < end, "no writes acknowledged"
+            await asyncio.sleep(0.02)
+        await d.quiesce()
+    finally:
+        stop.set()
+        await asyncio.to_thread(t.join, 10)
+    assert d.phase == "stopped"
+    assert {"kill", "cgroups", "readonly"} <= set(d.timings["quiesce"])
+    await d.start()
+    await wait_serving(d)
+    for i in (acked[0], acked[len(acked) // 2], acked[-1]):
+        assert await asyncio.to_thread(_http, "GET", f"{base}/w{i}") == 200, i
+
+
 async def test_failed_freeze_leaves_the_domain_running(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,7 +275,7 @@ async def test_failed_seal_tears_down_and_the_domain_starts_again(
     await d.start()
     await wait_serving(d)
 
-    def busy(path: Path, *, busy_timeout_s: float = 0.0) -> bool:
+    def busy(path: Path, *, busy_timeout_s: float = 0.0, poll_s: float = 0.001) -> bool:
         raise DomainError(f"cannot make {path} read-only: busy (held by 1 (x))")
 
     monkeypatch.setattr(domain_mod, "seal_readonly", busy)

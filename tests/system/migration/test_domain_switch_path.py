@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,28 @@ async def test_stage_builds_cgroups_and_namespace_and_start_uses_them(env: Env) 
     assert not _link_exists(own)
 
 
+async def test_staged_veth_renamed_by_ip_when_the_kernel_refuses_a_live_rename(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start renames the staged veth by rtnetlink; a kernel that renames only links
+    that are down (EBUSY) gets the ``ip`` path (down, rename, up, route)."""
+    import errno
+
+    from edgevisor.migration import domain_host
+
+    def refuse(ifname: str, new_name: str) -> bool:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(domain_host, "_rename_link", refuse)
+    d = env.kv()
+    own = instance_ifname(d.spec.account, d.address)
+    await d.stage()
+    await d.start()
+    assert _link_exists(own) and not _link_exists(d._staged_ifname)
+    assert own in _routes_to(d.address)
+    await wait_serving(d)
+
+
 async def test_switch_on_one_machine_keeps_the_address_and_each_side_its_veth(
     env: Env,
 ) -> None:
@@ -256,12 +279,121 @@ async def test_start_right_after_quiesce_waits_for_the_background_teardown(env: 
 async def test_staged_cgroups_removed_by_someone_are_built_again_at_start(env: Env) -> None:
     d = env.kv()
     await d.stage()
-    for part in ("memory", "pids", "cpu", "freezer"):  # what a sweep of empty groups does
-        (Path("/sys/fs/cgroup") / part / cgroup_parent(env.host) / d.tag).rmdir()
+    # what a sweep of empty groups does (staged groups hold the launcher: not empty;
+    # without it, they are)
+    launcher = _launcher_pid(d)
+    os.kill(launcher, signal.SIGKILL)
+    await _wait_gone(launcher)
+    for part in ("memory", "pids", "cpu", "freezer"):
+        await _rmdir_retrying(Path("/sys/fs/cgroup") / part / cgroup_parent(env.host) / d.tag)
     await d.start()
     await wait_serving(d)
     procs = Path("/sys/fs/cgroup/memory") / cgroup_parent(env.host) / d.tag / "cgroup.procs"
     assert procs.read_text().split()  # the domain runs limited, in its groups
+
+
+def _launcher_pid(d: Domain) -> int:
+    """The staged domain's launcher (the only process in its groups before the start)."""
+    procs = Path("/sys/fs/cgroup/freezer") / cgroup_parent(d.host) / d.tag / "cgroup.procs"
+    pids = [int(p) for p in procs.read_text().split()]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+async def _wait_gone(pid: int, deadline_s: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while os.path.exists(f"/proc/{pid}") and _cmdline(pid) != [b""]:
+        assert loop.time() < end, f"process {pid} still there"
+        await asyncio.sleep(0.05)
+
+
+async def _rmdir_retrying(path: Path, deadline_s: float = 20.0) -> None:
+    """rmdir a cgroup whose last task just exited (the kernel lets go of it a bit later)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def test_stage_leaves_a_launcher_in_the_cgroups_that_runs_nothing_until_the_start(
+    env: Env,
+) -> None:
+    """The sandbox is started ahead as a launcher already in the domain's groups: the
+    start at the switch skips their attach (an RCU grace period), and nothing of the
+    domain runs before it."""
+    d = env.kv()
+    await d.stage()
+    launcher = _launcher_pid(d)
+    argv = _cmdline(launcher)
+    assert argv[0] == b"/bin/sh" and b"bwrap" in argv  # still the shell: not started
+    await asyncio.sleep(0.2)
+    assert _launcher_pid(d) == launcher and _cmdline(launcher)[0] == b"/bin/sh"  # waits
+    await d.stage()  # idempotent: the same launcher
+    assert _launcher_pid(d) == launcher
+    await d.start()
+    await wait_serving(d)
+    # the launcher became the sandbox (exec, same pid) and its child inherited the groups
+    assert d.pid == launcher and _cmdline(launcher)[0] != b"/bin/sh"
+    procs = Path("/sys/fs/cgroup/memory") / cgroup_parent(env.host) / d.tag / "cgroup.procs"
+    assert len(procs.read_text().split()) >= 2
+    await d.stop()
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+
+
+async def test_stage_then_stop_kills_the_launcher(env: Env) -> None:
+    """An abort in prepare: the staged parts, the launcher among them, all go."""
+    d = env.kv()
+    await d.stage()
+    launcher = _launcher_pid(d)
+    await d.stop()
+    await _wait_gone(launcher)
+    assert (env.netns(), env.cgroups(), env.mounts()) == ([], [], [])
+    await d.start()  # an ordinary start afterwards (no launcher)
+    await wait_serving(d)
+
+
+async def test_start_after_the_launcher_died_takes_the_ordinary_path(env: Env) -> None:
+    d = env.kv()
+    await d.stage()
+    launcher = _launcher_pid(d)
+    os.kill(launcher, signal.SIGKILL)
+    await _wait_gone(launcher)
+    await d.start()
+    await wait_serving(d)
+    assert d.pid != launcher
+
+
+async def test_quiesce_right_after_a_preflush_skips_its_own(env: Env) -> None:
+    d = env.kv()
+    await d.start()
+    await wait_serving(d)
+    base = f"http://{d.address}:8080/kv"
+    assert (await http("PUT", f"{base}/a", b"1"))[0] == 204
+    await d.preflush()
+    assert (await http("PUT", f"{base}/b", b"2"))[0] == 204  # after the preflush
+    await d.quiesce()
+    assert "preflush" not in d.timings["quiesce"]
+    await d.start()
+    await wait_serving(d)
+    # the flush after the freeze carried the write made after the preflush
+    assert await http("GET", f"{base}/b") == (200, b"2")
+    await asyncio.sleep(0.3)  # no preflush within _PREFLUSH_FRESH_S: the quiesce flushes
+    await d.quiesce()
+    assert "preflush" in d.timings["quiesce"]
 
 
 def _sandboxes_named(hostname: str) -> list[int]:
