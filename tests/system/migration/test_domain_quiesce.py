@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from domain_env import SETTINGS, Env, domain_env
 
-from edgevisor.migration import domain as domain_mod
+from edgevisor.migration import domain_quiesce as domain_mod
 from edgevisor.migration.domain import Domain, DomainError
 from edgevisor.migration.domain_host import (
     checkpoint_journal,
