@@ -30,10 +30,13 @@ Operations (called by the controller):
 - ``records.prepare`` ``{"token": str, "records": [...], "removed": [...]}`` and
   ``records.commit`` ``{"token": str}``: ``records.apply`` in two steps for a fenced
   move (see :mod:`.records_staging`). The prepare validates and stages the delta and
-  touches nothing in the kernel; the commit applies what was staged and answers as
-  ``records.apply`` does (a commit with no staged prepare is refused with
+  touches nothing in the kernel; it also plans and encodes the delta's nftables batch
+  ahead (:meth:`~edgevisor.network.dataplane.Dataplane.prepare`), so that the commit,
+  on the critical path of the move, only sends it. The commit applies what was staged
+  and answers as ``records.apply`` does (a commit with no staged prepare is refused with
   :class:`~edgevisor.agent.channel_frames.NotPrepared`). Generations are checked at the
-  commit: an update that overtook the prepare wins.
+  commit: an update that overtook the prepare wins (and a batch planned before a change
+  of the table is planned again).
 - ``records.state``: what this host translates now (per record id: generation).
 - ``instances.create`` / ``instances.remove``: an instance is a network namespace behind
   a veth holding its logical address (until domains exist). The instances are noted in
@@ -72,7 +75,10 @@ from edgevisor.settings import Settings
 
 if TYPE_CHECKING:
     from edgevisor.agent.daemon import Agent
-    from edgevisor.network.dataplane import AppliedRecord, Dataplane, Pending
+    from edgevisor.network.dataplane import AppliedRecord, Dataplane, Pending, Prepared
+
+#: A staged delta: its (record, removed) pairs, and its batch planned ahead (or None).
+_Staged = tuple[list[tuple["WireRecord", bool]], "Prepared | None"]
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +182,7 @@ class AddressesCapability:
         self._path: Path | None = None
         self._sources: list[Callable[[], Iterable[str]]] = []
         # records.prepare'd deltas by token, until their records.commit.
-        self._staged: Staging[list[tuple[WireRecord, bool]]] = Staging()
+        self._staged: Staging[_Staged] = Staging()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -307,7 +313,19 @@ class AddressesCapability:
         if not isinstance(recs, list) or not isinstance(removed, list):
             raise RequestError("records and removed must be lists")
         staged = self._parse(recs, removed)
-        self._staged.put(token, staged, time.monotonic())
+        prepared: Prepared | None = None
+        dp = self.dp
+        # Planned ahead only while no update is under way (a commit or its link work may
+        # be changing the dataplane's state in a thread); the commit checks that nothing
+        # changed since, else plans again.
+        if dp is not None and not self._lock.locked():
+            by_key, _usable, errors = self._usable(staged)
+            if not errors:
+                try:
+                    prepared = dp.prepare(by_key.values())
+                except Exception:  # the commit plans it then, and reports what fails
+                    log.exception("planning a prepared records update ahead failed")
+        self._staged.put(token, (staged, prepared), time.monotonic())
         return {"prepared": token, "records": len(staged)}
 
     async def op_commit(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -318,33 +336,44 @@ class AddressesCapability:
         staged = self._staged.take(token, time.monotonic())
         if staged is None:
             raise NotPrepared(f"no prepared update {token!r} (expired or never made)")
-        out = await self._apply([], [], full=False, parsed=staged)
+        parsed, prepared = staged
+        out = await self._apply([], [], full=False, parsed=parsed, prepared=prepared)
         return self._timed(out, t0, c0)
 
-    async def _apply(
-        self, raw: list[Any], raw_removed: list[Any], *, full: bool, rebuild: bool = False,
-        parsed: list[tuple[WireRecord, bool]] | None = None,
-    ) -> dict[str, Any]:
-        from edgevisor.network.dataplane import ApplyFailed
-
-        dp = self._need()
+    def _usable(
+        self, parsed: list[tuple[WireRecord, bool]]
+    ) -> tuple[dict[tuple[str, IPv4Address | IPv6Address], AppliedRecord],
+               list[tuple[WireRecord, bool]], list[dict[str, Any]]]:
+        """The dataplane's records of a delta (by key; removals first, so that a live
+        record with the same key wins), the pairs they come from, and the reports of
+        records that cannot be translated here. Records overtaken by a newer push of
+        the same record are left out."""
         reports: list[dict[str, Any]] = []
         usable: list[tuple[WireRecord, bool]] = []
-        for rec, is_removed in parsed if parsed is not None else self._parse(raw, raw_removed):
+        by_key: dict[tuple[str, IPv4Address | IPv6Address], AppliedRecord] = {}
+        for rec, is_removed in parsed:
             if rec.generation < self.seen.get(rec.id, 0):
                 continue  # overtaken by a newer push of this record
-            usable.append((rec, is_removed))
-        # Removals first: a live record with the same key (address reused) wins.
-        by_key: dict[tuple[str, IPv4Address | IPv6Address], AppliedRecord] = {}
-        for rec, is_removed in list(usable):
             try:
                 ar = rec.applied(removed=is_removed)
             except ValueError as exc:  # a bad address, or logical/physical of two families
                 reports.append({"record_id": rec.id, "generation": rec.generation,
                                 "error": f"record cannot be translated here: {exc}"})
-                usable.remove((rec, is_removed))
                 continue
+            usable.append((rec, is_removed))
             by_key[ar.key] = ar
+        return by_key, usable, reports
+
+    async def _apply(
+        self, raw: list[Any], raw_removed: list[Any], *, full: bool, rebuild: bool = False,
+        parsed: list[tuple[WireRecord, bool]] | None = None,
+        prepared: Prepared | None = None,
+    ) -> dict[str, Any]:
+        from edgevisor.network.dataplane import ApplyFailed
+
+        dp = self._need()
+        by_key, usable, reports = self._usable(
+            parsed if parsed is not None else self._parse(raw, raw_removed))
         await self._lock.acquire()
         finishing = False
         try:
@@ -360,7 +389,7 @@ class AddressesCapability:
                     else:
                         # A small delta commits in well under a millisecond: inline, as a
                         # thread hop costs more than that on a busy host.
-                        pending = dp.commit(by_key.values(), full=False)
+                        pending = dp.commit(by_key.values(), full=False, prepared=prepared)
                     extra = {"element_ops": pending.batch.element_ops,
                              "committed_s": pending.committed_s, "warnings": []}
                     # Answer once the translation (and the fence of old flows) is in the

@@ -54,6 +54,12 @@ kernel as one nf_tables netlink batch encoded here (:mod:`~edgevisor.network.nft
 parses the text and re-reads its cache first); a batch the netlink path refuses for a
 reason it cannot name (not a missing or clashing element) is retried once as text
 (:func:`render_batch`, the same operations in the same order).
+:meth:`Dataplane.prepare` does the planning and encoding of a delta ahead of its commit
+(the agent's ``records.prepare``, while the controller waits for another host) and
+touches nothing; :meth:`Dataplane.commit` given that :class:`Prepared` sends its bytes as
+they are when nothing changed in between (``Dataplane.version`` and the netlink sequence
+number are those it was made at, and the records are the same), and plans afresh
+otherwise.
 :meth:`Dataplane.rebuild` drops and recreates the table with all elements in one
 transaction (agent restart: state comes from records, not memory).
 
@@ -102,7 +108,12 @@ from edgevisor.network.dp_core import (
 from edgevisor.network.garp import GarpSender
 from edgevisor.network.netns import instance_ifname
 from edgevisor.network.nft import Nft, NftError, NftSocket
-from edgevisor.network.nft_netlink import NetlinkBatchError, UnsupportedBatch, encode_batch
+from edgevisor.network.nft_netlink import (
+    EncodedBatch,
+    NetlinkBatchError,
+    UnsupportedBatch,
+    encode_batch,
+)
 
 __all__ = [
     "AppliedRecord",
@@ -113,6 +124,7 @@ __all__ = [
     "DataplaneSettings",
     "Key",
     "Pending",
+    "Prepared",
     "StaleKey",
     "assign_ids",
     "count_accounts",
@@ -151,6 +163,18 @@ class ApplyResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Prepared:
+    """A delta planned (and encoded) ahead of its commit (see :meth:`Dataplane.prepare`):
+    valid while the dataplane's ``version`` and netlink sequence number are unchanged."""
+
+    records: tuple[AppliedRecord, ...]
+    version: int
+    seq: int | None  # the netlink socket's next sequence number; None: no socket
+    batch: Batch
+    encoded: EncodedBatch | None  # None: the batch goes as text
+
+
+@dataclass(frozen=True, slots=True)
 class Pending:
     """A committed update whose link-level work is still to do (see :meth:`Dataplane.commit`)."""
 
@@ -186,6 +210,8 @@ class Dataplane:
         self.epoch = 1
         self.stale: dict[StaleKey, int] = {}
         self.stale_done: set[StaleKey] = set()
+        # Moves on with every change of what plan() reads (a Prepared is then stale).
+        self.version = 0
         self._nft = Nft(netns)
         self._nl: NftSocket | None = None
         if element_path == "netlink":
@@ -250,6 +276,7 @@ class Dataplane:
         committed = time.perf_counter() - t0
         self.stale.clear()
         self.stale_done.clear()
+        self.version += 1
         old_local = {r.physical for r in self.records.values() if r.host == self.host}
         self.records, self.ids = desired, ids
         self.counts = count_accounts(desired, self.host)
@@ -266,37 +293,74 @@ class Dataplane:
         """
         return self.finish(self.commit(records, full=full))
 
-    def commit(self, records: Iterable[AppliedRecord], *, full: bool = False) -> Pending:
+    def commit(
+        self, records: Iterable[AppliedRecord], *, full: bool = False,
+        prepared: Prepared | None = None,
+    ) -> Pending:
         """The first half of :meth:`apply`: the translation, in one nftables transaction.
 
         New connections use it once this returns, and flows opened to a changed mapping
         before it are dropped (the ``stale`` fence, same transaction). The caller must
         run :meth:`finish` on the result (addresses, routes, conntrack cleanup, gratuitous
         ARPs) before the next ``commit``; the agent does that after answering.
+        ``prepared``: :meth:`prepare` of the same delta, used as it is if still valid.
         """
         t0 = time.perf_counter()
-        given = {r.key: r for r in records}
-        if full:
-            changes: dict[Key, AppliedRecord | None] = {
-                k: v for k, v in given.items() if self.records.get(k) != v
-            }
-            for k in self.records.keys() - given.keys():
-                changes[k] = None
-        else:
-            changes = {k: v for k, v in given.items() if self.records.get(k) != v}
-        try:
-            batch = plan(self.records, changes, host=self.host, ids=self.ids,
-                         counts=self.counts, settings=self.settings,
-                         generation=self.generation, epoch=self.epoch, stale=self.stale,
-                         stale_done=self.stale_done)
-        except ValueError as exc:
-            self.last_error = str(exc)
-            raise ApplyFailed(str(exc)) from exc
+        recs = tuple(records)
+        batch: Batch | None = None
+        encoded: EncodedBatch | None = None
+        if prepared is not None and not full and self._still_valid(prepared, recs):
+            batch, encoded = prepared.batch, prepared.encoded
+        if batch is None:
+            batch = self._plan(recs, full=full)
         if batch.element_ops or batch.stale_add or batch.stale_del:
-            self._elements(batch)
+            self._elements(batch, encoded)
         committed = time.perf_counter() - t0
         self._commit(batch)
         return Pending(batch, t0, committed)
+
+    def prepare(self, records: Iterable[AppliedRecord]) -> Prepared | None:
+        """Plan and encode the delta ``records`` now, touching nothing (no kernel change,
+        no state change), for a later :meth:`commit` of the same records; None if it
+        cannot be done ahead (the commit then plans and reports the error itself)."""
+        recs = tuple(records)
+        seq = self._nl.seq if self._nl is not None else None
+        try:
+            batch = self._plan_changes(self._changes(recs, full=False))
+            encoded = (encode_batch(batch, self.settings.table, seq)
+                       if seq is not None else None)
+        except (ValueError, UnsupportedBatch):
+            return None
+        return Prepared(recs, self.version, seq, batch, encoded)
+
+    def _still_valid(self, prepared: Prepared, records: tuple[AppliedRecord, ...]) -> bool:
+        seq = self._nl.seq if self._nl is not None else None
+        return (prepared.version == self.version and prepared.seq == seq
+                and prepared.records == records)
+
+    def _changes(
+        self, records: tuple[AppliedRecord, ...], *, full: bool
+    ) -> dict[Key, AppliedRecord | None]:
+        given = {r.key: r for r in records}
+        changes: dict[Key, AppliedRecord | None] = {
+            k: v for k, v in given.items() if self.records.get(k) != v
+        }
+        if full:
+            for k in self.records.keys() - given.keys():
+                changes[k] = None
+        return changes
+
+    def _plan_changes(self, changes: dict[Key, AppliedRecord | None]) -> Batch:
+        return plan(self.records, changes, host=self.host, ids=self.ids, counts=self.counts,
+                    settings=self.settings, generation=self.generation, epoch=self.epoch,
+                    stale=self.stale, stale_done=self.stale_done)
+
+    def _plan(self, records: tuple[AppliedRecord, ...], *, full: bool) -> Batch:
+        try:
+            return self._plan_changes(self._changes(records, full=full))
+        except ValueError as exc:
+            self.last_error = str(exc)
+            raise ApplyFailed(str(exc)) from exc
 
     def finish(self, pending: Pending) -> ApplyResult:
         """The second half of :meth:`apply`: :meth:`finish_links`, then the conntrack
@@ -354,8 +418,10 @@ class Dataplane:
     def flushed(self, pending: Pending) -> None:
         """Note that :meth:`flush_stale` of ``pending`` succeeded: its ``stale`` elements
         go with the next commit. Call it where commits are serialized."""
-        self.stale_done.update(k for k, hi in pending.batch.stale_add.items()
-                               if self.stale.get(k) == hi)
+        done = {k for k, hi in pending.batch.stale_add.items() if self.stale.get(k) == hi}
+        if not done <= self.stale_done:
+            self.stale_done.update(done)
+            self.version += 1
 
     def plug(self, account: str, logical: IPv4Address | IPv6Address) -> None:
         """(Re)install the route of a local instance whose veth appeared after apply."""
@@ -395,16 +461,19 @@ class Dataplane:
             self.stale[sk] = hi
             self.stale_done.discard(sk)
         self.epoch = batch.epoch
+        self.version += 1
 
-    def _elements(self, batch: Batch) -> None:
-        """The element part of ``batch``, one transaction: netlink, else (or once after a
+    def _elements(self, batch: Batch, encoded: EncodedBatch | None = None) -> None:
+        """The element part of ``batch``, one transaction: netlink (``encoded`` if made
+        beforehand for the socket's current sequence number), else (or once after a
         refusal netlink cannot name) libnftables text. Raises :class:`ApplyFailed`."""
         if self._nl is not None:
-            try:
-                encoded = encode_batch(batch, self.settings.table, self._nl.seq)
-            except UnsupportedBatch as exc:
-                log.warning("dataplane %s: batch as text: %s", self.host, exc)
-            else:
+            if encoded is None:
+                try:
+                    encoded = encode_batch(batch, self.settings.table, self._nl.seq)
+                except UnsupportedBatch as exc:
+                    log.warning("dataplane %s: batch as text: %s", self.host, exc)
+            if encoded is not None:
                 try:
                     self._nl.commit(encoded)
                 except NetlinkBatchError as exc:

@@ -58,7 +58,11 @@ class RecordingDataplane:
         self.generation = 0
         self.last_error: str | None = None
 
-    def commit(self, records: Any, *, full: bool = False) -> Any:
+    def prepare(self, records: Any) -> Any:
+        # Planned ahead: nothing enters the kernel (the log shows commits only).
+        return ("prepared", tuple(records))
+
+    def commit(self, records: Any, *, full: bool = False, prepared: Any = None) -> Any:
         recs = list(records)
         for r in recs:
             self.log.append(
@@ -66,7 +70,8 @@ class RecordingDataplane:
                     time.monotonic(),
                     self.host,
                     "kernel",
-                    f"{r.logical}->{r.physical}@{r.host}:{r.state}:{r.generation}",
+                    f"{r.logical}->{r.physical}@{r.host}:{r.state}:{r.generation}"
+                    + (" (planned ahead)" if prepared == ("prepared", tuple(recs)) else ""),
                 )
             )
             self.generation = max(self.generation, r.generation)
@@ -169,6 +174,12 @@ async def test_new_host_applies_only_after_the_old_host_answered(
             assert await ch.wait_open(10), ch.last_error
         try:
             for gen in (2, 3, 4):
+                # The previous move's link work done on the new host (while it runs, a
+                # prepare is staged but not planned ahead: the commit plans it).
+                for _ in range(500):
+                    if not cap1._lock.locked():
+                        break
+                    await asyncio.sleep(0.01)
                 log.clear()
                 change = await addr_sync.push(st, _move(gen, (u0, KEY), (u1, KEY)))
                 assert change.results == {"h0": "ok", "h1": "ok"}, change.results
@@ -177,6 +188,10 @@ async def test_new_host_applies_only_after_the_old_host_answered(
                 assert _when(log, "h1", "records.prepare start")[0] < old_done
                 # ... and nothing reached its kernel before the old host answered.
                 assert _when(log, "h1", "kernel")[0] > old_done
+                # Its commit sent the batch it planned while the old host applied.
+                assert [d for _, h, w, d in log if h == "h1" and w == "kernel"] == [
+                    f"10.20.0.7->172.16.0.{gen}@h1:active:{gen} (planned ahead)"
+                ]
                 assert _when(log, "h1", "records.commit start")[0] > old_done
                 assert _when(log, "h1", "records.apply start") == []
                 assert cap1.applied == {7: gen}
@@ -251,3 +266,4 @@ async def test_unreachable_old_host_still_lets_the_new_host_apply(
         finally:
             await fast.aclose()
             await st.links.aclose()
+

@@ -23,8 +23,17 @@ class RecordingDataplane:
         self.generation = 0
         self.last_error: str | None = None
         self.kernel: list[tuple[int, str]] = []  # (generation, physical) per commit
+        self.planned: list[tuple[Any, ...]] = []  # records of each prepare
+        self.given: list[Any] = []  # the prepared argument of each commit
 
-    def commit(self, records: Any, *, full: bool = False) -> Any:
+    def prepare(self, records: Any) -> Any:
+        # Planned ahead: nothing enters the kernel (the log shows commits only).
+        recs = tuple(records)
+        self.planned.append(recs)
+        return ("prepared", recs)
+
+    def commit(self, records: Any, *, full: bool = False, prepared: Any = None) -> Any:
+        self.given.append(prepared)
         for r in records:
             self.kernel.append((r.generation, str(r.physical)))
         return SimpleNamespace(
@@ -109,3 +118,26 @@ async def test_bad_prepares_and_commits_are_refused(tmp_path: Path) -> None:
     with pytest.raises(NotPrepared):  # none of those was staged
         await router.dispatch("records.commit", {"token": "t"})
     assert dp.kernel == []
+
+
+async def test_prepare_plans_ahead_and_commit_hands_the_plan_over(tmp_path: Path) -> None:
+    _, dp, router = await _cap(tmp_path)
+    await router.dispatch("records.prepare", _body(3, "t1"))
+    assert [[(r.generation, str(r.physical)) for r in recs] for recs in dp.planned] == [
+        [(3, "172.16.0.3")]
+    ]
+    assert dp.kernel == []
+    await router.dispatch("records.commit", {"token": "t1"})
+    assert dp.given == [("prepared", dp.planned[0])]
+
+
+async def test_no_plan_ahead_while_an_update_is_under_way(tmp_path: Path) -> None:
+    cap, dp, router = await _cap(tmp_path)
+    await cap._lock.acquire()  # a commit or its link work (maybe in a thread) runs
+    try:
+        await router.dispatch("records.prepare", _body(3, "t1"))
+    finally:
+        cap._lock.release()
+    assert dp.planned == []
+    await router.dispatch("records.commit", {"token": "t1"})
+    assert dp.given == [None] and dp.kernel == [(3, "172.16.0.3")]
