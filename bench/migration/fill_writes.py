@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench
+from baselines import copy_file_range_s
 
 from edgevisor import Client
 from edgevisor.migration.runner import runner_for
@@ -243,7 +244,7 @@ def main() -> int:
     try:
         with bench.bench_testbed(root, [src, dst], args) as (tb, c):
             for size in [parse_size(s) for s in args.sizes.split(",")]:
-                raw_s = bench.copy_rate(root, size)
+                raw_s = copy_file_range_s(root, size)
                 bench.log(f"{size >> 20} MiB: without foreground writes ...")
                 quiet = migrate(tb, c, src, dst, size, args.written, "q", 0.0)
                 if quiet["phase"] != "committed" or not quiet["fill_s"]:

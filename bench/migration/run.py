@@ -52,6 +52,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from baselines import copy_file_range_s, tls_stream_s
+
 from edgevisor import Client
 from edgevisor.migration.domain_config import DomainsSettings
 from edgevisor.migration.runner import runner_for
@@ -241,30 +243,6 @@ async def sample_reads(
             break
         await asyncio.sleep(0.002)
     return present_lat, missing_lat
-
-
-def copy_rate(dirpath: Path, size: int) -> float:
-    """Seconds for os.copy_file_range of ``size`` bytes (a written file, fsync'd)."""
-    src, dst = dirpath / "raw-src", dirpath / "raw-dst"
-    chunk = os.urandom(4 << 20)
-    with open(src, "wb") as f:
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    t0 = time.perf_counter()
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        left = size
-        while left:
-            n = os.copy_file_range(fi.fileno(), fo.fileno(), left)
-            if n == 0:
-                break
-            left -= n
-        os.fsync(fo.fileno())
-    dt = time.perf_counter() - t0
-    src.unlink()
-    dst.unlink()
-    return dt
 
 
 _BALLAST = """
@@ -470,7 +448,8 @@ def main() -> int:
         with bench_testbed(root, [src, dst], args) as (tb, c):
             for size in sizes:
                 t_size = time.monotonic()
-                raw_s = copy_rate(root, size)
+                raw_s = copy_file_range_s(root, size)
+                tls = tls_stream_s(root, int(size * args.written) & ~4095)
                 res = {}
                 for mode in modes:
                     runs = []
@@ -514,6 +493,8 @@ def main() -> int:
                     f"({ms(sc['runner_downtime_s'])}) | "
                     f"{fill or float('nan'):.2f} s ({sync_rate:.0f} MB/s) | "
                     f"{raw_s:.2f} s ({raw_rate:.0f} MB/s) | "
+                    f"{tls.seconds:.2f} s ({size / tls.seconds / 1e6:.0f} MB/s; fill at "
+                    f"{tls.seconds / fill if fill else float('nan'):.0%}) | "
                     f"{ms(pct(pl, 0.5))} / {ms(pct(pl, 0.99))} (n={len(pl)}) | "
                     f"{ms(pct(ml, 0.5))} / {ms(pct(ml, 0.99))} (n={len(ml)}) |"
                 )
@@ -532,12 +513,16 @@ def main() -> int:
     print(f"Each volume had {args.written:.0%} of its size written with random data (a file "
           "in the domain's filesystem) before it migrated; the fill and stop-and-copy skip "
           "what the source holds as holes. switch -> synced: the size over the time from the "
-          "switch until every block is present, next to os.copy_file_range of the same size."
+          "switch until every block is present, next to os.copy_file_range of the same size. "
+          "TLS stream: the written data (what the fill moves) as one mutual-TLS stream "
+          "between two processes into a file, fsync'd (bench/migration/baselines.py): no "
+          "fill over the hosts' authenticated link can beat it on this machine; the fill's "
+          "time as a share of it in brackets."
           "\n")  # fmt: skip
     print("| volume | post-copy downtime, client (runner) | stop-and-copy downtime, client "
-          "(runner) | switch -> synced (fill) | os.copy_file_range | read p50/p99 present "
-          "| read p50/p99 missing |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "(runner) | switch -> synced (fill) | os.copy_file_range | TLS stream of the written "
+          "data (ceiling) | read p50/p99 present | read p50/p99 missing |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)
     print()
