@@ -115,18 +115,28 @@ def split(spans: list[list[float]], events: list[tuple[str, float, float]]) -> d
     }
 
 
-def run_writer(
-    tb: Testbed, host: str, vid: str, rate: float, limit: int, writes: int
-) -> dict[str, Any]:
-    """The writer alone for about ``writes`` writes at ``rate`` (at least 20 writes)."""
+def start_writer(
+    tb: Testbed, host: str, vid: str, rate: float, limit: int
+) -> subprocess.Popen[str]:
+    """The writer, started in the domain's filesystem on ``host`` (it writes until its
+    stdin closes)."""
     w = subprocess.Popen(
         in_domain_fs(tb, host, vid, _WRITER, str(rate), str(limit)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert w.stdout is not None and w.stdin is not None
+    assert w.stdout is not None
     assert w.stdout.readline().strip() == "started"
+    return w
+
+
+def run_writer(
+    tb: Testbed, host: str, vid: str, rate: float, limit: int, writes: int
+) -> dict[str, Any]:
+    """The writer alone for about ``writes`` writes at ``rate`` (at least 20 writes)."""
+    w = start_writer(tb, host, vid, rate, limit)
+    assert w.stdout is not None and w.stdin is not None
     time.sleep(max(writes, 20) * MiB / rate)
     w.stdin.close()
     out: dict[str, Any] = json.loads(w.stdout.read())
@@ -178,14 +188,8 @@ def migrate(
     with contextlib.suppress(Exception):
         lazy = tb.agents[dst].agent.capability("volumes")._get(vid).lazy
     if write_rate > 0:
-        writer = subprocess.Popen(
-            in_domain_fs(tb, dst, vid, _WRITER, str(write_rate), str(data_bytes)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        writer = start_writer(tb, dst, vid, write_rate, data_bytes)
         assert writer.stdout is not None and writer.stdin is not None
-        assert writer.stdout.readline().strip() == "started"
         while not fill_done(tb, dst, vid) and time.monotonic() < end:
             time.sleep(0.005)
         writer.stdin.close()
