@@ -52,8 +52,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from baselines import copy_file_range_s, tls_stream_s
-
 from edgevisor import Client
 from edgevisor.migration.domain_config import DomainsSettings
 from edgevisor.migration.runner import runner_for
@@ -66,6 +64,9 @@ from edgevisor.migration.testbed import (
 )
 from edgevisor.sdk.volumes import parse_size
 from edgevisor.testing.controller import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # however this file is loaded
+from baselines import copy_file_range_s, tls_stream_s
 
 ROOT = Path(__file__).resolve().parents[2]
 KV_APP = ROOT / "examples" / "domains" / "kv"
