@@ -88,6 +88,12 @@ def main() -> int:
         except subprocess.TimeoutExpired as exc:
             ok, out, err = False, "", f"timed out after {timeout}s: {exc}"
         took = time.monotonic() - started
+        # Every script's stderr (progress, per-step breakdowns) is kept, also on success:
+        # an outlier in the tables can then be traced to its run.
+        log_path = ROOT / "bench" / "out" / (script.removeprefix("bench/").replace("/", "-")
+                                             .removesuffix(".py") + ".log")  # fmt: skip
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(err)
         if ok:
             # Each script's own headings sit one level under this section's.
             body = re.sub(r"^(#+) ", r"#\1 ", out.strip(), flags=re.MULTILINE)
