@@ -85,14 +85,6 @@ print(json.dumps({o: hashlib.sha256(os.pread(fd, 1 << 20, int(o))).hexdigest() f
 """
 
 
-def in_domain_fs(tb: Testbed, host: str, vid: str, code: str, *args: str) -> list[str]:
-    """The command running ``code`` in the domain's mount namespace on ``host``, and the
-    data file's path there."""
-    att = tb.agents[host].agent.capability("volumes")._get(vid).attached
-    cmd = [bench.PY, "-I", "-S", "-c", code, str(Path(att.target) / "ballast"), *args]
-    return ["nsenter", f"--mount={att.mount_ns}", "--", *cmd] if att.mount_ns else cmd
-
-
 def split(spans: list[list[float]], events: list[tuple[str, float, float]]) -> dict[str, Any]:
     """Per write+fsync of the writer: the target agent's writes and flushes inside it
     (count, time), the rest being the FUSE process, loop device, ext4 and scheduling.
@@ -121,7 +113,7 @@ def start_writer(
     """The writer, started in the domain's filesystem on ``host`` (it writes until its
     stdin closes)."""
     w = subprocess.Popen(
-        in_domain_fs(tb, host, vid, _WRITER, str(rate), str(limit)),
+        bench.on_ballast(tb, host, vid, _WRITER, str(rate), str(limit)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -206,7 +198,7 @@ def migrate(
     if writer is not None and m.phase == "committed":
         last = out["writer"]["last"]
         got = subprocess.run(
-            in_domain_fs(tb, dst, vid, _READBACK),
+            bench.on_ballast(tb, dst, vid, _READBACK),
             input=json.dumps(list(last)),
             capture_output=True,
             text=True,

@@ -258,17 +258,20 @@ with open(sys.argv[1], "wb") as f:
 """
 
 
+def on_ballast(tb: Testbed, host: str, vid: str, code: str, *args: str) -> list[str]:
+    """The command running Python ``code`` on the domain's data file (``ballast``, its
+    first argument) in the domain's mount namespace on ``host``."""
+    att = tb.agents[host].agent.capability("volumes")._get(vid).attached
+    cmd = [PY, "-I", "-S", "-c", code, str(Path(att.target) / "ballast"), *args]
+    return ["nsenter", f"--mount={att.mount_ns}", "--", *cmd] if att.mount_ns else cmd
+
+
 def write_ballast(tb: Testbed, host: str, vid: str, nbytes: int) -> None:
     """``nbytes`` of random data in a file on the domain's volume (its filesystem, in the
     domain's mount namespace), fsync'd: the volume's blocks are then data, not holes."""
     if nbytes <= 0:
         return
-    att = tb.agents[host].agent.capability("volumes")._get(vid).attached
-    path = str(Path(att.target) / "ballast")
-    cmd = [PY, "-I", "-S", "-c", _BALLAST, path, str(nbytes)]
-    if att.mount_ns is not None:
-        cmd = ["nsenter", f"--mount={att.mount_ns}", "--", *cmd]
-    subprocess.run(cmd, check=True, timeout=600)
+    subprocess.run(on_ballast(tb, host, vid, _BALLAST, str(nbytes)), check=True, timeout=600)
 
 
 def one(

@@ -17,7 +17,6 @@ import errno
 import fcntl
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -54,7 +53,6 @@ __all__ = [
     "route_domain_address",
     "seal_readonly",
     "set_freezer",
-    "sigkill_all",
     "stage_domain_netns",
     "syncfs",
     "unmount",
@@ -267,15 +265,11 @@ def _link_request(kind: int, ifname: str, attrs: bytes = b"", change: int = 0) -
     # nlmsghdr (len, type, flags, seq, pid) + ifinfomsg (family, type, index, flags, change)
     body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, change) + attrs
     msg = struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST_ACK, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-        nl.sendto(msg, (0, 0))
-        reply = nl.recv(4096)
-    if len(reply) >= 20 and struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:
-        err = -struct.unpack_from("=i", reply, 16)[0]
-        if err == errno.ENODEV:
-            return False
-        if err:
-            raise OSError(err, f"link {ifname}: {os.strerror(err)}")
+    err = _netlink_ack(msg, f"link {ifname}")
+    if err == errno.ENODEV:
+        return False
+    if err:
+        raise OSError(err, f"link {ifname}: {os.strerror(err)}")
     return True
 
 
@@ -298,7 +292,11 @@ def _rta(kind: int, payload: bytes) -> bytes:
 def _rename_link(ifname: str, new_name: str) -> bool:
     """Rename link ``ifname`` to ``new_name``, its state (up) kept; False when there is
     no such link. EBUSY (a kernel that renames only links that are down) is raised."""
-    return _link_request(_RTM_NEWLINK, ifname, _rta(_IFLA_IFNAME, new_name.encode() + b"\0"))
+    return _link_request(_RTM_NEWLINK, ifname, _name_attr(new_name))
+
+
+def _name_attr(name: str) -> bytes:
+    return _rta(_IFLA_IFNAME, name.encode() + b"\0")
 
 
 _RTM_NEWROUTE = 24
@@ -335,10 +333,7 @@ def retire_link(ifname: str, new_name: str) -> bool:
     (well under a millisecond, where deleting it costs ~15-20 ms): its routes go at once,
     and its name is free for the domain's next copy; deleting the namespace later takes
     it. False when there is no such link."""
-    name = new_name.encode() + b"\0"
-    rta = struct.pack("=HH", 4 + len(name), _IFLA_IFNAME) + name
-    rta += b"\0" * (-len(rta) % 4)
-    return _link_request(_RTM_NEWLINK, ifname, rta, change=_IFF_UP)
+    return _link_request(_RTM_NEWLINK, ifname, _name_attr(new_name), change=_IFF_UP)
 
 
 def _link_exists(ifname: str) -> bool:
@@ -378,25 +373,6 @@ async def set_freezer(cg: CgroupSet, state: str, timeout_s: float) -> None:
             raise DomainError(f"cgroup did not reach {state} within {timeout_s} s")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.01)
-
-
-def sigkill_all(cg: CgroupSet) -> None:
-    """SIGKILL every process of the domain's groups (frozen meanwhile, so none forks)
-    and thaw them, so they die; without waiting for their exit (``CgroupSet.kill_all``
-    polls until the groups look empty). A few sysfs writes and kill(2)s: no thread hop,
-    on the switch's path. Nothing to do once the groups are gone."""
-    state = cg.paths["freezer"] / "freezer.state"
-    try:
-        state.write_text("FROZEN")
-    except FileNotFoundError:
-        return
-    try:
-        for pid in cg.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            state.write_text("THAWED")  # killed tasks only die once thawed
 
 
 def syncfs(path: Path) -> None:

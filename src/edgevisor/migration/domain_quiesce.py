@@ -14,11 +14,11 @@ from edgevisor.migration.domain_host import (
     retire_link,
     seal_readonly,
     set_freezer,
-    sigkill_all,
     syncfs,
 )
 from edgevisor.migration.domain_parts import StepClock
 from edgevisor.migration.domain_process import DomainProcess
+from edgevisor.tasks.cgroups import CgroupError
 
 __all__ = ["DomainQuiesce"]
 
@@ -176,8 +176,8 @@ class DomainQuiesce(DomainProcess):
         self.phase = "stopping"
         busy_s = self.settings.stop_timeout_s
         try:  # not waited for: the seal below and the groups' removal wait for the exits
-            sigkill_all(self._cg)
-        except OSError as exc:  # the groups' removal kills what is left
+            self._cg.sigkill()
+        except (CgroupError, OSError) as exc:  # the groups' removal kills what is left
             log.warning("domain %s: kill: %s", self.spec.qualified, exc)
         clock.mark("kill")
         # The seal starts with the SIGKILLs, not after the exits: ext4's remount (an RCU

@@ -160,11 +160,12 @@ class CgroupSet:
             failcnt = int((mem / "memory.failcnt").read_text())
         return OomReport(kills, failcnt)
 
-    def kill_all(self, timeout_s: float = 5.0) -> None:
-        """SIGKILL every process in the group, frozen so none can fork meanwhile."""
+    def sigkill(self) -> bool:
+        """SIGKILL every process in the group, frozen so none can fork meanwhile, without
+        waiting for their exit; False when the group is gone."""
         freezer = self.paths["freezer"]
         if not freezer.exists():
-            return
+            return False
         state = freezer / "freezer.state"
         _write(state, "FROZEN")
         try:
@@ -173,6 +174,13 @@ class CgroupSet:
                     os.kill(pid, signal.SIGKILL)
         finally:
             _write(state, "THAWED")  # killed tasks only die once thawed
+        return True
+
+    def kill_all(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL every process in the group (:meth:`sigkill`) and wait until they are
+        gone."""
+        if not self.sigkill():
+            return
         deadline = time.monotonic() + timeout_s
         while self.pids():
             if time.monotonic() > deadline:
