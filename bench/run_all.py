@@ -34,7 +34,7 @@ BENCHMARKS: list[tuple[str, list[str], int]] = [
     ("Storage: NBD server", ["bench/storage/run.py", "--rounds", "3"], 1200),
     ("Storage: lazy volumes", ["bench/storage/lazy.py"], 600),
     ("Storage: FUSE image", ["bench/fuse/run.py"], 600),
-    ("Migration", ["bench/migration/run.py", "--repeat", "3"], 1800),
+    ("Migration", ["bench/migration/run.py", "--repeat", "3", "--probes"], 1800),
     ("Migration: fill with foreground writes", ["bench/migration/fill_writes.py"], 900),
     ("Addresses: allocation", ["bench/addresses/allocations.py"], 600),
     ("Addresses: dataplane", ["bench/addresses/dataplane.py"], 600),

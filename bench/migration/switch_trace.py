@@ -244,6 +244,7 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
 
     prober = bench.Prober(c, name, target_addr)
     prober.t.start()
+    prober.ready.wait(30)
     time.sleep(0.5)
     EVENTS.clear()
     FETCHES.clear()
@@ -267,7 +268,7 @@ def one(tb: Testbed, c: Client, src: str, dst: str, size: int, run: int, written
         ev.append((t0, f"runner: {label} issued"))
         ev.append((t1, f"runner: {label} done ({(t1 - t0) * 1000:.1f} ms)"))
     last_src, first_dst = bench.switch_edges(prober.answers, d.address, moved.address or "")
-    for t0, addr, dt in prober.slow_fails:
+    for t0, addr, dt, _why in prober.slow_fails:
         side = "source" if addr == d.address else "target"
         ev.append((t0, f"client: a probe of the {side} failed after {dt * 1000:.0f} ms"))
     if last_src:
@@ -377,6 +378,14 @@ def main() -> int:
         "directly (the code's choice) with runs that re-probe and re-find them first",
     )
     ap.add_argument(
+        "--compare-fill-hold",
+        type=float,
+        default=None,
+        metavar="S",
+        help="alternate runs whose target holds the fill at its trickle until the domain "
+        "listens (``domains.fill_hold_s`` = S) with runs that do not (0): same run, A/B",
+    )
+    ap.add_argument(
         "--volume-io",
         action="store_true",
         help="also list every local volume's writes and flushes from QuiesceSource issued "
@@ -408,7 +417,12 @@ def main() -> int:
                 AttachedVolume._staged_layers_up = (  # type: ignore[method-assign]
                     (lambda self: False) if legacy else staged_up
                 )
-                if args.compare_staged_mount:
+                if args.compare_fill_hold is not None:
+                    hold = args.compare_fill_hold if i % 2 == 0 else 0.0
+                    doms = tb.agents[dst].agent.capability("domains")
+                    doms.cfg = doms.cfg.model_copy(update={"fill_hold_s": hold})
+                    label = f"fill held until listening (<= {hold:g} s)" if hold else "no hold"
+                elif args.compare_staged_mount:
                     label = "staged mount re-probed" if legacy else "staged mount direct"
                 elif args.compare_fill_rate:
                     label = "full rate from release" if full else "trickle until StartFill"
@@ -418,6 +432,7 @@ def main() -> int:
                 r = one(tb, c, src, dst, size, i, args.written, args.strace, args.keep_log)
                 results.setdefault(label, []).append(r)
             what = "fill" if args.compare_fill_rate else "prefetch"
+            what = "fill hold" if args.compare_fill_hold is not None else what
             summarize("mount" if args.compare_staged_mount else what, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
