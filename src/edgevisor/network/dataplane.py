@@ -64,19 +64,33 @@ otherwise.
 transaction (agent restart: state comes from records, not memory).
 
 Old flows (fencing). A remap does not move flows that exist: their conntrack entries keep
-the old translation. They are cut in the update's own transaction, not after it: every
-new instance flow is stamped at ``forward`` with the host's current *epoch*
-(``ct mark set meta protocol map @epoch``), and a packet of an existing flow is dropped
-when ``zone . original src (or dst) . ct mark`` is in the interval set ``stale``. An
-update that changes or removes a mapping adds ``zone . address . 0-E`` for the old
-logical and physical addresses (exactly the conntrack flush's targets, E = the epoch so
-far) and moves the epoch to E+1, in the same transaction as the maps: flows opened before
-it stop at the commit, flows opened after it are stamped E+1 and pass. The conntrack
-flush then runs off the critical path (entries of epoch <= E only, so a new flow opened
-in between survives); its ``stale`` elements are removed by the next transaction once
-the flush succeeded. Epochs live in conntrack marks below ``mark_base`` (from there up
-the marks are accounts' marks on host-service connections); the current one is read back
-from the kernel table when the dataplane opens, so an agent restart continues it.
+the old translation. They are cut in the update's own transaction, not after it, and
+deleted after it by kernel-filtered deletes. The fence is kept per *key* (zone, address):
+each key has a *phase*, 0-3 (its two bits: the key is in the hash sets ``phase_a`` /
+``phase_b``; absent from both: 0). A new instance flow takes, at ``forward``, the phase of
+the key of its original source and of its original destination into its conntrack mark
+(two bits per side, :data:`~edgevisor.network.conntrack.PHASE_SHIFT`). An update that
+changes or removes a mapping moves each old key (the logical and the physical address in
+the record's zone: exactly the conntrack cleanup's targets) to its next phase and adds
+``zone . address . phase so far`` to the hash set ``stale``, in the same transaction as
+the maps; a packet of an existing flow is dropped when ``zone . original src (dst) .
+its phase of that side`` is in ``stale``. So flows opened before the update stop at its
+commit, flows opened after it carry the new phase and pass. The cleanup then runs off
+the critical path: in the key's zone, with the address on that side of the original
+tuple, and that side's phase equal to the stale one (a mark/mask equality the kernel's
+filtered delete expresses exactly, see :mod:`~edgevisor.network.conntrack`); a new flow
+opened in between carries another phase and survives. A stale element goes with the next
+transaction once its cleanup succeeded.
+
+Four phases let a key be fenced three times before a cleanup must have run (the agent
+cleans up in windows, and a record moving back and forth fences its keys on every move).
+A fence that brings a key back to a phase whose stale element is not cleaned
+(``Batch.refence``) first runs that cleanup itself, under the cleanup lock, and fails
+(table unchanged) if it cannot; the element goes in the same transaction. A rebuild keeps
+the phases and the pending stale elements (flows keep their phases across it) and then
+runs the pending cleanups; a new dataplane reads both back from the kernel table, so an
+agent restart continues the fence. Every key starts in phase 0, and flows marked before
+(no phase bits) read as phase 0.
 """
 
 from __future__ import annotations
@@ -86,25 +100,28 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Literal
 
 from edgevisor.errors import UnavailableError
-from edgevisor.network.conntrack import ConntrackFlusher, FlushTarget
+from edgevisor.network.conntrack import PHASE_SHIFT, PHASES, ConntrackFlusher, FlushTarget
+from edgevisor.network.conntrack import Path as ConntrackPath
 from edgevisor.network.dp_core import (
     AppliedRecord,
     Batch,
     DataplaneSettings,
     Key,
+    StaleElem,
     StaleKey,
     assign_ids,
     count_accounts,
     element_lists,
-    epoch_limit,
+    fence_lists,
     plan,
     render_batch,
     render_table,
 )
+from edgevisor.network.dp_links import HostLinks
 from edgevisor.network.garp import GarpSender
 from edgevisor.network.netns import instance_ifname
 from edgevisor.network.nft import Nft, NftError, NftSocket
@@ -125,6 +142,7 @@ __all__ = [
     "Key",
     "Pending",
     "Prepared",
+    "StaleElem",
     "StaleKey",
     "assign_ids",
     "count_accounts",
@@ -135,8 +153,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_AF = {4: 2, 6: 10}  # AF_INET, AF_INET6
-_IFA_F_NODAD = 0x02
 
 
 class ApplyFailed(UnavailableError):
@@ -189,12 +205,14 @@ class Dataplane:
     ``netns`` is the namespace to act in (``None``: the caller's own, the agent's case).
     ``element_path`` is how incremental element batches reach the kernel: ``"netlink"``
     (encoded here, one ``sendmsg``; libnftables if the socket cannot be used) or
-    ``"text"`` (libnftables). Not thread-safe; the agent applies updates one at a time
-    (only :meth:`flush_stale` may run beside them).
+    ``"text"`` (libnftables). ``conntrack_path`` is how the cleanup deletes entries (see
+    :class:`~edgevisor.network.conntrack.ConntrackFlusher`). Not thread-safe; the agent
+    applies updates one at a time (only :meth:`flush_stale` may run beside them).
     """
 
     def __init__(self, host: str, settings: DataplaneSettings, netns: str | None = None,
-                 *, element_path: Literal["netlink", "text"] = "netlink") -> None:
+                 *, element_path: Literal["netlink", "text"] = "netlink",
+                 conntrack_path: ConntrackPath = "auto") -> None:
         from pyroute2 import IPRoute
 
         self.host = host
@@ -205,11 +223,15 @@ class Dataplane:
         self.counts: dict[str, tuple[int, int]] = {}
         self.generation = 0
         self.last_error: str | None = None
-        # The fence of old flows (see the theory of operation): the epoch new flows get,
-        # the ``stale`` set's elements, and those of them whose conntrack flush is done.
+        # The fence of old flows (see the theory of operation): fences so far, the stale
+        # elements (-> the fence that made them) and those whose cleanup is done (they
+        # go with the next commit), each key's phase (absent: 0), and per element the
+        # fence whose cleanup succeeded (equal to the element's: cleaned).
         self.epoch = 1
-        self.stale: dict[StaleKey, int] = {}
-        self.stale_done: set[StaleKey] = set()
+        self.stale: dict[StaleElem, int] = {}
+        self.stale_done: set[StaleElem] = set()
+        self.phase: dict[StaleKey, int] = {}
+        self._cleaned: dict[StaleElem, int] = {}
         # Moves on with every change of what plan() reads (a Prepared is then stale).
         self.version = 0
         self._nft = Nft(netns)
@@ -221,29 +243,43 @@ class Dataplane:
                 log.warning("dataplane %s: element updates through libnftables: %s", host,
                             exc.message)
         self._ipr: Any = IPRoute(netns=netns) if netns else IPRoute()
-        self._ct = ConntrackFlusher(netns)
+        self._ct = ConntrackFlusher(netns, path=conntrack_path)
         self._flush_lock = threading.Lock()
         self._garp = GarpSender(settings.fabric_if, netns)
         idx = self._ipr.link_lookup(ifname=settings.fabric_if)
         if not idx:
             raise ApplyFailed(f"fabric interface {settings.fabric_if} not found")
         self._fabric_index: int = idx[0]
-        self.epoch = self._kernel_epoch()
+        self.links = HostLinks(self._ipr, settings, self._fabric_index)
+        self._kernel_fence()
 
-    def _kernel_epoch(self) -> int:
-        """The epoch of a table an earlier process left (flows stamped up to it may
-        exist); 1 without one."""
-        found = 0
-        for fam, name in (("ip", "epoch"), ("ip6", "epoch6")):
-            try:
-                data = self._nft.query(f"list map {fam} {self.settings.table} {name}")
-            except NftError:
-                continue
-            for item in (data or {}).get("nftables", []):
-                for elem in item.get("map", {}).get("elem", []):
-                    if isinstance(elem, list) and len(elem) == 2 and isinstance(elem[1], int):
-                        found = max(found, elem[1])
-        return max(1, min(found, epoch_limit(self.settings) - 1))
+    def _kernel_fence(self) -> None:
+        """The fence of a table an earlier process left: its keys' phases (flows carry
+        them) and stale elements (their cleanup is not known to be done)."""
+        for fam, f in (("ip", ""), ("ip6", "6")):
+            for bit, name in ((1, "phase_a"), (2, "phase_b")):
+                for key, _mark in self._kernel_keys(fam, name + f):
+                    self.phase[key] = self.phase.get(key, 0) | bit
+            for key, mark in self._kernel_keys(fam, "stale" + f):
+                shift = PHASE_SHIFT["dst"] if mark >> PHASE_SHIFT["dst"] else PHASE_SHIFT["src"]
+                self.stale[(key, (mark >> shift) & (PHASES - 1))] = 0
+
+    def _kernel_keys(self, family: str, name: str) -> list[tuple[StaleKey, int]]:
+        """(key, mark or 0) of the elements of a fence set in the kernel table."""
+        try:
+            data = self._nft.query(f"list set {family} {self.settings.table} {name}")
+        except NftError:
+            return []  # no table (or one without the set): nothing to continue
+        keys: list[tuple[StaleKey, int]] = []
+        for item in (data or {}).get("nftables", []):
+            for elem in item.get("set", {}).get("elem", []):
+                concat = elem.get("concat") if isinstance(elem, dict) else None
+                if not isinstance(concat, list) or len(concat) not in (2, 3):
+                    continue
+                mark = concat[2] if len(concat) == 3 else 0
+                if isinstance(mark, int):  # not a range: an older table's interval set
+                    keys.append(((int(concat[0]), ip_address(str(concat[1]))), mark))
+        return keys
 
     def close(self) -> None:
         self._nft.close()
@@ -269,21 +305,43 @@ class Dataplane:
             ids = assign_ids({}, {k[0] for k in desired})
         except ValueError as exc:
             raise ApplyFailed(str(exc)) from exc
-        text = render_table(self.settings,
-                            element_lists(desired, self.host, ids, self.settings),
-                            epoch=self.epoch)
+        # The fence stays: flows keep their phase bits across the rebuild. Stale keys whose
+        # cleanup is done are left out (their elements would go with the next commit).
+        for elem in self.stale_done:
+            self.stale.pop(elem, None)
+            self._cleaned.pop(elem, None)
+        self.stale_done.clear()
+        text = render_table(self.settings, {
+            **element_lists(desired, self.host, ids, self.settings),
+            **fence_lists(self.stale, self.phase),
+        })
         self._run(text)
         committed = time.perf_counter() - t0
-        self.stale.clear()
-        self.stale_done.clear()
         self.version += 1
         old_local = {r.physical for r in self.records.values() if r.host == self.host}
         self.records, self.ids = desired, ids
         self.counts = count_accounts(desired, self.host)
         self.generation = max([0, *(r.generation for r in desired.values())])
-        warnings = self._resync_links(old_local)
-        return ApplyResult(self.generation, len(desired), 0, tuple(warnings), committed,
-                           time.perf_counter() - t0)
+        warnings = self.links.resync(self.records.values(), self.host, self.ids)
+        for addr in sorted({r.physical for r in desired.values() if r.host == self.host}
+                           - old_local, key=str):
+            try:
+                self._garp.send(addr, self.settings.garp_count)
+            except OSError as exc:
+                warnings.append(f"gratuitous ARP for {addr}: {exc}")
+        # Pending cleanups (of fences before the rebuild, or of an earlier process): now,
+        # so their stale elements go with the next commit.
+        deleted = 0
+        pending = [e for e in self.stale if not self._is_cleaned(e)]
+        if pending:
+            with self._flush_lock:
+                try:
+                    deleted = self._clean(pending)
+                except UnavailableError as exc:
+                    warnings.append(f"conntrack cleanup of the kept fence: {exc}")
+            self._mark_done(pending)
+        return ApplyResult(self.generation, len(desired), deleted, tuple(warnings),
+                           committed, time.perf_counter() - t0)
 
     def apply(self, records: Iterable[AppliedRecord], *, full: bool = False) -> ApplyResult:
         """Apply records: a delta (default) or, with ``full``, the whole desired set.
@@ -313,10 +371,26 @@ class Dataplane:
             batch, encoded = prepared.batch, prepared.encoded
         if batch is None:
             batch = self._plan(recs, full=full)
-        if batch.element_ops or batch.stale_add or batch.stale_del:
-            self._elements(batch, encoded)
-        committed = time.perf_counter() - t0
-        self._commit(batch)
+        locked = bool(batch.refence)
+        if locked:
+            # A key back to a phase whose cleanup has not run: that cleanup first (the
+            # phase's flows and the new ones would look alike), and no other cleanup
+            # until this commit changed the fence.
+            self._flush_lock.acquire()
+        try:
+            if locked:
+                try:
+                    self._clean(batch.refence)
+                except UnavailableError as exc:
+                    self.last_error = f"conntrack cleanup before a second fence failed: {exc}"
+                    raise ApplyFailed(f"host {self.host}: {self.last_error}") from exc
+            if batch.element_ops or batch.stale_add or batch.stale_del:
+                self._elements(batch, encoded)
+            committed = time.perf_counter() - t0
+            self._commit(batch)
+        finally:
+            if locked:
+                self._flush_lock.release()
         return Pending(batch, t0, committed)
 
     def prepare(self, records: Iterable[AppliedRecord]) -> Prepared | None:
@@ -353,7 +427,7 @@ class Dataplane:
     def _plan_changes(self, changes: dict[Key, AppliedRecord | None]) -> Batch:
         return plan(self.records, changes, host=self.host, ids=self.ids, counts=self.counts,
                     settings=self.settings, generation=self.generation, epoch=self.epoch,
-                    stale=self.stale, stale_done=self.stale_done)
+                    stale=self.stale, stale_done=self.stale_done, phase=self.phase)
 
     def _plan(self, records: tuple[AppliedRecord, ...], *, full: bool) -> Batch:
         try:
@@ -381,7 +455,7 @@ class Dataplane:
         """Addresses, rules, routes and gratuitous ARPs of a commit; the warnings. Must run
         before the next :meth:`commit`."""
         batch = pending.batch
-        warnings = self._links(batch)
+        warnings = self.links.apply(batch)
         for addr in batch.garp:
             try:
                 self._garp.send(addr, self.settings.garp_count)
@@ -396,38 +470,58 @@ class Dataplane:
         return self.flush_stale_many([pending])
 
     def flush_stale_many(self, pendings: Iterable[Pending]) -> tuple[int, str | None]:
-        """:meth:`flush_stale` of several commits in one conntrack dump (the kernel walks
-        its whole table per dump, whatever it holds): each target keeps the epoch bound
-        of the newest commit that fenced it (that commit's ``stale`` range covers the
-        older ones')."""
-        bounds: dict[FlushTarget, int | None] = {}
+        """:meth:`flush_stale` of several commits at once: the stale elements they added
+        that are still there and not cleaned (a later commit may have cleaned one itself)."""
+        elems: dict[StaleElem, None] = {}
         for pending in pendings:
-            for target in pending.batch.flush:
-                bound = bounds.get(target)
-                hi = pending.batch.epoch - 1
-                bounds[target] = hi if bound is None else max(bound, hi)
-        if not bounds:
+            elems.update(dict.fromkeys(pending.batch.stale_add))
+        if not elems:
             return 0, None
         with self._flush_lock:
+            # Under the lock, a commit that removes one of these elements waits (refence).
+            todo = [e for e in elems if e in self.stale and not self._is_cleaned(e)]
             try:
-                return self._ct.flush_bounded(bounds,
-                                              epoch_limit=epoch_limit(self.settings)), None
+                return self._clean(todo), None
             except UnavailableError as exc:
                 return 0, str(exc)  # the fence stays until a later change replaces it
 
     def flushed(self, pending: Pending) -> None:
-        """Note that :meth:`flush_stale` of ``pending`` succeeded: its ``stale`` elements
-        go with the next commit. Call it where commits are serialized."""
-        done = {k for k, hi in pending.batch.stale_add.items() if self.stale.get(k) == hi}
+        """Note that :meth:`flush_stale` of ``pending`` succeeded: its stale elements that
+        are cleaned go with the next commit. Call it where commits are serialized."""
+        self._mark_done(pending.batch.stale_add)
+
+    def _is_cleaned(self, elem: StaleElem) -> bool:
+        fence = self.stale.get(elem)
+        return fence is not None and self._cleaned.get(elem) == fence
+
+    def _mark_done(self, elems: Iterable[StaleElem]) -> None:
+        done = {e for e in elems if self._is_cleaned(e)}
         if not done <= self.stale_done:
             self.stale_done.update(done)
             self.version += 1
+
+    def _clean(self, elems: Iterable[StaleElem]) -> int:
+        """Delete the flows of the stale elements ``elems``, both sides, and note each as
+        cleaned; the caller holds the cleanup lock. Raises
+        :class:`~edgevisor.errors.UnavailableError` (nothing noted) when it fails."""
+        fences = {e: self.stale[e] for e in elems if e in self.stale and not self._is_cleaned(e)}
+        if not fences:
+            return 0
+        bounds: dict[FlushTarget, set[int]] = {}
+        for ((zone, addr), ph) in fences:
+            for side in ("src", "dst"):
+                bounds.setdefault(FlushTarget(zone, side, addr), set()).add(ph)
+        deleted = self._ct.flush_bounded(bounds)
+        for elem, fence in fences.items():
+            self._cleaned[elem] = fence
+        return deleted
 
     def plug(self, account: str, logical: IPv4Address | IPv6Address) -> None:
         """(Re)install the route of a local instance whose veth appeared after apply."""
         r = self.records.get((account, logical))
         if r is not None and r.host == self.host:
-            self._route_add(instance_ifname(account, logical), logical, self.ids[account])
+            self.links.route_add(instance_ifname(account, logical), logical,
+                                 self.ids[account])
 
     def table_elements(self) -> dict[str, list[Any]]:
         """Current kernel elements per map/set (for checks and the agent's report)."""
@@ -454,12 +548,18 @@ class Dataplane:
             else:
                 self.counts.pop(account, None)
         self.ids, self.generation = batch.ids, batch.generation
-        for sk in batch.stale_del:
-            self.stale.pop(sk, None)
-            self.stale_done.discard(sk)
-        for sk, hi in batch.stale_add.items():
-            self.stale[sk] = hi
-            self.stale_done.discard(sk)
+        for elem in batch.stale_del:
+            self.stale.pop(elem, None)
+            self.stale_done.discard(elem)
+            self._cleaned.pop(elem, None)
+        for elem in batch.stale_add:
+            self.stale[elem] = batch.epoch
+            self.stale_done.discard(elem)
+        for sk, (_old, new) in batch.phase_moves.items():
+            if new:
+                self.phase[sk] = new
+            else:
+                self.phase.pop(sk, None)
         self.epoch = batch.epoch
         self.version += 1
 
@@ -495,103 +595,3 @@ class Dataplane:
             self.last_error = exc.message
             raise ApplyFailed(f"host {self.host}: {exc.message}", details=exc.details) from exc
         self.last_error = None
-
-    def _table_id(self, aid: int) -> int:
-        return self.settings.route_table_base + aid
-
-    def _links(self, batch: Batch) -> list[str]:
-        warnings: list[str] = []
-        for addr in batch.addr_del:
-            warnings += self._addr("del", addr)
-        for addr in batch.addr_add:
-            warnings += self._addr("add", addr)
-        for aid in batch.rule_del:
-            warnings += self._rules("del", aid)
-        for aid in batch.rule_add:
-            warnings += self._rules("add", aid)
-        for logical, aid in batch.route_del:
-            warnings += self._try(self._ipr.route, "del", dst=str(logical),
-                                  dst_len=logical.max_prefixlen, table=self._table_id(aid),
-                                  family=_AF[logical.version])
-        for ifname, logical, aid in batch.route_add:
-            warnings += self._route_add(ifname, logical, aid)
-        return warnings
-
-    def _addr(self, cmd: str, addr: IPv4Address | IPv6Address) -> list[str]:
-        """A physical address on the fabric: ``/32``, or ``/128`` without duplicate
-        detection (the controller hands each out once; tentative would drop traffic)."""
-        if addr.version == 6:
-            return self._try(self._ipr.addr, cmd, index=self._fabric_index,
-                             address=str(addr), prefixlen=128, family=_AF[6],
-                             flags=_IFA_F_NODAD)
-        return self._try(self._ipr.addr, cmd, index=self._fabric_index, address=str(addr),
-                         prefixlen=32)
-
-    def _rules(self, cmd: str, aid: int) -> list[str]:
-        """The account's ``fwmark -> table`` rule, for IPv4 and IPv6 alike."""
-        out: list[str] = []
-        for fam in (_AF[4], _AF[6]):
-            out += self._try(self._ipr.rule, cmd, fwmark=self.settings.mark_base | aid,
-                             table=self._table_id(aid), priority=self.settings.rule_priority,
-                             family=fam)
-        return out
-
-    def _route_add(self, ifname: str, logical: IPv4Address | IPv6Address, aid: int) -> list[str]:
-        idx = self._ipr.link_lookup(ifname=ifname)
-        if not idx:
-            return [f"instance link {ifname} for {logical} is not there yet"]
-        if logical.version == 6:
-            return self._try(self._ipr.route, "replace", dst=str(logical), dst_len=128,
-                             oif=idx[0], table=self._table_id(aid), family=_AF[6])
-        return self._try(self._ipr.route, "replace", dst=str(logical), dst_len=32,
-                         oif=idx[0], table=self._table_id(aid), scope=253)
-
-    @staticmethod
-    def _try(fn: Any, *args: Any, **kwargs: Any) -> list[str]:
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:
-            code = getattr(exc, "code", None)
-            # EEXIST on add, ESRCH/EADDRNOTAVAIL/ENOENT on delete: already as wanted.
-            if code in (17, 3, 99, 2):
-                return []
-            return [f"{args[0] if args else ''} {kwargs}: {exc}"]
-        return []
-
-    def _resync_links(self, old_local: set[IPv4Address | IPv6Address]) -> list[str]:
-        """After a rebuild: make addresses, rules and routes match the records."""
-        warnings: list[str] = []
-        local = [r for r in self.records.values() if r.host == self.host]
-        want = {r.physical for r in local}
-        have: set[IPv4Address | IPv6Address] = set()
-        for msg in self._ipr.get_addr(index=self._fabric_index, family=_AF[4]):
-            if msg["prefixlen"] == 32:
-                have.add(IPv4Address(msg.get_attr("IFA_ADDRESS")))
-        for msg in self._ipr.get_addr(index=self._fabric_index, family=_AF[6]):
-            # Ours are /128 without DAD; the fabric's own (link-local /64, ...) are not.
-            if msg["prefixlen"] == 128 and msg["flags"] & _IFA_F_NODAD:
-                have.add(IPv6Address(msg.get_attr("IFA_ADDRESS")))
-        for addr in sorted(have - want, key=str):
-            warnings += self._addr("del", addr)
-        for addr in sorted(want - have, key=str):
-            warnings += self._addr("add", addr)
-        # Rules at our priority and the routes of their tables are ours: recreate them.
-        for fam in (_AF[4], _AF[6]):
-            for rule in self._ipr.get_rules(family=fam):
-                if rule.get_attr("FRA_PRIORITY") == self.settings.rule_priority:
-                    table = rule.get_attr("FRA_TABLE")
-                    warnings += self._try(self._ipr.rule, "del",
-                                          fwmark=rule.get_attr("FRA_FWMARK"), table=table,
-                                          priority=self.settings.rule_priority, family=fam)
-                    warnings += self._try(self._ipr.flush_routes, table=table, family=fam)
-        for aid in sorted({self.ids[r.account] for r in local}):
-            warnings += self._rules("add", aid)
-        for r in local:
-            warnings += self._route_add(instance_ifname(r.account, r.logical), r.logical,
-                                        self.ids[r.account])
-        for addr in sorted(want - old_local, key=str):
-            try:
-                self._garp.send(addr, self.settings.garp_count)
-            except OSError as exc:
-                warnings.append(f"gratuitous ARP for {addr}: {exc}")
-        return warnings

@@ -38,11 +38,11 @@ from __future__ import annotations
 import errno as _errno
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from edgevisor.network.dp_core import Batch, StaleKey
+from edgevisor.network.dp_core import Batch, fence_ops
 from edgevisor.network.nft import NftError
 from edgevisor.network.nft_schema import (
     _NLA,
@@ -317,16 +317,6 @@ def _schema(name: str, known: Mapping[str, SetSchema]) -> SetSchema:
         raise UnsupportedBatch(f"no schema for set {name!r}") from None
 
 
-def _stale_items(elements: Mapping[StaleKey, int]) -> Iterator[tuple[str, list[str]]]:
-    """As ``dp_core._stale_elements``: ``zone . address . 0-hi`` per set, sorted alike."""
-    out: dict[str, list[str]] = {}
-    for (zone, addr), hi in sorted(elements.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        out.setdefault("stale6" if addr.version == 6 else "stale", []).append(
-            f"{zone} . {addr} . 0-{hi}"
-        )
-    yield from sorted(out.items())
-
-
 def encode_batch(
     batch: Batch,
     table: str,
@@ -346,18 +336,12 @@ def encode_batch(
     per message (~5 us each)."""
     known = SCHEMAS if known is None else known
     b = _Builder(table, seq, ack_each)
-    for name, keys in sorted(batch.deletes.items()):
-        b.add("delete", _schema(name, known), [(k, None) for k in keys])
-    for name, keys in _stale_items(batch.stale_del):
+    for name, keys in fence_ops(batch, "delete"):  # the maps', then the fence's
         b.add("delete", _schema(name, known), [(k, None) for k in keys])
     for name, items in sorted(batch.adds.items()):
         b.add("add", _schema(name, known), items)
-    for name, keys in _stale_items(batch.stale_add):
+    for name, keys in fence_ops(batch, "add"):
         b.add("add", _schema(name, known), [(k, None) for k in keys])
-    if batch.flush:  # the epoch moved on (see dp_core._fence)
-        for proto, name in (("ip", "epoch"), ("ip6", "epoch6")):
-            b.add("delete", _schema(name, known), [(proto, None)])
-            b.add("add", _schema(name, known), [(proto, str(batch.epoch))])
     return b.finish()
 
 

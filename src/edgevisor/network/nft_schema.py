@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from socket import AF_INET, AF_INET6, inet_pton
 
-from edgevisor.network.dp_core import _MAPS, _MAPS6
+from edgevisor.network.dp_core import _MAPS, _MAPS6, FENCE_DECLS
 
 __all__ = ["SCHEMAS", "Field", "SetSchema", "UnsupportedBatch", "parse_declaration", "schemas"]
 
@@ -224,18 +224,14 @@ def parse_declaration(name: str, family: str, decl: str) -> SetSchema:
 
 
 def schemas() -> dict[str, SetSchema]:
-    """The schemas of the dataplane's sets (names as in ``dp_core``; the ``stale`` and
-    ``epoch`` declarations mirror ``dp_core._table_text``)."""
+    """The schemas of the dataplane's sets: the maps' and the fence's (names and
+    declarations as in ``dp_core``)."""
     out: dict[str, SetSchema] = {}
     for family, decls, f, ipx in (("ip", _MAPS, "", "ip"), ("ip6", _MAPS6, "6", "ip6")):
         for name, decl in decls.items():
             out[name] = parse_declaration(name, family, decl)
-        out["epoch" + f] = parse_declaration("epoch" + f, family, "typeof meta protocol : ct mark;")
-        out["stale" + f] = parse_declaration(
-            "stale" + f,
-            family,
-            f"typeof ct zone . ct original {ipx} saddr . ct mark; flags interval;",
-        )
+        for name, decl in FENCE_DECLS.items():
+            out[name + f] = parse_declaration(name + f, family, decl.format(ipx=ipx))
     return out
 
 

@@ -218,8 +218,9 @@ def test_remap_moves_new_connections_and_cuts_open_flow(world: World) -> None:
 
 
 def test_commit_fences_the_open_flow_before_the_conntrack_flush(world: World) -> None:
-    """The old flow stops at the commit itself (stale epoch in the same transaction), not
-    when the conntrack flush runs; a flow opened in between survives the flush."""
+    """The old flow stops at the commit itself (its keys move to the next phase and the
+    old one is stale, in the same transaction), not when the conntrack cleanup runs; a
+    flow opened in between survives the cleanup."""
     i = build(world)
     old = connect(i["a"], A("10.0.0.7"))
     rf = old.makefile("rb")
@@ -257,7 +258,9 @@ def test_commit_fences_the_open_flow_before_the_conntrack_flush(world: World) ->
     assert world.dps[1].stale
     world.dps[1].apply([])
     assert world.dps[1].stale == {}
-    assert world.dps[1].table_elements().get("stale") == []
+    elements = world.dps[1].table_elements()
+    assert elements["stale"] == []
+    assert len(elements["phase_a"]) == 2  # the old mapping's keys stay in phase 1
 
 
 def _ct_entries(dp: Dataplane, sport: int) -> int:
@@ -270,11 +273,11 @@ def _ct_entries(dp: Dataplane, sport: int) -> int:
     return sum(1 for line in out.splitlines() if f"sport={sport} " in line)
 
 
-def test_one_cleanup_of_two_commits_keeps_each_commits_epoch_bound(world: World) -> None:
-    """The agent cleans up the commits of a short window in one conntrack dump
-    (``flush_stale_many``): each target keeps its own commit's epoch bound, so a flow
-    opened after the first commit to its (new) mapping survives the second commit's
-    cleanup, while the flow the first commit fenced goes."""
+def test_one_cleanup_of_two_commits_keeps_each_commits_fence(world: World) -> None:
+    """The agent cleans up the commits of a short window at once (``flush_stale_many``):
+    each key is cleaned for its own fence's stale phase, so a flow opened after the first
+    commit to its (new) mapping survives the second commit's cleanup, while the flow the
+    first commit fenced goes."""
     i = build(world)
     old = connect(i["a"], A("10.0.0.7"))
     rf = old.makefile("rb")
@@ -287,11 +290,11 @@ def test_one_cleanup_of_two_commits_keeps_each_commits_epoch_bound(world: World)
     world.dps[3].apply([moved])
     world.dps[1].finish_links(p1)
     assert eventually(lambda: _try_hello(i["a"]) == ("10.0.0.5", "b2", "10.0.0.5"))
-    new = connect(i["a"], A("10.0.0.7"))  # stamped with p1's epoch
+    new = connect(i["a"], A("10.0.0.7"))  # carries the new phase of p1's keys
     nf = new.makefile("rb")
     assert nf.readline().split()[0] == b"b2"
 
-    # Another record (acct2's x) changes: a second commit, a later epoch bound.
+    # Another record (acct2's x) changes: a second commit, other keys.
     x_moved = rec("acct2", "10.0.0.9", "10.250.3.9", 3, 6)
     p2 = world.dps[1].commit([x_moved])
     world.dps[1].finish_links(p2)
@@ -302,7 +305,7 @@ def test_one_cleanup_of_two_commits_keeps_each_commits_epoch_bound(world: World)
     deleted, warning = world.dps[1].flush_stale_many([p1, p2])
     assert warning is None
     assert deleted >= 1  # the flow p1 fenced
-    # Opened after p1: p2's later bound does not apply to it; its entry stays.
+    # Opened after p1: it carries the new phase; its entry stays.
     assert _ct_entries(world.dps[1], port) == 1
     new.sendall(b"ping\n")
     assert nf.readline() == b"b2 ping\n"
@@ -314,20 +317,43 @@ def test_one_cleanup_of_two_commits_keeps_each_commits_epoch_bound(world: World)
     assert world.dps[1].stale == {}
 
 
-def test_a_new_dataplane_continues_the_epoch_of_the_kernel_table(world: World) -> None:
-    """An agent restart keeps the kernel table; flows stamped before it must stay older
-    than the epoch the new process fences with."""
-    build(world)
+def test_a_new_dataplane_continues_the_fence_of_the_kernel_table(world: World) -> None:
+    """An agent restart keeps the kernel table and its flows: the new process reads the
+    ``phase`` keys and the pending stale keys back, its rebuild keeps them (flows carry
+    their phase bits) and runs the pending cleanup: the fenced flow's entry goes, the
+    stale element with the next commit."""
+    i = build(world)
     dp = world.dps[1]
-    start = dp.epoch
-    dp.apply([rec("acct1", "10.0.0.7", "10.250.3.7", 3, 5)])
-    dp.apply([rec("acct1", "10.0.0.7", "10.250.2.77", 2, 6)])
-    assert dp.epoch == start + 2
+    b2 = world.fabric.add_instance("b2", 3, "acct1", A("10.0.0.7"))
+    world.serve("b2", b2)
+    moved = rec("acct1", "10.0.0.7", "10.250.3.7", 3, 5)
+    dp.apply([moved])  # fenced and cleaned
+    world.dps[3].apply([moved])
+    assert eventually(lambda: _try_hello(i["a"]) == ("10.0.0.5", "b2", "10.0.0.5"))
+    old = connect(i["a"], A("10.0.0.7"))
+    assert old.makefile("rb").readline().split()[0] == b"b2"
+    port = old.getsockname()[1]
+    assert _ct_entries(dp, port) == 1
+    dp.commit([rec("acct1", "10.0.0.7", "10.250.2.77", 2, 6)])  # fenced, not cleaned
+    phase, stale = dict(dp.phase), set(dp.stale)
+    # 10.0.0.7 fenced twice (phase 2), 10.250.1.7 and 10.250.3.7 once (phase 1).
+    assert phase == {(1, A("10.0.0.7")): 2, (1, A("10.250.1.7")): 1, (1, A("10.250.3.7")): 1}
+    assert stale == {((1, A("10.0.0.7")), 1), ((1, A("10.250.3.7")), 0)}
     dp.close()
     world.dps[1] = again = Dataplane("h1", SETTINGS, netns=world.fabric.host_ns(1))
-    assert again.epoch == start + 2
-    again.rebuild(base_records())
-    assert again.epoch == start + 2  # the rebuilt table keeps stamping with it
+    assert again.phase == phase and set(again.stale) == stale and not again.stale_done
+    res = again.rebuild([*base_records()[:1], *base_records()[2:],
+                         rec("acct1", "10.0.0.7", "10.250.2.77", 2, 6)])
+    assert again.phase == phase and again.stale_done == stale
+    elements = again.table_elements()
+    in_a = {(e["concat"][0], e["concat"][1]) for e in elements["phase_a"]}
+    in_b = {(e["concat"][0], e["concat"][1]) for e in elements["phase_b"]}
+    assert in_a == {(z, str(a)) for (z, a), ph in phase.items() if ph & 1}
+    assert in_b == {(z, str(a)) for (z, a), ph in phase.items() if ph & 2}
+    assert res.warnings == () and _ct_entries(again, port) == 0
+    again.apply([])
+    assert again.stale == {} and again.table_elements()["stale"] == []
+    old.close()
 
 
 def _try_hello(inst: Instance) -> tuple[str, str, str] | None:

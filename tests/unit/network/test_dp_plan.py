@@ -12,7 +12,7 @@ from edgevisor.network.dataplane import (
     Batch,
     DataplaneSettings,
     Key,
-    StaleKey,
+    StaleElem,
     assign_ids,
     count_accounts,
     plan,
@@ -78,44 +78,73 @@ def test_remap_of_remote_record_replaces_exact_elements_and_flushes_old_mapping(
     assert b.addr_add == b.addr_del == [] and b.rule_add == b.rule_del == []
     text = render_batch(b, "edgevisor")
     assert text.index("delete element") < text.index("add element")
-    # 4 map lines, the fence of the old mapping's flows (one stale line) and the epoch
-    # moving on in both tables (a delete and an add each).
-    assert text.count("\n") == 4 + 1 + 4
-    assert ("add element ip edgevisor stale { 1 . 10.0.0.7 . 0-1, 1 . 10.250.1.7 . 0-1 }"
-            in text)
-    assert "add element ip edgevisor epoch { ip : 2 }" in text
-    assert "add element ip6 edgevisor epoch6 { ip6 : 2 }" in text
-    assert b.epoch == 2
+    # 4 map lines and the fence of the old mapping's flows: both keys move to phase 1
+    # (bit a) and their phase-0 flows are stale (hash sets, no interval, no epoch).
+    assert text.count("\n") == 4 + 2
+    assert ("add element ip edgevisor stale { 1 . 10.0.0.7 . 0x00000000, "
+            "1 . 10.250.1.7 . 0x00000000 }") in text
+    assert "add element ip edgevisor phase_a { 1 . 10.0.0.7, 1 . 10.250.1.7 }" in text
+    assert "epoch" not in text
+    assert b.epoch == 2 and b.refence == []
+    assert b.phase_moves == {(1, A("10.0.0.7")): (0, 1), (1, A("10.250.1.7")): (0, 1)}
 
 
-def test_fence_replaces_an_address_stale_range_and_drops_flushed_ones() -> None:
+def test_fence_moves_phases_and_drops_cleaned_stale_elements() -> None:
     old = rec("acct1", "10.0.0.7", "10.250.1.7", "h2", 3)
     cur = {old.key: old}
     new = rec("acct1", "10.0.0.7", "10.250.3.7", "h3", 4)
-    stale: dict[StaleKey, int] = {(1, A("10.0.0.7")): 4, (1, A("10.9.9.9")): 2,
-                                  (1, A("10.8.8.8")): 3}
+    k7, k9, k8 = (1, A("10.0.0.7")), (1, A("10.9.9.9")), (1, A("10.8.8.8"))
+    # 10.0.0.7 was fenced once (now phase 1, its phase 0 stale and cleaned); 10.9.9.9's
+    # stale phase 2 is cleaned, 10.8.8.8's phase 0 not.
+    stale: set[StaleElem] = {(k7, 0), (k9, 2), (k8, 0)}
     b = plan(cur, {new.key: new}, host="h1", ids={"acct1": 1},
              counts=count_accounts(cur, "h1"), settings=S, epoch=7, stale=stale,
-             stale_done={(1, A("10.9.9.9")), (1, A("10.0.0.7"))})
+             stale_done={(k9, 2), (k7, 0)}, phase={k7: 1, k9: 3})
     assert b.epoch == 8
-    # Every flushed address is fenced up to the epoch so far; its older range goes.
-    assert b.stale_add == {(1, A("10.0.0.7")): 7, (1, A("10.250.1.7")): 7}
-    # Flushed elements go; one whose flush is not done (10.8.8.8) stays.
-    assert b.stale_del == {(1, A("10.0.0.7")): 4, (1, A("10.9.9.9")): 2}
+    # Each key's flows of its phase so far are stale; the key moves on.
+    assert b.stale_add == [(k7, 1), ((1, A("10.250.1.7")), 0)]
+    assert b.phase_moves == {k7: (1, 2), (1, A("10.250.1.7")): (0, 1)}
+    # Cleaned elements go; one whose cleanup is not done (10.8.8.8) stays.
+    assert sorted(b.stale_del, key=str) == sorted([(k7, 0), (k9, 2)], key=str)
+    assert b.refence == []
     text = render_batch(b, "edgevisor")
-    assert text.index("delete element ip edgevisor stale { 1 . 10.0.0.7 . 0-4, "
-                      "1 . 10.9.9.9 . 0-2 }") < text.index(
-        "add element ip edgevisor stale { 1 . 10.0.0.7 . 0-7, 1 . 10.250.1.7 . 0-7 }")
+    # Phase 1 -> 2: 10.0.0.7 leaves phase_a and enters phase_b.
+    assert "delete element ip edgevisor phase_a { 1 . 10.0.0.7 }" in text
+    assert "add element ip edgevisor phase_b { 1 . 10.0.0.7 }" in text
+    assert "add element ip edgevisor phase_a { 1 . 10.250.1.7 }" in text
+    # A stale phase shows where each side keeps it: bits 28-29 (source), 30-31 (dest).
+    assert ("add element ip edgevisor stale { 1 . 10.0.0.7 . 0x10000000, "
+            "1 . 10.0.0.7 . 0x40000000, 1 . 10.250.1.7 . 0x00000000 }") in text
+    assert text.index("delete element ip edgevisor stale {") < text.index(
+        "add element ip edgevisor stale {")
+    assert "1 . 10.9.9.9 . 0x20000000, 1 . 10.9.9.9 . 0x80000000" in text
 
 
-def test_a_change_without_old_mapping_keeps_the_epoch_and_the_limit_is_enforced() -> None:
+def test_a_key_back_to_a_phase_not_yet_cleaned_asks_for_that_cleanup_first() -> None:
+    """Four phases: a key fenced a fourth time before any cleanup returns to the phase of
+    its first fence, whose flows must be gone first (``refence``)."""
+    old = rec("acct1", "10.0.0.7", "10.250.1.7", "h2", 3)
+    new = rec("acct1", "10.0.0.7", "10.250.3.7", "h3", 4)
+    k7 = (1, A("10.0.0.7"))
+
+    def fence(stale: set[StaleElem], phase: int) -> Batch:
+        return plan({old.key: old}, {new.key: new}, host="h1", ids={"acct1": 1},
+                    counts=count_accounts({old.key: old}, "h1"), settings=S, epoch=2,
+                    stale=stale, phase={k7: phase})
+
+    b = fence({(k7, 0), (k7, 1)}, 2)
+    assert b.refence == [] and (k7, 2) in b.stale_add and b.phase_moves[k7] == (2, 3)
+    b = fence({(k7, 0), (k7, 1), (k7, 2)}, 3)
+    assert b.refence == [(k7, 0)] and (k7, 0) in b.stale_del
+    assert (k7, 3) in b.stale_add and b.phase_moves[k7] == (3, 0)
+
+
+def test_a_change_without_old_mapping_keeps_the_fence() -> None:
     r = rec("acct1", "10.0.0.7", "10.250.1.7", "h2", 3)
     b = plan({}, {r.key: r}, host="h1", ids={}, counts={}, settings=S, epoch=5)
-    assert b.epoch == 5 and b.stale_add == {} and "epoch" not in render_batch(b, "t")
-    moved = rec("acct1", "10.0.0.7", "10.250.3.7", "h3", 4)
-    with pytest.raises(ValueError, match="epochs exhausted"):
-        plan({r.key: r}, {r.key: moved}, host="h1", ids={"acct1": 1},
-             counts=count_accounts({r.key: r}, "h1"), settings=S, epoch=S.mark_base - 1)
+    assert b.epoch == 5 and b.stale_add == [] and b.phase_moves == {}
+    text = render_batch(b, "t")
+    assert "stale" not in text and "phase" not in text
 
 
 def test_record_moving_here_gets_address_and_garp_moving_away_loses_them() -> None:

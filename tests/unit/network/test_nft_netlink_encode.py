@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from edgevisor.network.dp_core import Batch
+from edgevisor.network.dp_core import Batch, render_batch
 from edgevisor.network.nft_netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
@@ -104,35 +104,20 @@ CAPTURED: list[tuple[str, str, list[tuple[str, str | None]], str]] = [
         [("0x45560003 . 10.250.3.9", "10.0.3.9")],
         "20000180100001800c000100030056450afa03090c000280080001000a000309",
     ),
-    # Interval set with concatenation: KEY = low ends, KEY_END = high ends; in an interval
-    # set nft stores ct zone and ct mark big-endian.
+    # The fence's hash sets: ct zone (host-endian, padded to 4) . address [. ct mark,
+    # host-endian outside interval sets].
     (
         "add",
         "stale",
-        [("258 . 10.0.0.5 . 0-7", None)],
-        "2c0001801400018010000100010200000a0000050000000014000a8010000100010200000a00000500000007",
+        [("258 . 10.0.0.5 . 0x10000000", None)],
+        "18000180140001801000010002010000" "0a00000500000010",
     ),
     (
         "add",
         "stale6",
-        [("2 . fd00::5 . 0-7", None)],
-        "44000180200001801c00010000020000fd0000000000000000000000000000050000000020000a801c00"
-        "010000020000fd00000000000000000000000000000500000007",
+        [("2 . fd00::5 . 0x80000000", None)],
+        "24000180200001801c00010002000000fd000000000000000000000000000005" "00000080",
     ),
-    (
-        "delete",
-        "epoch",
-        [("ip", None)],  # meta protocol: ethertype, big-endian
-        "100001800c0001800600010008000000",
-    ),
-    (
-        "add",
-        "epoch",
-        [("ip", "8")],  # : ct mark, host-endian
-        "1c0001800c00018006000100080000000c0002800800010008000000",
-    ),
-    ("delete", "epoch6", [("ip6", None)], "100001800c0001800600010086dd0000"),
-    ("add", "epoch6", [("ip6", "8")], "1c0001800c0001800600010086dd00000c0002800800010008000000"),
     ("delete", "in_dnat", [("10.250.1.5", None)], "100001800c000180080001000afa0105"),
     (
         "delete",
@@ -142,16 +127,9 @@ CAPTURED: list[tuple[str, str, list[tuple[str, str | None]], str]] = [
     ),
     (
         "delete",
-        "stale",
-        [("258 . 10.0.0.5 . 0-7", None)],
-        "2c0001801400018010000100010200000a0000050000000014000a8010000100010200000a00000500000007",
-    ),
-    (
-        "delete",
-        "stale6",
-        [("2 . fd00::5 . 0-7", None)],
-        "44000180200001801c00010000020000fd0000000000000000000000000000050000000020000a801c00"
-        "010000020000fd00000000000000000000000000000500000007",
+        "phase_a",
+        [("1 . 10.0.0.9", None)],
+        "14000180100001800c000100010000000a000009",
     ),
 ]
 
@@ -234,29 +212,30 @@ def test_ack_each_asks_for_an_ack_per_message() -> None:
 
 
 def test_order_follows_render_batch() -> None:
-    """Deletes, stale deletes, adds, stale adds, then the epoch: as render_batch writes."""
+    """Map deletes, fence deletes, map adds, then fence adds: as render_batch writes."""
+    k4, k6 = (1, IPv4Address("10.0.0.7")), (1, IPv6Address("fd00::7"))
     b = Batch()
     b.deletes = {"out_dnat": ["0x45560001 . 10.0.0.7"], "in_snat": ["0x45560001 . 10.250.2.7"]}
     b.adds = {"out_dnat": [("0x45560001 . 10.0.0.7", "10.250.3.7")]}
-    b.stale_del = {(1, IPv4Address("10.0.0.7")): 3}
-    b.stale_add = {(1, IPv6Address("fd00::7")): 4}
-    b.flush = {object()}  # type: ignore[arg-type]  # non-empty: the epoch moves
-    b.epoch = 5
+    b.stale_del = [(k4, 3)]
+    b.stale_add = [(k6, 0), (k4, 2)]
+    # k4: phase 1 -> 2 (leaves phase_a, enters phase_b); k6: 0 -> 1 (enters phase_a6).
+    b.phase_moves = {k4: (1, 2), k6: (0, 1)}
     enc = encode_batch(b, "t", 1)
     got = [(m.op, m.set_name) for m in enc.messages.values()]
     assert got == [
         ("delete", "in_snat"),
         ("delete", "out_dnat"),
+        ("delete", "phase_a"),
         ("delete", "stale"),
         ("add", "out_dnat"),
+        ("add", "phase_a6"),
+        ("add", "phase_b"),
+        ("add", "stale"),
         ("add", "stale6"),
-        ("delete", "epoch"),
-        ("add", "epoch"),
-        ("delete", "epoch6"),
-        ("add", "epoch6"),
     ]
-    epoch_add = list(iter_messages(enc.data))[7][3]
-    assert _attrs(epoch_add)[3].hex().endswith("0c0002800800010005000000")  # ct mark 5
+    text = render_batch(b, "t").splitlines()
+    assert [(line.split()[0], line.split()[4]) for line in text] == got
 
 
 def test_large_lists_are_split_below_the_16_bit_attribute_length() -> None:
