@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover
     api_move_fast = None  # type: ignore[assignment]
 
 # Between rounds: the latency of one remap, not the rate of back-to-back remaps (an agent
-# finishes the previous update's conntrack flush, ~10 ms, before it starts the next).
+# finishes the previous update's conntrack cleanup, 0.1 s after it, before the next).
 PAUSE_S = 0.05
 
 
@@ -123,7 +123,7 @@ def controller(data_dir: Path, host: str) -> Iterator[Ctl]:
             if _PROFILE is not None:
                 _PROFILE.disable()
             if _ON[0] and is_move:
-                MOVES.append(list(_CALLS))
+                MOVES.append((list(_CALLS), dict(_MARKS)))
                 t1 = time.perf_counter()
                 PHASES["server"].append(t1 - t0)
                 PHASES["server_cpu"].append(time.thread_time() - c0)
@@ -227,12 +227,16 @@ PHASES: dict[str, list[float]] = {
     "after": [],
 }
 # The agent calls of the move being served, in the order they started: (op, wall s,
-# what the agent reported of its own work: wall and CPU time of the op in the agent),
-# and those of every timed move. The old host's push is the first records.apply; the
-# new host's is its records.commit (after a records.prepare) or the second records.apply.
-_CALLS: list[tuple[str, float, dict[str, float]]] = []
-MOVES: list[list[tuple[str, float, dict[str, float]]]] = []
-# Timestamps of the move being served: request in ("in"), pushes done ("pushed").
+# what the agent reported of its own work: wall and CPU time of the op in the agent,
+# and when the call started and ended here; host), and those of every timed move. The
+# old host's push (the fence) is the first call that is not a records.prepare; the new
+# host's is the first such call to another host (its records.commit after a
+# records.prepare, or its records.apply).
+Call = tuple[str, float, dict[str, float], str]  # op, wall s, timings, host
+_CALLS: list[Call] = []
+MOVES: list[tuple[list[Call], dict[str, float]]] = []
+# Timestamps of the move being served: request in ("in"), transaction done ("txn"),
+# pushes done ("pushed").
 _MARKS: dict[str, float] = {}
 _ON = [False]
 # --profile FILE: cProfile of the controller's thread during the timed moves.
@@ -251,8 +255,9 @@ def instrument() -> None:
         try:
             return await run0(st, fn, *args)
         finally:
+            _MARKS["txn"] = time.perf_counter()
             if _ON[0]:
-                PHASES["txn"].append(time.perf_counter() - t0)
+                PHASES["txn"].append(_MARKS["txn"] - t0)
                 PHASES["txn_cpu"].append(time.thread_time() - c0)
 
     async def push_timed(st: Any, change: Any) -> Any:
@@ -271,6 +276,8 @@ def instrument() -> None:
         def fast_timed(*args: Any, **kw: Any) -> Any:
             t0, c0 = time.perf_counter(), time.thread_time()
             got = fast(*args, **kw)  # None or Busy: the route serves it (timed there)
+            if got is not None:
+                _MARKS["txn"] = time.perf_counter()
             if _ON[0] and got is not None and "in" in _MARKS:
                 PHASES["before"].append(t0 - _MARKS["in"])
                 PHASES["txn"].append(time.perf_counter() - t0)
@@ -284,21 +291,21 @@ def instrument() -> None:
 
     async def call_timed(self: AgentHttp, host: str, op: str, payload: Any, **kw: Any) -> Any:
         slot = len(_CALLS)
-        _CALLS.append((op, 0.0, {}))
+        _CALLS.append((op, 0.0, {}, host))
         t0 = time.perf_counter()
         result = await call0(self, host, op, payload, **kw)
         t1 = time.perf_counter()
         took = t1 - t0
-        rep = {}
+        rep = {"t0": t0, "t1": t1}
         if isinstance(result, dict):
-            rep = {k: float(result[k]) for k in ("handled_s", "handled_cpu_s", "committed_s")
-                   if k in result}
+            rep.update({k: float(result[k]) for k in ("handled_s", "handled_cpu_s",
+                                                      "committed_s") if k in result})
             if "started_s" in result and "handled_s" in result:
                 # One monotonic clock on this machine: split the round trip.
                 rep["up_s"] = float(result["started_s"]) - t0
                 rep["down_s"] = t1 - float(result["started_s"]) - float(result["handled_s"])
         if slot < len(_CALLS):
-            _CALLS[slot] = (op, took, rep)
+            _CALLS[slot] = (op, took, rep, host)
         return result
 
     setattr(api_addresses, txn_name, run_timed)
@@ -446,19 +453,28 @@ def run(rounds: int, tmp: Path) -> list[Row]:
     olds: list[dict[str, float]] = []
     news: list[dict[str, float]] = []
     committed = 0
-    for calls in MOVES:
-        applies = [c for c in calls if c[0] == "records.apply"]
-        commit_calls = [c for c in calls if c[0] == "records.commit"]
-        prepares += [c[1] for c in calls if c[0] == "records.prepare"]
-        if not applies:
+    gaps: dict[str, list[float]] = {"to_old": [], "old_to_new": [], "new_to_done": []}
+    for calls, marks in MOVES:
+        pushes = [c for c in calls if c[0] != "records.prepare"]
+        if not pushes:
             continue
-        firsts.append(applies[0][1])
-        olds.append(applies[0][2])
-        new = commit_calls[0] if commit_calls else (applies[1] if len(applies) > 1 else None)
-        committed += bool(commit_calls)
+        fence = pushes[0]
+        old_host = fence[3]
+        prepares += [c[1] for c in calls if c[0] == "records.prepare" and c[3] != old_host]
+        firsts.append(fence[1])
+        olds.append(fence[2])
+        new = next((c for c in pushes if c[3] != old_host), None)
+        committed += new is not None and new[0] == "records.commit"
+        old_rep = fence[2]
         if new is not None:
             seconds.append(new[1])
             news.append(new[2])
+            if "t0" in new[2] and "t1" in old_rep:
+                gaps["old_to_new"].append(new[2]["t0"] - old_rep["t1"])
+            if "pushed" in marks and "t1" in new[2]:
+                gaps["new_to_done"].append(marks["pushed"] - new[2]["t1"])
+        if "txn" in marks and "t0" in old_rep:
+            gaps["to_old"].append(old_rep["t0"] - marks["txn"])
     phase_rows = [
         ("  in the controller (request in -> answer out)", PHASES["server"]),
         ("    CPU time of the controller's thread in it", PHASES["server_cpu"]),
@@ -467,6 +483,7 @@ def run(rounds: int, tmp: Path) -> list[Row]:
         ("    controller transaction (incl. any thread hop)", PHASES["txn"]),
         ("      its CPU time (controller's thread)", PHASES["txn_cpu"]),
         ("    pushes, both hosts (wall)", PHASES["push"]),
+        ("      transaction done -> push to the old host starts", gaps["to_old"]),
         ("      push to the old host (fence: alone, first)", firsts),
         ("        records.apply in the old host's agent", [a["handled_s"] for a in olds
                                                           if "handled_s" in a]),
@@ -479,6 +496,7 @@ def run(rounds: int, tmp: Path) -> list[Row]:
         ("      prepare on the new host (beside the old host's push)", prepares),
         (f"      push to the new host (after the old one answered; {committed} of "
          f"{len(MOVES)} by commit)", seconds),
+        ("        old host answered -> push to the new host starts", gaps["old_to_new"]),
         ("        records.apply in the new host's agent", [a["handled_s"] for a in news
                                                           if "handled_s" in a]),
         ("          its CPU time", [a["handled_cpu_s"] for a in news if "handled_cpu_s" in a]),
@@ -487,6 +505,7 @@ def run(rounds: int, tmp: Path) -> list[Row]:
         ("        send -> op starts in the agent", [a["up_s"] for a in news if "up_s" in a]),
         ("        op ends in the agent -> answer received",
          [a["down_s"] for a in news if "down_s" in a]),
+        ("      new host answered -> pushes done", gaps["new_to_done"]),
         ("    pushes done -> answer out (answer)", PHASES["after"]),
     ]
     return [
