@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgevisor.network.netns import call_in
@@ -80,3 +82,13 @@ def hello(netns: str, dst: object, timeout: float = 3.0) -> tuple[str, str, str]
             return (s.getsockname()[0], line[0], line[1]) if len(line) == 2 else None
     except OSError:
         return None
+
+
+def eventually(check: Callable[[], bool], deadline_s: float = 20.0) -> bool:
+    """Poll ``check`` every 0.1 s until it holds (True) or ``deadline_s`` passed (False)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False

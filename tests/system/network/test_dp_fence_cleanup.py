@@ -15,13 +15,12 @@ import secrets
 import socket
 import struct
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from typing import Literal
 
 import pytest
-from net_echo_helpers import EchoServer, connect, hello
+from net_echo_helpers import EchoServer, connect, eventually, hello
 
 from edgevisor.network.dataplane import AppliedRecord, Dataplane, DataplaneSettings
 from edgevisor.network.netns import Fabric, Instance
@@ -114,15 +113,6 @@ def net(request: pytest.FixtureRequest) -> Iterator[Net]:
         yield n
     finally:
         n.close()
-
-
-def eventually(check: Callable[[], bool], deadline_s: float = 20.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def opened(net: Net, expect: str) -> tuple[socket.socket, int]:

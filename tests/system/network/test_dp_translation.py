@@ -11,12 +11,11 @@ import os
 import secrets
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 
 import pytest
-from net_echo_helpers import EchoServer
+from net_echo_helpers import EchoServer, eventually
 from net_echo_helpers import connect as echo_connect
 from net_echo_helpers import hello as echo_hello
 
@@ -51,15 +50,6 @@ def unreachable(inst: Instance, dst: IPv4Address, port: int = PORT) -> bool:
         call_in(inst.netns, lambda: socket.create_connection((str(dst), port), timeout=1.5))
     except OSError:
         return True
-    return False
-
-
-def eventually(check: Callable[[], bool], deadline_s: float = 20.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.1)
     return False
 
 
