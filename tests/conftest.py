@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 
 from edgevisor.testing.cgroup_cleanup import remove_empty_groups
-from edgevisor.testing.sigterm import pytest_configure  # noqa: F401  (SIGTERM tears down)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
