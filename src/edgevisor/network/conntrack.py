@@ -243,11 +243,10 @@ class ConntrackFlusher:
         self.path: Path = path
         #: False once the kernel refused a filtered delete (then: dumps only).
         self.kernel_filter = path != "dump"
-        #: CPU seconds of the last filtered walk (an estimate first), of a dump's bucket
-        #: locking, and of the last dump.
+        #: CPU seconds of the last filtered walk (an estimate first) and of a dump's
+        #: bucket locking: the cost model of :meth:`_use_kernel`.
         self.walk_s = 0.12e-3
         self.dump_base_s = nbuckets * _DUMP_NS_PER_BUCKET * 1e-9
-        self.dump_s = 0.0
         #: How the last flush went: "kernel", "dump", "kernel+dump" or "" (nothing).
         self.last_path = ""
 
@@ -408,11 +407,8 @@ class ConntrackFlusher:
         return True
 
     def _flush_dump(self, bounds: Bounds) -> int:
-        c0 = time.thread_time()
-        found = self._matches(bounds)
-        self.dump_s = time.thread_time() - c0
         deleted = 0
-        for tuple_orig, zone, family in found:
+        for tuple_orig, zone, family in self._matches(bounds):
             seq = self._next_seq()
             self._sock.send(delete_request(tuple_orig, zone, seq, family))
             for _kind, payload in self._messages(seq):

@@ -95,6 +95,7 @@ agent restart continues the fence. Every key starts in phase 0, and flows marked
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -104,7 +105,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Literal
 
 from edgevisor.errors import UnavailableError
-from edgevisor.network.conntrack import PHASE_SHIFT, PHASES, ConntrackFlusher, FlushTarget
+from edgevisor.network.conntrack import ConntrackFlusher, FlushTarget, phase_of
 from edgevisor.network.conntrack import Path as ConntrackPath
 from edgevisor.network.dp_core import (
     AppliedRecord,
@@ -261,8 +262,8 @@ class Dataplane:
                 for key, _mark in self._kernel_keys(fam, name + f):
                     self.phase[key] = self.phase.get(key, 0) | bit
             for key, mark in self._kernel_keys(fam, "stale" + f):
-                shift = PHASE_SHIFT["dst"] if mark >> PHASE_SHIFT["dst"] else PHASE_SHIFT["src"]
-                self.stale[(key, (mark >> shift) & (PHASES - 1))] = 0
+                # An element keeps its phase where one side's flows do (both 0: phase 0).
+                self.stale[(key, phase_of(mark, "dst") or phase_of(mark, "src"))] = 0
 
     def _kernel_keys(self, family: str, name: str) -> list[tuple[StaleKey, int]]:
         """(key, mark or 0) of the elements of a fence set in the kernel table."""
@@ -323,12 +324,8 @@ class Dataplane:
         self.counts = count_accounts(desired, self.host)
         self.generation = max([0, *(r.generation for r in desired.values())])
         warnings = self.links.resync(self.records.values(), self.host, self.ids)
-        for addr in sorted({r.physical for r in desired.values() if r.host == self.host}
-                           - old_local, key=str):
-            try:
-                self._garp.send(addr, self.settings.garp_count)
-            except OSError as exc:
-                warnings.append(f"gratuitous ARP for {addr}: {exc}")
+        warnings += self._announce(sorted(
+            {r.physical for r in desired.values() if r.host == self.host} - old_local, key=str))
         # Pending cleanups (of fences before the rebuild, or of an earlier process): now,
         # so their stale elements go with the next commit.
         deleted = 0
@@ -371,14 +368,11 @@ class Dataplane:
             batch, encoded = prepared.batch, prepared.encoded
         if batch is None:
             batch = self._plan(recs, full=full)
-        locked = bool(batch.refence)
-        if locked:
-            # A key back to a phase whose cleanup has not run: that cleanup first (the
-            # phase's flows and the new ones would look alike), and no other cleanup
-            # until this commit changed the fence.
-            self._flush_lock.acquire()
-        try:
-            if locked:
+        # A key back to a phase whose cleanup has not run: that cleanup first (the phase's
+        # flows and the new ones would look alike), and no other cleanup until this commit
+        # changed the fence.
+        with self._flush_lock if batch.refence else contextlib.nullcontext():
+            if batch.refence:
                 try:
                     self._clean(batch.refence)
                 except UnavailableError as exc:
@@ -388,9 +382,6 @@ class Dataplane:
                 self._elements(batch, encoded)
             committed = time.perf_counter() - t0
             self._commit(batch)
-        finally:
-            if locked:
-                self._flush_lock.release()
         return Pending(batch, t0, committed)
 
     def prepare(self, records: Iterable[AppliedRecord]) -> Prepared | None:
@@ -455,8 +446,12 @@ class Dataplane:
         """Addresses, rules, routes and gratuitous ARPs of a commit; the warnings. Must run
         before the next :meth:`commit`."""
         batch = pending.batch
-        warnings = self.links.apply(batch)
-        for addr in batch.garp:
+        return self.links.apply(batch) + self._announce(batch.garp)
+
+    def _announce(self, addrs: Iterable[IPv4Address | IPv6Address]) -> list[str]:
+        """Gratuitous ARPs (unsolicited NAs) for physical addresses that arrived here."""
+        warnings: list[str] = []
+        for addr in addrs:
             try:
                 self._garp.send(addr, self.settings.garp_count)
             except OSError as exc:
