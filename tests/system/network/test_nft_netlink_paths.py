@@ -11,6 +11,7 @@ the table as it was.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import random
@@ -284,3 +285,39 @@ def test_large_batch_is_split_into_messages_of_one_transaction(
     assert pendings[0].batch.element_ops == 10_000
     assert pair.tables(0) == pair.tables(1)
     assert len(pair.nl.table_elements()["out_dnat"]) == 5000
+
+
+def test_rebuild_pauses_the_collector_and_restores_it(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cyclic GC is off while a rebuild renders its table and as it was afterwards,
+    also after a refused rebuild."""
+    import edgevisor.network.dataplane as dpm
+
+    seen: list[bool] = []
+    render = dpm.render_table
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        seen.append(gc.isenabled())
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(dpm, "render_table", spy)
+    ok = [AppliedRecord("acct1", IPv4Address("10.0.0.2"), IPv4Address("10.250.0.1"), "h1", 1)]
+    clash = [*ok, AppliedRecord("acct1", IPv4Address("10.0.0.3"), IPv4Address("10.250.0.1"),
+                                "h1", 2)]  # two local records, one physical address
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        pair.nl.rebuild(ok)
+        assert seen == [False] and gc.isenabled()
+        with pytest.raises(ApplyFailed, match="share a physical"):
+            pair.nl.rebuild(clash)
+        assert gc.isenabled()
+        gc.disable()
+        pair.nl.rebuild(ok)
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
