@@ -62,7 +62,7 @@ def _remap_times(dp: Dataplane, target: AppliedRecord, k: int, gen: int) -> tupl
     return time.perf_counter() - t0, r.committed_s
 
 
-def bench_tables(fabric: Fabric, n: int, remaps: int) -> dict[str, float]:
+def bench_tables(fabric: Fabric, n: int, remaps: int) -> dict[str, Any]:
     """The table from scratch, then remaps on it: element batches as raw netlink (what the
     agent runs) and, on a second host with the same table, as libnftables text (the
     baseline), interleaved."""
