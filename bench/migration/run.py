@@ -13,8 +13,9 @@ service, fsync'd log on its ext4 volume). For each volume size and mode:
   measured them). Also the runner's own figure (QuiesceSource issued -> StartOnTarget
   done). ``--probes`` logs every probe of the switch with how it failed (the step and the
   errno: a SYN that got nothing back would show as a connect timeout).
-* **switch -> synced**: post-copy, from StartOnTarget done to every block present (the
-  StartFill command's duration plus the part of the fill already done during the start);
+* **switch -> synced**: post-copy, from the target's release of the volume (early in
+  StartOnTarget: the source is final from then on) to every block present, as the target
+  agent times it; the domain's start (mount, spawn) and the StartFill command are in it;
   compared with ``os.copy_file_range`` of a file of the same size on the same disk. The
   fill skips what the source holds as holes, so an empty volume would flatter it (and the
   stop-and-copy baseline): before migrating, ``--written`` of the volume (default 75%) is
@@ -532,6 +533,8 @@ def main() -> int:
                             log(f"    reason: {run_res['reason']}")
                         log(f"    slowest failed probe: "
                             f"{ms(run_res['slowest_failed_probe_s'])}")  # fmt: skip
+                        if run_res["fill_s"] is not None:  # every run's, not only the median's
+                            log(f"    switch -> synced: {run_res['fill_s']:.3f} s")
                         if args.probes:
                             for line in run_res["switch_probes"]:
                                 log(f"      probe {line}")
