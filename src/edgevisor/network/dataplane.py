@@ -603,4 +603,3 @@ class Dataplane:
             self.last_error = exc.message
             raise ApplyFailed(f"host {self.host}: {exc.message}", details=exc.details) from exc
         self.last_error = None
-
